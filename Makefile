@@ -1,0 +1,44 @@
+# `make run` and `make test` bootstrap .venv themselves.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist
+
+.PHONY: run test lint format bench clean data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q -e '.[pipeline,dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import tlpipe, torch, dvc, mlflow"
+	touch $(STAMP)
+
+data:
+	@test -d $(FMNIST) || (echo "Fashion-MNIST not in $(FMNIST): installing the Debian package (or tlpipe fetch downloads it)"; \
+	  (command -v apt-get >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || true)
+
+## run: the whole pipeline on the default scenario (dvc repro), then the comparison table
+run: $(STAMP) data
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/tlpipe run
+
+## test: lint + the default test suite (< 10 min on 2 cores)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q
+
+## test-slow: the long tests (full-size end-to-end)
+test-slow: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m slow
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/transfer_table.py
+
+clean:
+	rm -rf data models matching eval export checkpoints mlflow.db mlruns

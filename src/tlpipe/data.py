@@ -1,0 +1,362 @@
+"""The data layer: raw readers (IDX, ImageFolder, npz), known datasets, prepared splits.
+
+Raw data comes in one of three layouts (`READERS`):
+
+- ``idx``: ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, ``t10k-…`` (MNIST
+  style, gzipped or raw).
+- ``imagefolder``: ``train/<class>/<image>`` and ``test/<class>/<image>``; the class of an image is
+  its folder name, class ids follow the sorted folder names of ``train/``.
+- ``npz``: ``train.npz`` and ``test.npz`` with ``x`` (uint8 images) and ``y`` (int labels), and
+  optionally ``classes`` (names).
+
+Every reader returns a `RawDataset` with uint8 ``(N, C, H, W)`` images. Prepared splits (written by
+`tlpipe.steps.prepare`) are read back with `load_split` and `load_manifest`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlpipe import fsio
+from tlpipe.errors import TlpipeError
+
+SPLITS = ("source", "source_val", "target_train", "target_val", "target_test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What tlpipe knows about a public dataset: layout, class names, files, where to get them.
+
+    Attributes:
+        format: The raw layout, a key of `READERS`.
+        classes: Class names, indexed by label.
+        files: Raw file name → sha256 of its *uncompressed* content (see `FASHION_MNIST_SHA256`).
+        sources: Places to fetch the files from, tried in order: local dirs, then base URLs.
+    """
+
+    format: str
+    classes: tuple[str, ...]
+    files: dict[str, str]
+    sources: tuple[str, ...]
+
+
+# sha256 of the uncompressed IDX bytes. The Debian package (dataset-fashion-mnist) re-gzipped the
+# official files (no file name in the gzip header), so its .gz files differ byte-wise from the
+# official downloads (their md5s differ from the published ones) while the content is identical.
+# Hashing the content makes one checksum valid for both, and for un-gzipped copies too.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # noqa: E501
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # noqa: E501
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",  # noqa: E501
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # noqa: E501
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        format="idx",
+        classes=FASHION_MNIST_CLASSES,
+        files=FASHION_MNIST_SHA256,
+        sources=(
+            "/usr/share/datasets/fashion-mnist",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A dataset as read from disk: official train/test sets, uint8 (N, C, H, W), int64 labels."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One prepared split: uint8 images (N, C, H, W), int64 labels, bool `shifted` flags."""
+
+    x: np.ndarray
+    y: np.ndarray
+    shifted: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+# ---------------------------------------------------------------------------- IDX
+
+
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or raw), checking the magic number, dims and data length."""
+    data = _read_maybe_gzip(path)
+    if len(data) < 4 or data[0:2] != b"\x00\x00":
+        raise TlpipeError(
+            f"{path}: bad magic number {data[:4].hex() or '(empty)'}, not an IDX file"
+        )
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code not in _IDX_DTYPES:
+        raise TlpipeError(f"{path}: unsupported IDX data type 0x{dtype_code:02x} (want 0x08 uint8)")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise TlpipeError(f"{path}: truncated IDX header ({len(data)} bytes, {ndim} dims)")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
+    want, got = int(np.prod(dims)), len(data) - header
+    if got != want:
+        what = "truncated" if got < want else "too long"
+        raise TlpipeError(f"{path}: {what}: dims {dims} need {want} bytes of data, found {got}")
+    return np.frombuffer(data, _IDX_DTYPES[dtype_code], offset=header).reshape(dims)
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, zlib.error) as e:
+        raise TlpipeError(f"{path}: cannot read ({e}); the file is damaged, fetch it again") from e
+
+
+def _idx_file(raw_dir: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (raw_dir / name).is_file():
+            return raw_dir / name
+    raise TlpipeError(f"{raw_dir}: missing {stem}[.gz]; run `tlpipe fetch` first")
+
+
+def _read_idx_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _idx_file(raw_dir, f"{prefix}-images-idx3-ubyte")
+    labels_path = _idx_file(raw_dir, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise TlpipeError(f"{images_path}: images must have 3 dims (N, H, W), got {images.shape}")
+    if labels.ndim != 1:
+        raise TlpipeError(f"{labels_path}: labels must have 1 dim (N,), got {labels.shape}")
+    _check_counts(images, labels, f"{images_path} / {labels_path}")
+    return images[:, None], labels.astype(np.int64)
+
+
+def read_idx_dir(raw_dir: Path, classes: tuple[str, ...] | None = None, **_: Any) -> RawDataset:
+    """Read an MNIST-style IDX directory; `classes` names the labels (default "0", "1", …)."""
+    train_x, train_y = _read_idx_pair(raw_dir, "train")
+    test_x, test_y = _read_idx_pair(raw_dir, "t10k")
+    if classes is None:
+        n = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        classes = tuple(str(i) for i in range(n))
+    return RawDataset(train_x, train_y, test_x, test_y, classes)
+
+
+# ---------------------------------------------------------------------------- ImageFolder
+
+
+def read_imagefolder(
+    raw_dir: Path, channels: int | None = None, input_size: int | None = None, **_: Any
+) -> RawDataset:
+    """Read ``train/<class>/*`` and ``test/<class>/*``: any PIL-readable image, any size.
+
+    Args:
+        raw_dir: Holds ``train/`` and ``test/``.
+        channels: 1 (grey, PIL mode L) or 3 (RGB); default 3.
+        input_size: Side of the square the images are resized to (required).
+    """
+    if input_size is None:
+        raise TlpipeError("set prepare.input_size for imagefolder data (images differ in size)")
+    channels = channels or 3
+    classes = _class_dirs(raw_dir / "train")
+    train_x, train_y = _read_image_tree(raw_dir / "train", classes, channels, input_size)
+    test_x, test_y = _read_image_tree(raw_dir / "test", classes, channels, input_size)
+    return RawDataset(train_x, train_y, test_x, test_y, classes)
+
+
+def _class_dirs(root: Path) -> tuple[str, ...]:
+    if not root.is_dir():
+        raise TlpipeError(f"{root} not found: an imagefolder dataset needs train/ and test/")
+    names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p)))
+    if not names:
+        raise TlpipeError(f"{root} has no class subfolders")
+    return names
+
+
+def _read_image_tree(
+    root: Path, classes: tuple[str, ...], channels: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    unknown = sorted(set(_class_dirs(root)) - set(classes))
+    if unknown:
+        raise TlpipeError(f"{root}: class folder(s) {unknown} are not in train/ ({list(classes)})")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.iterdir() if _visible(p)) if folder.is_dir() else []
+        for path in files:
+            images.append(load_image(path, channels, size))
+            labels.append(label)
+    x = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
+    return x, np.asarray(labels, np.int64)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def load_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """Load one image as uint8 (C, size, size), converted to L (1 channel) or RGB (3)."""
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise TlpipeError(f"channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise TlpipeError(f"{path}: not a readable image ({e}); remove or replace it") from e
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------- npz
+
+
+def read_npz_dir(raw_dir: Path, **_: Any) -> RawDataset:
+    """Read ``train.npz`` and ``test.npz`` (keys ``x``, ``y``, optional ``classes``)."""
+    train_x, train_y, classes = _read_npz(raw_dir / "train.npz")
+    test_x, test_y, _unused = _read_npz(raw_dir / "test.npz")
+    if classes is None:
+        n = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
+        classes = tuple(str(i) for i in range(n))
+    return RawDataset(train_x, train_y, test_x, test_y, classes)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+    if not path.is_file():
+        raise TlpipeError(f"{path} not found: an npz dataset needs train.npz and test.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zlib.error) as e:
+        raise TlpipeError(f"{path}: not a readable .npz file ({e})") from e
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise TlpipeError(f"{path}: missing key(s) {sorted(missing)} (want x, y, optional classes)")
+    x, y = arrays["x"], arrays["y"]
+    if x.dtype != np.uint8:
+        raise TlpipeError(f"{path}: x must be uint8, got {x.dtype}; save x.astype(np.uint8)")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise TlpipeError(f"{path}: y must be 1-d integers, got {y.dtype} {y.shape}")
+    _check_counts(x, y, str(path))
+    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
+    return _channels_first(x, path), y.astype(np.int64), classes
+
+
+def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[1] in (1, 3):
+        return x
+    if x.ndim == 4 and x.shape[3] in (1, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise TlpipeError(f"{path}: x must be (N, H, W), (N, C, H, W) or (N, H, W, C); got {x.shape}")
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+READERS: dict[str, Callable[..., RawDataset]] = {
+    "idx": read_idx_dir,
+    "imagefolder": read_imagefolder,
+    "npz": read_npz_dir,
+}
+
+
+def read_raw(
+    raw_dir: Path, fmt: str, dataset: str = "", channels: int | None = None, size: int | None = None
+) -> RawDataset:
+    """Read raw data in layout `fmt` (a key of `READERS`); known datasets name their classes."""
+    if fmt not in READERS:
+        raise TlpipeError(f"unknown data format {fmt!r}; known: {', '.join(READERS)}")
+    if not Path(raw_dir).is_dir():
+        raise TlpipeError(f"{raw_dir} not found: run `tlpipe fetch` first")
+    spec = DATASETS.get(dataset)
+    classes = spec.classes if spec and spec.format == fmt else None
+    raw = READERS[fmt](Path(raw_dir), classes=classes, channels=channels, input_size=size)
+    return _checked(raw, Path(raw_dir))
+
+
+def _check_counts(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    if len(images) != len(labels):
+        raise TlpipeError(f"{where}: {len(images)} images but {len(labels)} labels")
+
+
+def _checked(raw: RawDataset, where: Path) -> RawDataset:
+    n = len(raw.classes)
+    for name, y in (("train", raw.train_y), ("test", raw.test_y)):
+        bad = y[(y < 0) | (y >= n)]
+        if bad.size:
+            raise TlpipeError(
+                f"{where}: {name} label {int(bad[0])} out of range: the dataset has {n} classes"
+            )
+    return raw
+
+
+# ---------------------------------------------------------------------------- prepared splits
+
+
+def split_sha256(split: Split) -> str:
+    """sha256 identifying a split's content (images, labels and shift flags)."""
+    parts = (fsio.sha256_array(a) for a in (split.x, split.y, split.shifted))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def dataset_sha256(split_hashes: dict[str, str]) -> str:
+    """sha256 over the split hashes (name order as given): the prepared data's version."""
+    blob = "".join(f"{name}:{sha}\n" for name, sha in split_hashes.items())
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_split(path: Path, split: Split) -> Path:
+    """Write a split as an uncompressed npz (atomically)."""
+    return fsio.save_npz(path, x=split.x, y=split.y, shifted=split.shifted)
+
+
+def load_split(prepared_dir: str | Path, name: str) -> Split:
+    """Load prepared split `name` (one of `SPLITS`) from `prepared_dir`."""
+    if name not in SPLITS:
+        raise TlpipeError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
+    path = Path(prepared_dir) / f"{name}.npz"
+    if not path.is_file():
+        raise TlpipeError(f"{path} not found: run `tlpipe prepare` first")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Split(x=z["x"], y=z["y"], shifted=z["shifted"])
+    except (OSError, ValueError, KeyError, zlib.error) as e:
+        raise TlpipeError(f"{path} is damaged ({e}); run `tlpipe prepare` again") from e
+
+
+def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` of a prepared dir."""
+    return fsio.read_json(Path(prepared_dir) / "manifest.json")

@@ -1,0 +1,1 @@
+"""Pipeline steps: each module has one `run(inputs..., cfg) -> Result` function."""

@@ -1,0 +1,324 @@
+"""Step 6: export the chosen model to ONNX (fp32 and INT8) and prove the fp32 file matches torch.
+
+The exported graph takes `input`, float32 (N, C, H, W) *already normalised*, with a dynamic
+batch axis, and returns `logits`. Everything an edge device needs to serve it (class names,
+input shape, mean/std, versions) rides along in the ONNX metadata_props, so `tlpipe.edge` can
+run it with onnxruntime + numpy + pillow alone.
+
+Exporter: the torch.export-based one (`dynamo=True`), the default since torch 2.9. It folds
+BatchNorm into the convolutions and gives a clean graph for every registered model; the legacy
+TorchScript exporter is deprecated. Its lowest implemented opset is 18, hence the default.
+
+Parity is measured on the target *test* images (CPU execution provider, the edge runtime's
+default): max |Δlogit| and argmax agreement against the torch model. A failed parity check is
+reported (`passed: false` in parity.json), not raised: the register step's gate reads it.
+INT8 is ONNX Runtime static quantization (QDQ, per-channel signed int8 weights and activations),
+calibrated on unlabelled images from the target validation and training splits, topped up with
+source validation images when the (few-shot) target has fewer than `calibration_images`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tlpipe.errors import TlpipeError
+
+Calibration = Literal["minmax", "entropy", "percentile"]
+CALIBRATION_SPLITS = ("target_val", "target_train", "source_val", "source")  # never target_test
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """params.yaml `export:`.
+
+    Attributes:
+        opset: ONNX opset (≥ 18: the torch.export-based exporter's lowest).
+        tolerance: Largest allowed |logit difference| between ONNX Runtime and torch.
+        min_agreement: Smallest allowed share of test images with the same argmax.
+        int8: Also write the statically quantized `model.int8.onnx`.
+        calibration_images: How many images calibrate the INT8 activation ranges.
+        calibration_splits: Prepared splits the calibration images come from, in order: all
+            of the first (up to `calibration_images`), then the next, … Never the test split.
+        calibration_method: ONNX Runtime calibration method.
+        model_version: Written into the metadata; empty = the checkpoint's sha256 prefix.
+        batch_size: Images per ONNX Runtime call when measuring parity and accuracy.
+    """
+
+    opset: int = 18
+    tolerance: float = 1e-4
+    min_agreement: float = 0.999
+    int8: bool = True
+    calibration_images: int = 500
+    calibration_splits: tuple[str, ...] = ("target_val", "target_train", "source_val")
+    calibration_method: Calibration = "minmax"
+    model_version: str = ""
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.opset < 18:
+            raise ValueError(f"opset must be ≥ 18 (torch.export ONNX exporter), got {self.opset}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if not 0 < self.min_agreement <= 1:
+            raise ValueError(f"min_agreement must be in (0, 1], got {self.min_agreement}")
+        bad = set(self.calibration_splits) - set(CALIBRATION_SPLITS)
+        if bad or not self.calibration_splits:
+            raise ValueError(f"calibration_splits must be from {CALIBRATION_SPLITS}, got {bad}")
+        if self.calibration_images < 1 or self.batch_size < 1:
+            raise ValueError("calibration_images and batch_size must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    int8_path: Path | None
+    parity_path: Path
+    passed: bool
+    metrics: dict[str, float]
+
+
+def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) -> ExportResult:
+    """Write `model.onnx`, `model.int8.onnx` (if `cfg.int8`) and `parity.json` into `out_dir`."""
+    from tlpipe.data import load_manifest, load_split
+    from tlpipe.fsio import atomic_path, write_json
+    from tlpipe.models import load_checkpoint
+    from tlpipe.training import predict
+
+    model, meta = load_checkpoint(model_path)
+    manifest = load_manifest(prepared_dir)
+    test = load_split(prepared_dir, "target_test")
+    _check_compatible(meta, manifest, test.x, model_path)
+    mean, std = meta["mean"], meta["std"]
+    x_test = normalise(test.x, mean, std)
+    reference = predict(model, test.x, mean, std, batch_size=cfg.batch_size)
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        export_onnx(model, tmp / "model.onnx", x_test.shape[1:], cfg.opset)
+        set_metadata(tmp / "model.onnx", _metadata(meta, manifest, model_path, cfg, "fp32"))
+        fp32 = ort_logits(tmp / "model.onnx", x_test, cfg.batch_size)
+        report = _parity_report(reference, fp32, test.y, cfg)
+        report["fp32"] = _variant_report(tmp / "model.onnx", fp32, reference, test.y)
+        report["int8"] = None
+        if cfg.int8:
+            calib, counts = _calibration_images(prepared_dir, cfg)
+            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx",
+                          normalise(calib, mean, std), cfg.calibration_method)  # fmt: skip
+            set_metadata(tmp / "model.int8.onnx",
+                         _metadata(meta, manifest, model_path, cfg, "int8"))  # fmt: skip
+            int8 = ort_logits(tmp / "model.int8.onnx", x_test, cfg.batch_size)
+            report["int8"] = _variant_report(tmp / "model.int8.onnx", int8, reference, test.y)
+            report["int8"]["calibration"] = counts
+            _add_int8_deltas(report)
+        report["test_sha256"] = manifest["splits"]["target_test"]["sha256"]
+        report["dataset_sha256"] = manifest.get("dataset_sha256", "")
+        write_json(tmp / "parity.json", report)
+    return ExportResult(
+        onnx_path=out_dir / "model.onnx",
+        int8_path=out_dir / "model.int8.onnx" if cfg.int8 else None,
+        parity_path=out_dir / "parity.json",
+        passed=report["passed"],
+        metrics=_summary(report),
+    )
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_onnx(model: Any, path: Path, input_shape: tuple[int, ...], opset: int = 18) -> Path:
+    """Export a torch module with a dynamic batch axis (`input` → `logits`) and check it."""
+    import onnx
+    import torch
+
+    # 1) batch 2 in the example: torch.export specialises a dimension of size 1 to a constant
+    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    try:
+        program = torch.onnx.export(
+            model.eval(), (example,), None, dynamo=True, opset_version=opset,
+            input_names=["input"], output_names=["logits"], verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 — exporter failures are many and varied
+        raise TlpipeError(f"ONNX export failed ({type(e).__name__}: {e})") from e
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return Path(path)
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Add/replace metadata_props of an ONNX file in place, then re-check it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = {p.key: p.value for p in model.metadata_props if p.key not in props}
+    onnx.helper.set_model_props(model, {**keep, **props})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _metadata(
+    meta: dict[str, Any], manifest: dict[str, Any], model_path: Path, cfg: ExportConfig, precision
+) -> dict[str, str]:
+    import tlpipe
+    from tlpipe.fsio import sha256_file
+
+    return {
+        "classes": json.dumps(list(meta["classes"])),
+        "input_shape": json.dumps(
+            [meta["in_chans"], meta.get("input_size", 28), meta.get("input_size", 28)]
+        ),  # fmt: skip
+        "mean": json.dumps([float(v) for v in meta["mean"]]),
+        "std": json.dumps([float(v) for v in meta["std"]]),
+        "model_version": cfg.model_version or sha256_file(model_path)[:12],
+        "dataset_sha256": meta.get("dataset_sha256") or manifest.get("dataset_sha256", ""),
+        "tlpipe_version": tlpipe.__version__,
+        "arch": str(meta["arch"]),
+        "precision": precision,
+    }
+
+
+def _check_compatible(meta: dict, manifest: dict, x: np.ndarray, model_path: Path) -> None:
+    if len(x) == 0:
+        raise TlpipeError("the target test split is empty: nothing to check parity on")
+    if list(meta["classes"]) != list(manifest["target_classes"]):
+        raise TlpipeError(f"{model_path} predicts {meta['classes']}, not the target classes "
+                          f"{manifest['target_classes']}: export a fine-tuned model")  # fmt: skip
+    shape = (meta["in_chans"], meta.get("input_size", 28), meta.get("input_size", 28))
+    if tuple(x.shape[1:]) != shape:
+        raise TlpipeError(f"{model_path} takes {shape} images, the prepared data has "
+                          f"{tuple(x.shape[1:])}: re-run prepare/finetune")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- INT8
+
+
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, method: Calibration = "minmax") -> Path:
+    """Static QDQ quantization (per-channel int8 weights, int8 activations) of an ONNX file.
+
+    Args:
+        calib: Normalised float32 calibration images (N, C, H, W).
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calib[i : i + 64] for i in range(0, len(calib), 64))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch}
+
+    # 1) shape inference + graph fusions first, as ONNX Runtime recommends before quantizing
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    quantize_static(
+        str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        calibrate_method=methods[method],
+    )  # fmt: skip
+    pre.unlink()
+    return out
+
+
+def _calibration_images(prepared_dir: Path, cfg: ExportConfig) -> tuple[np.ndarray, dict]:
+    """Up to `calibration_images` images, taken from `calibration_splits` in order (shuffled)."""
+    from tlpipe.data import load_split
+
+    rng = np.random.default_rng(0)
+    parts, counts, missing = [], {}, cfg.calibration_images
+    for name in cfg.calibration_splits:
+        if missing == 0:
+            break
+        x = load_split(prepared_dir, name).x
+        parts.append(x[rng.permutation(len(x))[:missing]])
+        counts[name] = len(parts[-1])
+        missing -= counts[name]
+    if missing == cfg.calibration_images:
+        raise TlpipeError(f"no calibration images in {', '.join(cfg.calibration_splits)}: set "
+                          "export.int8=false or export.calibration_splits")  # fmt: skip
+    return np.concatenate(parts), counts
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def normalise(x: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N,C,H,W) → float32 `(x/255 - mean)/std`, bit-identical to `training.to_input`."""
+    import torch
+
+    from tlpipe.training import to_input
+
+    return to_input(torch.from_numpy(np.ascontiguousarray(x)), mean, std).numpy()
+
+
+def ort_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Run an ONNX file on CPU over normalised images, in batches."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = [sess.run(["logits"], {"input": x[i : i + batch_size]})[0]
+            for i in range(0, len(x), batch_size)]  # fmt: skip
+    return np.concatenate(outs)
+
+
+def _parity_report(ref: np.ndarray, out: np.ndarray, y: np.ndarray, cfg: ExportConfig) -> dict:
+    max_diff = float(np.abs(ref - out).max())
+    agreement = float((ref.argmax(1) == out.argmax(1)).mean())
+    return {
+        "passed": bool(max_diff <= cfg.tolerance and agreement >= cfg.min_agreement),
+        "max_abs_diff": max_diff,
+        "argmax_agreement": agreement,
+        "tolerance": cfg.tolerance,
+        "min_agreement": cfg.min_agreement,
+        "count": len(y),
+        "opset": cfg.opset,
+        "provider": "CPUExecutionProvider",
+        "torch": {"accuracy": float((ref.argmax(1) == y).mean())},
+    }
+
+
+def _variant_report(path: Path, out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
+    return {
+        "accuracy": float((out.argmax(1) == y).mean()),
+        "size_bytes": os.path.getsize(path),
+        "max_abs_diff": float(np.abs(ref - out).max()),
+        "argmax_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
+    }
+
+
+def _add_int8_deltas(report: dict) -> None:
+    fp32, int8 = report["fp32"], report["int8"]
+    int8["size_ratio"] = int8["size_bytes"] / fp32["size_bytes"]
+    int8["accuracy_delta_points"] = round(100 * (int8["accuracy"] - fp32["accuracy"]), 4)
+
+
+def _summary(report: dict) -> dict[str, float]:
+    out = {
+        "parity_passed": float(report["passed"]),
+        "max_abs_diff": report["max_abs_diff"],
+        "argmax_agreement": report["argmax_agreement"],
+        "fp32_accuracy": report["fp32"]["accuracy"],
+        "fp32_size_bytes": float(report["fp32"]["size_bytes"]),
+    }
+    if report["int8"] is not None:
+        i8 = report["int8"]
+        out |= {"int8_accuracy": i8["accuracy"], "int8_size_bytes": float(i8["size_bytes"]),
+                "int8_size_ratio": i8["size_ratio"],
+                "int8_accuracy_delta_points": i8["accuracy_delta_points"],
+                "int8_argmax_agreement": i8["argmax_agreement"]}  # fmt: skip
+    return out

@@ -1,0 +1,195 @@
+"""Step 4: adapt the source model to the target classes (or train the scratch baseline).
+
+A strategy is a function `(model, source_state, cfg) -> list[Phase]`: which parameters train,
+at which learning-rate scale, for how long, with which penalty. They all run through the one
+loop in `tlpipe.training`; `lp_ft` is simply two phases. Model selection uses the target
+*validation* split only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlpipe.config import build, to_dict
+from tlpipe.errors import TlpipeError
+from tlpipe.steps.pretrain import TrainResult, checkpoint_meta
+from tlpipe.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """params.yaml `finetune:`; `per_strategy.<name>` overrides any field for one strategy."""
+
+    strategy: str = "lp_ft"
+    model: str = "small_cnn"  # used by `scratch` only; the others keep the source model's arch
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=15, batch_size=64, steps_per_epoch=10, lr=0.01, weight_decay=1e-4,
+            schedule="cosine", augment=True,
+        )
+    )  # fmt: skip
+    probe: TrainConfig = field(  # the linear-probe phase of linear_probe and lp_ft
+        default_factory=lambda: TrainConfig(
+            epochs=10, batch_size=64, steps_per_epoch=10, lr=0.05, weight_decay=1e-4,
+            schedule="cosine", augment=True,
+        )
+    )  # fmt: skip
+    backbone_lr_scale: float = 0.1  # discriminative LR: the backbone learns this much slower
+    layer_decay: float = 1.0  # and each earlier block this much slower again (1 = off)
+    partial_blocks: int = 2  # `partial`: how many of the last backbone blocks train
+    l2sp: float = 0.0  # L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone
+    per_strategy: dict[str, Any] = field(default_factory=dict)
+
+    def for_strategy(self, name: str) -> FinetuneConfig:
+        """This config with `per_strategy[name]` applied (and `strategy` set to `name`)."""
+        merged = _merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
+        merged["strategy"] = name
+        return build(FinetuneConfig, merged, where="finetune.")
+
+
+@dataclass
+class Phase:
+    """One call of the training loop."""
+
+    name: str
+    groups: list[dict[str, Any]]
+    train: TrainConfig
+    penalty: Callable[[], torch.Tensor] | None = None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _trainable(groups: list[dict[str, Any]], model: nn.Module) -> list[dict[str, Any]]:
+    """Freeze everything, then unfreeze exactly the parameters in `groups`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def head_phase(model, cfg: FinetuneConfig, name: str = "probe") -> Phase:
+    """Fixed feature extractor: only the new head trains."""
+    return Phase(name, _trainable([{"params": list(model.head.parameters())}], model), cfg.probe)
+
+
+def blocks_phase(model, cfg: FinetuneConfig, n_blocks: int | None, name: str, source_state=None):
+    """Head + the last `n_blocks` backbone blocks (None = all), with discriminative LRs."""
+    blocks = model.blocks()
+    n = len(blocks) if n_blocks is None else n_blocks
+    if not 1 <= n <= len(blocks):
+        raise TlpipeError(f"partial_blocks must be in 1..{len(blocks)}, got {n}")
+    groups = [{"params": list(model.head.parameters()), "lr_scale": 1.0}]
+    for depth, block in enumerate(reversed(blocks[len(blocks) - n :])):
+        scale = cfg.backbone_lr_scale * cfg.layer_decay**depth
+        groups.append({"params": list(block.parameters()), "lr_scale": scale})
+    penalty = None
+    if cfg.l2sp > 0 and source_state is not None:
+        penalty = l2sp_penalty(model, source_state, cfg.l2sp)
+        groups[1:] = [{**g, "weight_decay": 0.0} for g in groups[1:]]
+    return Phase(name, _trainable(groups, model), cfg.train, penalty)
+
+
+def l2sp_penalty(model, source_state: dict[str, torch.Tensor], alpha: float):
+    """L2-SP (Li et al., 2018): pull backbone weights towards the pretrained ones."""
+    pairs = [
+        (p, source_state[f"backbone.{k}"].to(p.device))
+        for k, p in model.backbone.named_parameters()
+        if p.requires_grad and f"backbone.{k}" in source_state
+    ]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * alpha * sum(((p - p0) ** 2).sum() for p, p0 in pairs)
+
+    return penalty
+
+
+Strategy = Callable[[nn.Module, dict | None, FinetuneConfig], list[Phase]]
+STRATEGIES: dict[str, Strategy] = {
+    "linear_probe": lambda m, s, c: [head_phase(m, c)],
+    "partial": lambda m, s, c: [blocks_phase(m, c, c.partial_blocks, "partial", s)],
+    "full": lambda m, s, c: [blocks_phase(m, c, None, "full", s)],
+    "lp_ft": lambda m, s, c: [head_phase(m, c), blocks_phase(m, c, None, "full", s)],
+    "scratch": lambda m, s, c: [
+        Phase("scratch", _trainable([{"params": list(m.parameters())}], m), c.train)
+    ],
+}
+
+
+def run(
+    prepared_dir: Path,
+    source_model: Path | None,
+    out_model: Path,
+    cfg: FinetuneConfig,
+    match_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+) -> TrainResult:
+    """Fine-tune the source model on target_train with strategy `cfg.strategy`.
+
+    Args:
+        source_model: the pretrained checkpoint (ignored by `scratch`).
+        match_dir: output of `match` (used by strategies that co-train on weighted source).
+        checkpoint_dir: per-epoch resume checkpoints, one file per phase.
+    """
+    from tlpipe.data import load_manifest, load_split
+    from tlpipe.models import save_checkpoint
+    from tlpipe.training import ArrayBatches, fit
+
+    if cfg.strategy not in STRATEGIES:
+        raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
+    cfg = cfg.for_strategy(cfg.strategy)
+    manifest = load_manifest(prepared_dir)
+    train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
+    classes = manifest["target_classes"]
+    model, source_state, arch = _start_model(cfg, source_model, manifest, len(classes))
+    history, result = [], None
+    for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
+        t = phase.train
+        batches = ArrayBatches(train.x, train.y, t.batch_size, seed=t.seed,
+                               steps_per_epoch=t.steps_per_epoch)  # fmt: skip
+        resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
+        result = fit(
+            model, batches, t, mean=manifest["mean"], std=manifest["std"],
+            val=(val.x, val.y) if len(val) else None, param_groups=phase.groups,
+            penalty=phase.penalty, checkpoint=resume, desc=f"{cfg.strategy}:{phase.name}",
+        )  # fmt: skip
+        history += [{**row, "phase": phase.name} for row in result.history]
+    meta = checkpoint_meta(manifest, arch, cfg.strategy, classes, result)
+    meta["history"] = history
+    save_checkpoint(out_model, model, meta)
+    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": result.seconds}
+    return TrainResult(Path(out_model), history, metrics)
+
+
+def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
+    """A fresh model (scratch) or the source backbone with a new head for the target classes."""
+    from tlpipe.models import build_model, load_checkpoint
+
+    in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
+    if cfg.strategy == "scratch":
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg.model, num_classes, in_chans, input_size), None, cfg.model
+    if source_model is None:
+        raise TlpipeError(f"strategy {cfg.strategy!r} needs a source model (run pretrain first)")
+    source, meta = load_checkpoint(source_model)
+    if [meta["in_chans"], meta["input_size"]] != [in_chans, input_size]:
+        raise TlpipeError(
+            f"source model expects {meta['in_chans']}×{meta['input_size']}px input but the "
+            f"prepared data is {in_chans}×{input_size}px: re-run pretrain on this data"
+        )
+    source_state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    torch.manual_seed(cfg.train.seed)
+    source.head = nn.Linear(source.feat_dim, num_classes)
+    return source, source_state, meta["arch"]

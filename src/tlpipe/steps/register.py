@@ -1,0 +1,316 @@
+"""register: log the exported model to MLflow, create a registry version, gate `champion`.
+
+The gate (`decide`) moves alias `champion` to the new version only if ONNX parity passed,
+its accuracy is at least `accuracy_floor`, and it beats the current champion's accuracy on the
+*same test data* (tag `test_sha256`) by at least `min_improvement` (a tie never promotes).
+A champion measured on different test data cannot be compared, so the new version is not
+promoted automatically: re-evaluate, or move the alias by hand. Otherwise the version gets
+alias `challenger`. Tags `gate_decision` and `gate_reason` on the version say what happened.
+
+Race safety: two registers running at once must never leave the worse model as champion.
+Each version is created tagged `gate_decision=pending`; `gate` then replays, in version-number
+order, the gate over every version that was still in flight when it started or came after it,
+starting from the champion it read, and compare-and-sets the alias until a re-read agrees.
+The outcome is the one a serial run of the registers, in version order, would have given.
+
+This is the one step that talks to MLflow itself (registering is its job). It logs into the
+active run when a wrapper opened one (`tracking.step_run`), else opens its own run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tlpipe.errors import TlpipeError
+from tlpipe.fsio import read_json
+
+CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "pending"
+_EPS = 1e-9  # accuracies are ratios of counts; float noise must not decide a tie
+_STALE_MS = 10 * 60 * 1000  # a version pending this long belongs to a register that died
+_MAX_ROUNDS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "tlpipe"
+    accuracy_floor: float = 0.5
+    min_improvement: float = 0.0  # accuracy as a fraction: 0.005 = half a point
+    tracking_uri: str | None = None  # used when register opens its own run
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterResult:
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """What the gate knows about one registered version."""
+
+    version: str
+    accuracy: float
+    test_sha256: str
+    parity_passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    alias: str
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+
+def decide(new: Candidate, champion: Candidate | None, cfg: RegisterConfig) -> Decision:
+    """The gate: should `new` replace `champion` (None: there is none)? Pure, no MLflow."""
+    acc = new.accuracy
+    if not new.parity_passed:
+        return Decision(
+            CHALLENGER,
+            "ONNX parity check failed: the exported model disagrees "
+            "with the PyTorch model; fix the export before promoting",
+        )
+    if not acc >= cfg.accuracy_floor - _EPS:
+        return Decision(
+            CHALLENGER, f"accuracy {acc:.4f} is below the floor {cfg.accuracy_floor:.4f}"
+        )
+    if champion is None:
+        return Decision(
+            CHAMPION,
+            f"no champion yet; accuracy {acc:.4f} passes the floor "
+            f"{cfg.accuracy_floor:.4f} and ONNX parity passed",
+        )
+    if champion.version == new.version:
+        return Decision(CHAMPION, f"v{new.version} is already the champion")
+    if champion.test_sha256 != new.test_sha256:
+        return Decision(
+            CHALLENGER,
+            f"champion v{champion.version} was evaluated on different test data (test_sha256 "
+            f"{champion.test_sha256[:12] or 'unknown'}, ours {new.test_sha256[:12]}); "
+            "re-evaluate it on this test set, or move the alias by hand",
+        )
+    gain = acc - champion.accuracy
+    if not (gain > _EPS and gain >= cfg.min_improvement - _EPS):
+        return Decision(
+            CHALLENGER,
+            f"accuracy {acc:.4f} does not beat champion v{champion.version} "
+            f"({champion.accuracy:.4f})"
+            + (f" by at least {cfg.min_improvement:g}" if cfg.min_improvement > 0 else "")
+            + f" (gain {gain:+.4f})",
+        )
+    return Decision(
+        CHAMPION,
+        f"accuracy {acc:.4f} beats champion v{champion.version} ({champion.accuracy:.4f}) "
+        f"by {gain:+.4f} on the same test data",
+    )
+
+
+def run(export_dir: Path, model_path: Path, cfg: RegisterConfig) -> RegisterResult:
+    """Log model + ONNX files, register a version, run the gate; returns the alias given."""
+    export_dir = Path(export_dir)
+    parity = _read_parity(export_dir)
+    onnx_files = [export_dir / "model.onnx", export_dir / "model.int8.onnx"]
+    for path in onnx_files:
+        if not path.exists():
+            raise TlpipeError(f"{path} not found: run `tlpipe export` first")
+    import mlflow
+
+    with _active_run(cfg) as run_id:
+        for path in onnx_files:
+            mlflow.log_artifact(str(path), "onnx")
+        mlflow.log_artifact(str(export_dir / "parity.json"))
+        model_uri, dataset_sha = _log_pytorch(Path(model_path))
+        tags = {
+            "accuracy": repr(parity["fp32"]["accuracy"]),
+            "int8_accuracy": repr(parity.get("int8", {}).get("accuracy", float("nan"))),
+            "test_sha256": parity["test_sha256"],
+            "dataset_sha256": dataset_sha,
+            "parity_passed": str(bool(parity["passed"])).lower(),
+            "onnx_uri": f"runs:/{run_id}/onnx/model.onnx",
+            "gate_decision": PENDING,
+        }
+        version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
+        decision = gate(cfg.model_name, str(version), cfg)
+        mlflow.set_tags(
+            {
+                "tlpipe.registered_version": version,
+                "gate_decision": decision.alias,
+                "gate_reason": decision.reason,
+            }
+        )
+    metrics = {
+        "accuracy": float(parity["fp32"]["accuracy"]),
+        "promoted": float(decision.promoted),
+        "parity_passed": float(bool(parity["passed"])),
+    }
+    return RegisterResult(str(version), decision.alias, decision.promoted, decision.reason, metrics)
+
+
+def gate(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
+    """Run the gate for registered `version` (tagged by `run`), race-safely; tag the result."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    # Snapshot the versions *before* reading the champion: a register that finishes in
+    # between has then either moved the alias before our read or is in our snapshot.
+    versions = _versions(client, model_name)
+    me = versions[version]
+    if _candidate(me) is None:
+        raise TlpipeError(
+            f"{model_name} v{version} lacks the accuracy/test_sha256/parity tags "
+            "that `register.run` sets; register it with tlpipe"
+        )
+    in_flight = {
+        v.version
+        for v in versions.values()
+        if v.tags.get("gate_decision") == PENDING
+        and int(v.version) < int(version)
+        and me.creation_timestamp - v.creation_timestamp < _STALE_MS
+    }
+    base = _champion(client, model_name)
+    for _ in range(_MAX_ROUNDS):
+        contenders = [
+            c
+            for v in versions.values()
+            if (v.version in in_flight or int(v.version) >= int(version))
+            and (c := _candidate(v)) is not None
+        ]
+        target, decisions = _replay(base, contenders, cfg)
+        current = _champion(client, model_name)
+        if target is None or (current is not None and current.version == target.version):
+            break
+        client.set_registered_model_alias(model_name, CHAMPION, target.version)
+        time.sleep(random.uniform(0.05, 0.25))  # let a racing writer finish, then re-check
+        versions = _versions(client, model_name)
+    else:
+        raise TlpipeError(
+            f"could not settle alias {CHAMPION!r} of {model_name!r}: other registers keep "
+            "moving it (do they use different gate params?); re-run register"
+        )
+    decision = _final(version, target, decisions, versions)
+    client.set_model_version_tag(model_name, version, "gate_decision", decision.alias)
+    client.set_model_version_tag(model_name, version, "gate_reason", decision.reason)
+    if not decision.promoted:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return decision
+
+
+def _replay(
+    base: Candidate | None, contenders: list[Candidate], cfg: RegisterConfig
+) -> tuple[Candidate | None, dict[str, Decision]]:
+    """Apply the gate to `contenders` one by one in version order, starting from `base`."""
+    champion, decisions = base, {}
+    for c in sorted(contenders, key=lambda c: int(c.version)):
+        decisions[c.version] = decide(c, champion, cfg)
+        if decisions[c.version].promoted:
+            champion = c
+    return champion, decisions
+
+
+def _final(
+    version: str, target: Candidate | None, decisions: dict[str, Decision], versions: dict
+) -> Decision:
+    mine = decisions[version]
+    if target is not None and target.version == version:
+        return mine
+    if mine.promoted and target is not None:  # won our own gate, then lost to a racer
+        acc = float(versions[target.version].tags.get("accuracy", "nan"))
+        return Decision(
+            CHALLENGER,
+            f"{mine.reason}, but v{target.version} (accuracy "
+            f"{acc:.4f}), registered concurrently, beats it",
+        )
+    return mine
+
+
+def _versions(client: Any, model_name: str) -> dict[str, Any]:
+    found = client.search_model_versions(f"name = '{model_name}'")
+    return {str(v.version): v for v in found}
+
+
+def _champion(client: Any, model_name: str) -> Candidate | None:
+    """The current champion (tags it lacks read as unknown, so it compares as different)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        v = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as e:
+        # "alias not found"; anything else (server trouble) must not read as "no champion"
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
+    return _candidate(v) or Candidate(str(v.version), math.nan, "", False)
+
+
+def _candidate(v: Any) -> Candidate | None:
+    """Candidate from a version's tags; None if tlpipe did not register it."""
+    try:
+        accuracy = float(v.tags["accuracy"])
+        return Candidate(
+            str(v.version), accuracy, v.tags["test_sha256"], v.tags["parity_passed"] == "true"
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def _read_parity(export_dir: Path) -> dict[str, Any]:
+    path = export_dir / "parity.json"
+    parity = read_json(path)
+    try:
+        float(parity["fp32"]["accuracy"])
+        if not isinstance(parity["passed"], bool) or not parity["test_sha256"]:
+            raise ValueError
+    except (KeyError, TypeError, ValueError) as e:
+        raise TlpipeError(
+            f"{path} lacks passed / fp32.accuracy / test_sha256: re-run `tlpipe export`"
+        ) from e
+    return parity
+
+
+def _log_pytorch(model_path: Path) -> tuple[str, str]:
+    """Log the checkpoint as an MLflow pytorch model; returns (model uri, dataset sha256)."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    from tlpipe.models import load_checkpoint
+
+    model, meta = load_checkpoint(model_path)
+    size = int(meta.get("input_size", 28))
+    # Batch 2, not 1: torch.export keeps a size-1 batch dimension static.
+    example = np.zeros((2, int(meta["in_chans"]), size, size), dtype=np.float32)
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return info.model_uri, str(meta.get("dataset_sha256", "unknown"))
+
+
+@contextlib.contextmanager
+def _active_run(cfg: RegisterConfig) -> Iterator[str]:
+    """Id of the wrapper's active run, or of a run of our own for the block."""
+    import mlflow
+
+    from tlpipe import tracking
+
+    active = mlflow.active_run()
+    if active is not None:
+        yield active.info.run_id
+        return
+    with tracking.step_run("register", cfg, uri=cfg.tracking_uri) as step:
+        yield step.run_id

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny real raw datasets (IDX, ImageFolder) and a tiny prepared scenario.
+
+`tiny_prepared` is what most step tests want: a prepared dir (the real `prepare` step run on a
+synthetic 10-class IDX dataset of 28x28 images), built once per session.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlpipe import config
+from tlpipe.scenario import ShiftOp
+from tlpipe.steps import prepare
+
+N_CLASSES = 10
+TINY_TRAIN_PER_CLASS = 30
+TINY_TEST_PER_CLASS = 10
+
+
+def make_patterns(
+    n_per_class: int, seed: int = 0, size: int = 28, n_classes: int = N_CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic uint8 images (N, size, size): class c is a bright square at its own place.
+
+    The squares sit on a 2 x 5 grid (jittered by a pixel) over a dim noisy background, so a
+    small CNN tells the classes apart after a few steps. Labels are interleaved 0, 1, 2, ….
+    """
+    rng = np.random.default_rng(seed)
+    n = n_per_class * n_classes
+    y = np.tile(np.arange(n_classes), n_per_class).astype(np.uint8)
+    x = rng.integers(0, 40, (n, size, size), dtype=np.uint8)
+    side = max(2, size * 6 // 28)
+    for i, c in enumerate(y.tolist()):
+        top = (c // 5) * size // 2 + size // 7 + rng.integers(-1, 2)
+        left = (c % 5) * size * 5 // 28 + rng.integers(0, 2)
+        x[i, top : top + side, left : left + side] = rng.integers(180, 256)
+    return x, y
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (gzipped when `gz`)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+    return path
+
+
+def write_idx_dataset(
+    root: Path, train_per_class: int = 8, test_per_class: int = 4, gz: bool = True, seed: int = 0
+) -> Path:
+    """Write an MNIST-style IDX dataset (train-…, t10k-…) of `make_patterns` images."""
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, per_class, s in (
+        ("train", train_per_class, seed),
+        ("t10k", test_per_class, seed + 1),
+    ):
+        x, y = make_patterns(per_class, seed=s)
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", x, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", y, gz)
+    return root
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 3) -> Path:
+    """Write ``train/`` and ``test/`` class folders of PNG and JPEG images of mixed sizes/modes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = 20 + 7 * i, 30 + 5 * ci  # every image a different size
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                arr[..., ci % 3] = 255  # a class colour
+                img = Image.fromarray(arr) if i % 2 == 0 else Image.fromarray(arr).convert("L")
+                ext = "png" if i % 3 != 2 else "jpg"
+                img.save(folder / f"img{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    """A tiny gzipped IDX dataset: 10 classes, 8 train and 4 test images each."""
+    return write_idx_dataset(tmp_path / "raw_idx")
+
+
+@pytest.fixture
+def imagefolder_dir(tmp_path: Path) -> Path:
+    """A tiny ImageFolder dataset: 3 classes, 3 PNG/JPEG images of mixed sizes each."""
+    return write_imagefolder(tmp_path / "raw_folder")
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide tiny IDX dataset: 10 classes, 30 train and 10 test 28x28 images each."""
+    root = tmp_path_factory.mktemp("tiny_raw")
+    return write_idx_dataset(root, TINY_TRAIN_PER_CLASS, TINY_TEST_PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dir from the real prepare step on `tiny_raw` (do not modify it).
+
+    Source classes 0-4 (140 source + 10 source_val images), target classes 5-9 with k=5 and
+    val_per_class=5 (25 + 25 images) and 50 test images; the target is inverted and 25% of the
+    source images are too (`shifted` marks them).
+    """
+    cfg = _tiny_config()
+    out = tmp_path_factory.mktemp("tiny_prepared") / "prepared"
+    prepare.run(tiny_raw, out, cfg)
+    return out
+
+
+@pytest.fixture
+def make_prepared(tiny_raw: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_prepared(**overrides)`` runs prepare on `tiny_raw` with config overrides."""
+
+    def _make(**overrides) -> Path:
+        values = {**config.to_dict(_tiny_config()), **overrides}
+        cfg = config.build(prepare.PrepareConfig, values)
+        out = tmp_path / f"prepared_{len(list(tmp_path.glob('prepared_*')))}"
+        prepare.run(tiny_raw, out, cfg)
+        return out
+
+    return _make
+
+
+def _tiny_config() -> prepare.PrepareConfig:
+    return prepare.PrepareConfig(shift=(ShiftOp("invert"),), source_shift_fraction=0.25, seed=0)

@@ -1,0 +1,99 @@
+"""pytest plugin: a real `mlflow server` for the tests that are about MLflow.
+
+Enable it in tests/conftest.py with `pytest_plugins = ["mlflow_server"]`. The session-scoped
+fixture `mlflow_server` starts one server (sqlite backend and proxied artifact store under a
+temp dir, a free 127.0.0.1 port), waits for `/health`, yields its http URI and kills the
+server's whole process group at the end of the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 180  # the machine the suite runs on may be small and busy
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI (`http://127.0.0.1:PORT`) of a real MLflow tracking + registry server."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    for _ in range(3):  # the free port can be taken between picking it and binding it
+        proc, uri = _start(root)
+        try:
+            if _wait_healthy(uri, proc):
+                break
+        except BaseException:
+            _stop(proc)
+            raise
+        _stop(proc)
+    else:
+        log = (root / "server.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"mlflow server did not become healthy:\n{log}")
+    try:
+        yield uri
+    finally:
+        _stop(proc)
+
+
+def _start(root: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    # The background job runner (huey consumers) is not needed and costs CPU.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(root / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_healthy(uri: str, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(uri + "/health", timeout=2) as reply,
+        ):
+            if reply.status == 200:
+                return True
+        time.sleep(0.25)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers: they share the process group the server leads."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):  # whatever of the group is still there
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,222 @@
+"""The torch-free edge runtime and its CLI, on small hand-built ONNX classifiers.
+
+The test model is "dark vs bright": logits are ± the mean normalised pixel, so what it should
+answer for a white or a black image is known. (test_export.py runs the edge runtime on a real
+exported CNN.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from tlpipe import edge
+from tlpipe.errors import TlpipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_model(path: Path, channels: int = 1, size: int = 8) -> Path:
+    """A Flatten → Gemm classifier: class 1 ("bright") when the mean normalised pixel is > 0."""
+    n = channels * size * size
+    w = np.stack([-np.ones(n), np.ones(n)], axis=1).astype(np.float32) * 4 / n
+    shape = [channels, size, size]
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *shape])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])]
+    b = np.zeros(2, np.float32)
+    weights = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    graph = helper.make_graph(nodes, "dark_bright", inputs, outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    helper.set_model_props(model, {
+        "classes": json.dumps(["dark", "bright"]), "input_shape": json.dumps(shape),
+        "mean": json.dumps([0.5] * channels), "std": json.dumps([0.25] * channels),
+        "model_version": "test", "precision": "fp32",
+    })  # fmt: skip
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("edge") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """white.png (RGB 30×20), black.png (grey 8×8), sub/grey.jpg, and a non-image file."""
+    root = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (30, 20), (255, 255, 255)).save(root / "white.png")
+    Image.new("L", (8, 8), 0).save(root / "black.png")
+    (root / "sub").mkdir()
+    Image.new("L", (16, 16), 230).save(root / "sub" / "grey.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "tlpipe-edge"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tlpipe.edge"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_predict_prints_one_line_per_image(model_file, images):
+    proc = _cli("predict", str(model_file), str(images))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    got = {Path(path).name: (label, float(prob)) for path, label, prob in rows}
+    assert set(got) == {"black.png", "white.png", "grey.jpg"}  # notes.txt skipped
+    assert got["white.png"][0] == "bright" and got["black.png"][0] == "dark"
+    assert got["grey.jpg"][0] == "bright" and all(0.5 < p <= 1 for _, p in got.values())
+
+    proc = _cli("predict", "--json", str(model_file), str(images / "black.png"))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["label"] == "dark" and row["path"].endswith("black.png") and row["probability"] > 0.9
+
+
+def test_cli_bad_model_file_is_one_line_no_traceback(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"this is not onnx")
+    proc = _cli("info", str(tmp_path / "bad.onnx"))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("tlpipe-edge: error:") and "bad.onnx" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "{tmp}/missing.onnx"], "not found"),
+        (["info", "{tmp}/plain.onnx"], "lacks tlpipe metadata"),
+        (["predict", "{model}", "{images}/notes.txt"], "not a readable image"),
+        (["predict", "{model}", "{tmp}"], "holds no images"),
+        (["bench", "{model}", "--runs", "0"], "--runs"),
+        (["info", "models:/tlpipe", "--tracking-uri", "sqlite:///x.db"], "cannot parse"),
+    ],
+)
+def test_cli_user_errors(args, message, model_file, images, tmp_path, capsys):
+    plain = onnx.load(str(model_file))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    args = [a.format(tmp=tmp_path, model=model_file, images=images) for a in args]
+    assert edge.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tlpipe-edge: error:") and message in err and err.count("\n") == 1
+
+
+def test_info_and_bench(model_file, capsys):
+    assert edge.main(["info", "--json", str(model_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"] == '["dark", "bright"]' and info["input_shape"] == "[1, 8, 8]"
+    assert info["providers"] == ["CPUExecutionProvider"]
+    assert (
+        edge.main(["bench", str(model_file), "--batch", "4", "--runs", "5", "--warmup", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "p50" in out and "p99" in out and "images/s" in out
+
+
+def test_importing_and_predicting_never_imports_torch(model_file, images):
+    code = (
+        "import sys, tlpipe.edge as e\n"
+        f"m = e.EdgeModel({str(model_file)!r})\n"
+        f"assert m.predict([{str(images / 'white.png')!r}])[0][0] == 'bright'\n"
+        "bad = [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]\n"
+        "assert not bad, bad\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_input_kind_gives_the_same_pixels(model_file, images):
+    from tlpipe.data import load_image
+
+    m = edge.EdgeModel(model_file)
+    path = images / "white.png"
+    ref = load_image(path, 1, 8)  # the pipeline's own image loader
+    with Image.open(path) as img:
+        pil = img.copy()
+    hwc = np.asarray(pil)  # (20, 30, 3)
+    for item in (path, str(path), pil, hwc, ref, ref[0]):
+        np.testing.assert_array_equal(m.to_uint8(item), ref[None])
+    assert m.to_uint8(np.stack([ref, ref])).shape == (2, 1, 8, 8)
+    assert m.to_uint8(np.zeros((1, 16, 12), np.uint8)).shape == (1, 1, 8, 8)  # CHW, resized
+    assert m.predict([]) == []
+    sure = pytest.approx(1, abs=1e-3)
+    assert m.predict(np.stack([ref, 255 - ref])) == [("bright", sure), ("dark", sure)]
+    with pytest.raises(TlpipeError, match="uint8"):
+        m.predict(ref.astype(np.float32))
+
+
+def test_rgb_model_converts_grey_images(tmp_path, images):
+    m = edge.EdgeModel(write_model(tmp_path / "rgb.onnx", channels=3, size=5))
+    assert m.to_uint8(images / "black.png").shape == (1, 3, 5, 5)
+    assert [label for label, _ in m.predict([images / "black.png", images / "white.png"])] == [
+        "dark",
+        "bright",
+    ]
+
+
+def test_providers():
+    import onnxruntime as ort
+
+    assert edge.select_providers("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert edge.select_providers("auto")[0] == "CUDAExecutionProvider"
+    else:
+        assert edge.select_providers("auto") == ["CPUExecutionProvider"]
+        with pytest.raises(TlpipeError, match="onnxruntime-gpu"):
+            edge.select_providers("cuda")
+
+
+def test_parse_model_uri():
+    assert edge.parse_model_uri("models:/tlpipe@champion") == ("tlpipe", "champion", None)
+    assert edge.parse_model_uri("models:/tlpipe/3") == ("tlpipe", None, "3")
+    for bad in ("models:/", "models:/tlpipe", "models:/tlpipe@", "runs:/abc/onnx", "models:/a/b"):
+        with pytest.raises(TlpipeError):
+            edge.parse_model_uri(bad)
+
+
+def test_base_and_edge_dependencies_have_no_torch():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["edge"]
+    names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+             for d in deps}  # fmt: skip
+    assert "onnxruntime" in names and "numpy" in names and "pillow" in names
+    assert not {n for n in names if "torch" in n}, names
+
+
+@pytest.mark.slow
+def test_loads_from_a_local_mlflow_registry(model_file, images, tmp_path, monkeypatch):
+    """Register a run whose artifacts hold onnx/model.onnx, then load it by alias."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("edge", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp)
+    client.log_artifact(run.info.run_id, str(model_file), artifact_path="onnx")
+    client.create_registered_model("tlpipe")
+    mv = client.create_model_version("tlpipe", f"runs:/{run.info.run_id}/onnx", run.info.run_id)
+    client.set_registered_model_alias("tlpipe", "champion", mv.version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    m = edge.EdgeModel("models:/tlpipe@champion")
+    assert m.predict([images / "white.png"])[0][0] == "bright"
+    assert edge.main(["info", "models:/tlpipe/1"]) == 0
+    assert edge.main(["info", "models:/tlpipe@nope"]) == 1

@@ -1,0 +1,132 @@
+"""tlpipe.tracking against a real `mlflow server` (fixture `mlflow_server`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from tlpipe import tracking
+from tlpipe.config import params_hash
+from tlpipe.errors import TlpipeError
+from tlpipe.steps.register import RegisterConfig
+
+# A wrapper as a DVC stage or KFP pod would run it: a separate process that only knows the
+# tracking URI and the parent run id from its environment.
+STEP_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from tlpipe import tracking
+    from tlpipe.steps.register import RegisterConfig
+
+    step, artifact = sys.argv[1], sys.argv[2]
+    cfg = RegisterConfig(model_name="m-" + step, min_improvement=0.01)
+    with tracking.step_run(step, cfg, manifest={"dataset_sha256": "d" * 64}) as t:
+        t.log_history([{"epoch": e, "val_accuracy": 0.5 + e / 10, "phase": "head"}
+                       for e in (1, 2, 3)])
+        t.log_metrics({"accuracy": 0.9})
+        t.log_artifact(artifact)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_uri_and_experiment_defaults(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    assert tracking.tracking_uri() == "sqlite:///mlflow.db"
+    assert tracking.experiment_name() == "tlpipe"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "exp")
+    assert (tracking.tracking_uri(), tracking.experiment_name()) == ("http://mlflow:5000", "exp")
+
+
+def test_flatten_nested_config():
+    assert tracking.flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}}) == {
+        "a": "1",
+        "b.c": "[1, 2]",
+        "b.d.e": "None",
+    }
+
+
+def test_down_server_raises_tlpipe_error():
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    with (
+        pytest.raises(TlpipeError, match="unreachable.*start it or set MLFLOW_TRACKING_URI"),
+        tracking.step_run("prepare", uri=uri),
+    ):
+        pass
+
+
+def test_steps_in_separate_processes_nest_under_one_parent(mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+
+    experiment = f"tracking-{uuid.uuid4().hex[:8]}"
+    artifact = tmp_path / "report.json"
+    artifact.write_text("{}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    with tracking.pipeline_run(experiment, "pipeline", uri=mlflow_server) as parent:
+        assert os.environ[tracking.PARENT_ENV] == parent
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+        procs = [
+            subprocess.Popen([sys.executable, "-c", STEP_PROCESS, step, str(artifact)], env=env)
+            for step in ("pretrain", "finetune")
+        ]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert tracking.PARENT_ENV not in os.environ
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert client.get_run(parent).info.status == "FINISHED"
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["finetune", "pretrain"]
+    for run in children:
+        step = run.info.run_name
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["tlpipe.step"] == step
+        assert tags["tlpipe.dataset_sha256"] == "d" * 64
+        assert tags["tlpipe.params_hash"] == params_hash(
+            RegisterConfig(model_name="m-" + step, min_improvement=0.01)
+        )
+        assert tags["tlpipe.git_commit"] and tags["tlpipe.git_dirty"] in (
+            "true",
+            "false",
+            "unknown",
+        )
+        assert tags["tlpipe.version"]
+        assert run.data.params["model_name"] == "m-" + step
+        assert run.data.params["min_improvement"] == "0.01"
+        assert run.data.metrics["accuracy"] == 0.9
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.6), (2, 0.7), (3, 0.8)]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["report.json"]
+
+
+def test_failed_step_marks_run_failed(mlflow_server, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    experiment = f"failing-{uuid.uuid4().hex[:8]}"
+    with (
+        pytest.raises(ValueError, match="boom"),
+        tracking.step_run("evaluate", uri=mlflow_server, experiment=experiment) as t,
+    ):
+        raise ValueError("boom")
+    run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(t.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["tlpipe.error"] == "ValueError: boom"
+    assert run.data.tags["mlflow.runName"] == "evaluate"
+    assert "mlflow.parentRunId" not in run.data.tags  # no parent in env: a standalone run
