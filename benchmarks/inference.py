@@ -36,7 +36,7 @@ def load(model_path: Path, prepared: Path, max_images: int):
     """(model, meta, images uint8, labels or None, calibration images uint8, note)."""
     from tlpipe.data import load_manifest, load_split
     from tlpipe.models import build_model, load_checkpoint
-    from tlpipe.steps.export import ExportConfig, _calibration_images
+    from tlpipe.steps.export import ExportConfig, calibration_set
 
     if not model_path.exists():
         model = build_model("small_cnn", 5).eval()
@@ -50,7 +50,7 @@ def load(model_path: Path, prepared: Path, max_images: int):
     # the test split whose labels index this model's classes (source models: source_val)
     split = "target_test" if meta["classes"] == manifest["target_classes"] else "source_val"
     data = load_split(prepared, split)
-    calib, counts = _calibration_images(prepared, ExportConfig())
+    calib, counts = calibration_set(prepared, ExportConfig())
     note = f"{model_path} ({meta['arch']}) on {prepared}/{split}; INT8 calibrated on {counts}"
     return model, meta, data.x[:max_images], data.y[:max_images], calib, note
 

@@ -18,6 +18,8 @@ from tlpipe import config
 from tlpipe.scenario import ShiftOp
 from tlpipe.steps import prepare
 
+pytest_plugins = ["mlflow_server"]  # the real `mlflow server` fixture (tests/mlflow_server.py)
+
 N_CLASSES = 10
 TINY_TRAIN_PER_CLASS = 30
 TINY_TEST_PER_CLASS = 10

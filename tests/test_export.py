@@ -55,10 +55,9 @@ def test_export_passes_parity_and_writes_the_contract_files(exported, tiny_prepa
     assert fp32["size_bytes"] == exported.onnx_path.stat().st_size
     assert int8["size_bytes"] < 0.3 * fp32["size_bytes"]
     assert 0 <= int8["accuracy"] <= 1 and fp32["accuracy"] == parity["torch"]["accuracy"]
-    # tiny_prepared has under 500 images in all: every val/train image calibrates
+    # tiny_prepared has under 500 target images: every val/train image calibrates
     splits = load_manifest(tiny_prepared)["splits"]
-    want = {name: splits[name]["count"] for name in ("target_val", "target_train", "source_val")}
-    assert int8["calibration"] == want
+    assert int8["calibration"] == {n: splits[n]["count"] for n in ("target_val", "target_train")}
     assert exported.metrics["parity_passed"] == 1.0
     assert exported.metrics["int8_size_ratio"] == pytest.approx(int8["size_ratio"])
 
@@ -138,3 +137,19 @@ def test_edge_runtime_serves_the_exported_model(exported, model_path, tiny_prepa
     edge = EdgeModel(exported.onnx_path, provider="cpu")
     assert [label for label, _ in edge.predict(x)] == want
     assert [label for label, _ in edge.predict(list(x))] == want  # one (C, H, W) array each
+
+
+def test_int8_keeps_first_conv_and_head_in_float(exported):
+    model = onnx.load(str(exported.int8_path))
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    float_weights = [n.op_type for n in convs if n.input[1] not in dequantized]
+    assert float_weights == ["Conv", "Gemm"] and convs[0].op_type == "Conv"
+    assert len(convs) == 8  # small_cnn: 7 convs + the head
+
+
+def test_calibration_tops_up_from_later_splits(tiny_prepared):
+    splits = ("target_val", "source_val")
+    cfg = export.ExportConfig(calibration_images=30, calibration_splits=splits)
+    x, counts = export.calibration_set(tiny_prepared, cfg)
+    assert counts == {"target_val": 25, "source_val": 5} and x.shape == (30, 1, 28, 28)

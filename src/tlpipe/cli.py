@@ -173,6 +173,70 @@ def evaluate(
     typer.echo(step.format_table(read_json(result.metrics_path)))
 
 
+def _selected_model(model: Path | None, finetuned: Path, eval_dir: Path) -> Path:
+    """--model, or the strategy `evaluate` selected (by validation accuracy)."""
+    if model is not None:
+        return model
+    selected = Path(eval_dir) / "selected.txt"
+    if not selected.exists():
+        raise TlpipeError(f"{selected} not found: run `tlpipe evaluate` first, or pass --model")
+    return Path(finetuned) / f"{selected.read_text().strip()}.pt"
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(None, help="Checkpoint to export; default: the selected one."),
+    prepared: Path = PREPARED,
+    finetuned: Path = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models."),
+    eval_dir: Path = typer.Option(Path("eval"), "--eval", help="Output of `evaluate`."),
+    out: Path = typer.Option(Path("export"), help="model.onnx, model.int8.onnx, parity.json."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+    track: bool = TRACK,
+) -> None:
+    """Export to ONNX (fp32 + INT8), check parity with torch on the target test images."""
+    from tlpipe.config import load_section
+    from tlpipe.steps import export as step
+
+    cfg = load_section(step.ExportConfig, "export", params, set_)
+    model = _selected_model(model, finetuned, eval_dir)
+    with _tracked("export", cfg, prepared, track) as t:
+        result = step.run(model, prepared, out, cfg)
+        t.log_metrics(result.metrics)
+        t.log_artifact(Path(out) / "parity.json")
+    passed = "passed" if result.metrics.get("parity_passed") else "FAILED"
+    _say(f"wrote {out}: parity {passed}; {result.metrics}")
+
+
+@app.command()
+def register(
+    export_dir: Path = typer.Option(Path("export"), "--export", help="Output of `export`."),
+    model: Path = typer.Option(None, help="Checkpoint to log; default: the selected one."),
+    prepared: Path = PREPARED,
+    finetuned: Path = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models."),
+    eval_dir: Path = typer.Option(Path("eval"), "--eval", help="Output of `evaluate`."),
+    out: Path = typer.Option(Path("registry.json"), help="The decision, as JSON."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Register the model in MLflow; alias `champion` only if the gate passes."""
+    from tlpipe import tracking
+    from tlpipe.config import load_section
+    from tlpipe.data import load_manifest
+    from tlpipe.fsio import write_json
+    from tlpipe.steps import register as step
+
+    cfg = load_section(step.RegisterConfig, "register", params, set_)
+    model = _selected_model(model, finetuned, eval_dir)
+    with tracking.step_run("register", cfg, uri=cfg.tracking_uri,
+                           manifest=load_manifest(prepared)) as t:  # fmt: skip
+        result = step.run(export_dir, model, cfg)
+        t.log_metrics(result.metrics)
+    write_json(out, {"version": result.version, "alias": result.alias,
+                     "promoted": result.promoted, "reason": result.reason})  # fmt: skip
+    _say(f"{cfg.model_name} v{result.version} → {result.alias}: {result.reason}")
+
+
 @app.command()
 def report(metrics: Path = typer.Option(Path("eval/metrics.json"))) -> None:
     """Print the comparison table from a finished evaluate step."""
@@ -184,22 +248,26 @@ def report(metrics: Path = typer.Option(Path("eval/metrics.json"))) -> None:
 
 @app.command()
 def run(
-    params: Path = PARAMS,
     force: bool = typer.Option(False, help="Re-run every stage (dvc repro --force)."),
     track: bool = TRACK,
 ) -> None:
-    """Run the whole pipeline with `dvc repro` under one MLflow parent run, then the table."""
+    """Run the whole pipeline with `dvc repro` under one MLflow parent run, then the table.
+
+    DVC re-runs only the stages whose code, data or params.yaml section changed.
+    """
     env = dict(os.environ)
     if track:
         from tlpipe import tracking
+        from tlpipe.config import params_hash, read_params
 
-        env["TLPIPE_PARENT_RUN_ID"] = tracking.start_pipeline_run(params_path=params)
+        tags = {"tlpipe.params_hash": params_hash(read_params("params.yaml"))}
+        env["TLPIPE_PARENT_RUN_ID"] = tracking.start_pipeline_run(run_name="pipeline", tags=tags)
     else:
         env["TLPIPE_NO_TRACK"] = "1"
     cmd = [sys.executable, "-m", "dvc", "repro"] + (["--force"] if force else [])
     code = subprocess.call(cmd, env=env)
     if track:
-        tracking.end_pipeline_run(env["TLPIPE_PARENT_RUN_ID"], ok=code == 0)
+        tracking.end_pipeline_run(env["TLPIPE_PARENT_RUN_ID"], failed=code != 0)
     if code != 0:
         raise TlpipeError(f"`dvc repro` failed (exit {code}); the stage's error is printed above")
     report(Path("eval/metrics.json"))

@@ -7,6 +7,7 @@ and values of the wrong type with a `TlpipeError` that names the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise TlpipeError(f"--set wants key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads `1e-3` as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 
@@ -60,6 +65,10 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
             f"known: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
+    for name, value in values.items():  # a partial nested section fills in the field's default
+        default = _field_default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            values[name] = {**dataclasses.asdict(default), **value}
     kwargs = {k: _coerce(v, hints[k], where + k) for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -86,6 +95,14 @@ def params_hash(cfg: Any) -> str:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _set_dotted(values: dict, key: str, value: Any) -> None:
@@ -133,6 +150,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return value
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, str):
         return value
     if hint is bool and isinstance(value, bool):

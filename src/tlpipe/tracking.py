@@ -209,8 +209,11 @@ def step_run(
     manifest: dict | None = None,
     uri: str | None = None,
     experiment: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[StepRun]:
-    """Active mlflow run for one step: a child of `TLPIPE_PARENT_RUN_ID` when that is set.
+    """Active mlflow run for one step: a child of `parent_run_id` or `TLPIPE_PARENT_RUN_ID`.
+
+    Without a parent id it is a standalone run in `experiment` (default `experiment_name()`).
 
     Logs the flattened config as params and the lineage tags (`tlpipe.step`, git commit and
     dirty flag, `tlpipe.params_hash`, `tlpipe.dataset_sha256` from the prepared-data manifest,
@@ -226,7 +229,7 @@ def step_run(
         tags["tlpipe.params_hash"] = params_hash(cfg)
     if manifest is not None:
         tags["tlpipe.dataset_sha256"] = str(manifest.get("dataset_sha256", "unknown"))
-    parent = os.environ.get(PARENT_ENV)
+    parent = parent_run_id or os.environ.get(PARENT_ENV)
     if parent:
         experiment_id = _parent_experiment(client, parent)
         tags["mlflow.parentRunId"] = parent

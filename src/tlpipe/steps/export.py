@@ -13,8 +13,9 @@ Parity is measured on the target *test* images (CPU execution provider, the edge
 default): max |Δlogit| and argmax agreement against the torch model. A failed parity check is
 reported (`passed: false` in parity.json), not raised: the register step's gate reads it.
 INT8 is ONNX Runtime static quantization (QDQ, per-channel signed int8 weights and activations),
-calibrated on unlabelled images from the target validation and training splits, topped up with
-source validation images when the (few-shot) target has fewer than `calibration_images`.
+calibrated on (unlabelled) target validation and training images. Source images can be added
+(`calibration_splits`) but widen the activation ranges when the target domain is shifted: on
+Fashion-MNIST they lowered INT8/fp32 agreement from 99 % to 97 %.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class ExportConfig:
         calibration_splits: Prepared splits the calibration images come from, in order: all
             of the first (up to `calibration_images`), then the next, … Never the test split.
         calibration_method: ONNX Runtime calibration method.
+        fp32_first_last: Keep the first Conv and the classifier (Gemm) in float in the INT8
+            file: on Fashion-MNIST, 8-bit there cost 1.6 accuracy points (0.2 without), for
+            under 1 % of small_cnn's weights.
         model_version: Written into the metadata; empty = the checkpoint's sha256 prefix.
         batch_size: Images per ONNX Runtime call when measuring parity and accuracy.
     """
@@ -55,8 +59,9 @@ class ExportConfig:
     min_agreement: float = 0.999
     int8: bool = True
     calibration_images: int = 500
-    calibration_splits: tuple[str, ...] = ("target_val", "target_train", "source_val")
+    calibration_splits: tuple[str, ...] = ("target_val", "target_train")
     calibration_method: Calibration = "minmax"
+    fp32_first_last: bool = True
     model_version: str = ""
     batch_size: int = 256
 
@@ -107,9 +112,9 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
         report["fp32"] = _variant_report(tmp / "model.onnx", fp32, reference, test.y)
         report["int8"] = None
         if cfg.int8:
-            calib, counts = _calibration_images(prepared_dir, cfg)
-            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx",
-                          normalise(calib, mean, std), cfg.calibration_method)  # fmt: skip
+            calib, counts = calibration_set(prepared_dir, cfg)
+            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", normalise(calib, mean, std),
+                          cfg.calibration_method, cfg.fp32_first_last)  # fmt: skip
             set_metadata(tmp / "model.int8.onnx",
                          _metadata(meta, manifest, model_path, cfg, "int8"))  # fmt: skip
             int8 = ort_logits(tmp / "model.int8.onnx", x_test, cfg.batch_size)
@@ -136,7 +141,7 @@ def export_onnx(model: Any, path: Path, input_shape: tuple[int, ...], opset: int
     import onnx
     import torch
 
-    # 1) batch 2 in the example: torch.export specialises a dimension of size 1 to a constant
+    # batch 2 in the example: torch.export specialises a dimension of size 1 to a constant
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     try:
         program = torch.onnx.export(
@@ -146,8 +151,13 @@ def export_onnx(model: Any, path: Path, input_shape: tuple[int, ...], opset: int
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 — exporter failures are many and varied
         raise TlpipeError(f"ONNX export failed ({type(e).__name__}: {e})") from e
-    program.save(str(path), external_data=False)
-    onnx.checker.check_model(str(path), full_check=True)
+    proto = program.model_proto
+    # 1) drop per-node debug info (module paths, stack traces): ~2 kB a node, a fifth of INT8
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
     return Path(path)
 
 
@@ -198,12 +208,20 @@ def _check_compatible(meta: dict, manifest: dict, x: np.ndarray, model_path: Pat
 # ---------------------------------------------------------------------------- INT8
 
 
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, method: Calibration = "minmax") -> Path:
+def quantize_int8(
+    fp32: Path,
+    out: Path,
+    calib: np.ndarray,
+    method: Calibration = "minmax",
+    fp32_first_last: bool = True,
+) -> Path:
     """Static QDQ quantization (per-channel int8 weights, int8 activations) of an ONNX file.
 
     Args:
         calib: Normalised float32 calibration images (N, C, H, W).
+        fp32_first_last: Leave the first Conv and the classifier in float (see ExportConfig).
     """
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -213,9 +231,12 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, method: Calibration 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # histogram methods fail on batches of unequal size (onnxruntime 1.32): feed one at a time
+    step = 64 if method == "minmax" else 1
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calib[i : i + 64] for i in range(0, len(calib), 64))
+            self.batches = iter(calib[i : i + step] for i in range(0, len(calib), step))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -224,18 +245,26 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, method: Calibration 
     # 1) shape inference + graph fusions first, as ONNX Runtime recommends before quantizing
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
+    keep = _first_and_last(onnx.load(str(pre))) if fp32_first_last else []
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
     quantize_static(
         str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        calibrate_method=methods[method],
+        calibrate_method=methods[method], nodes_to_exclude=keep,
     )  # fmt: skip
     pre.unlink()
     return out
 
 
-def _calibration_images(prepared_dir: Path, cfg: ExportConfig) -> tuple[np.ndarray, dict]:
+def _first_and_last(model: Any) -> list[str]:
+    """Names of the first Conv node and of the node producing `logits` (nodes are in order)."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    head = [n.name for n in model.graph.node if "logits" in n.output]
+    return convs[:1] + head
+
+
+def calibration_set(prepared_dir: Path, cfg: ExportConfig) -> tuple[np.ndarray, dict]:
     """Up to `calibration_images` images, taken from `calibration_splits` in order (shuffled)."""
     from tlpipe.data import load_split
 

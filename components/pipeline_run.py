@@ -1,0 +1,21 @@
+"""The pipeline's parent MLflow run: opened first, closed by the exit handler."""
+
+from kfp import dsl
+
+from components import TLPIPE_IMAGE
+
+
+@dsl.component(base_image=TLPIPE_IMAGE, install_kfp_package=False)
+def start_run(run_name: str, kfp_run_id: str) -> str:
+    """Open the parent MLflow run of this pipeline run; its id (steps find it by run key)."""
+    from tlpipe.kfp_cli import start_parent_run
+
+    return start_parent_run(run_name, kfp_run_id)
+
+
+@dsl.component(base_image=TLPIPE_IMAGE, install_kfp_package=False)
+def finish_run(status: dsl.PipelineTaskFinalStatus):
+    """Close the parent MLflow run: FINISHED when the DAG succeeded, else FAILED."""
+    from tlpipe.kfp_cli import end_parent_run
+
+    end_parent_run(status.state)

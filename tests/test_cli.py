@@ -1,0 +1,71 @@
+"""The CLI as users run it: help texts, one-line errors, overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlpipe.config import build, load_section, parse_overrides
+from tlpipe.errors import TlpipeError
+from tlpipe.steps.finetune import FinetuneConfig
+
+
+def tlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TLPIPE_NO_TRACK": "1"}
+    return subprocess.run([sys.executable, "-m", "tlpipe.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_help_lists_every_step(tmp_path: Path) -> None:
+    out = tlpipe("--help", cwd=tmp_path).stdout
+    for cmd in ("fetch", "prepare", "pretrain", "finetune", "evaluate", "run", "report"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pretrain", "--set", "train.lr=-1"], "lr must be a positive number"),
+        (["pretrain", "--set", "train.epochs=two"], "pretrain.train.epochs must be int"),
+        (["pretrain", "--set", "trian.lr=0.1"], "unknown parameter(s) pretrain.trian"),
+        (["pretrain", "--set", "nonsense"], "--set wants key=value"),
+        (["pretrain"], "not found"),  # no prepared data yet
+        (["finetune", "--strategy", "magic"], "unknown strategy 'magic'"),
+        (["report"], "eval/metrics.json not found"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message) -> None:
+    res = tlpipe(*args, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+
+
+def test_bad_params_file_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("pretrain: [unclosed\n")
+    res = tlpipe("pretrain", cwd=tmp_path)
+    assert res.returncode == 1 and "not valid YAML" in res.stderr
+
+
+def test_overrides_parse_yaml_values() -> None:
+    assert parse_overrides(["k=5", "lr=1e-3", "cls=[5, 6]", "name=lp_ft"]) == {
+        "k": 5, "lr": 1e-3, "cls": [5, 6], "name": "lp_ft"
+    }  # fmt: skip
+    cfg = load_section(FinetuneConfig, "finetune", {"finetune": {"l2sp": 0.1}},
+                       ["train.epochs=3", "l2sp=0.5"])  # fmt: skip
+    assert cfg.train.epochs == 3 and cfg.l2sp == 0.5 and cfg.train.lr == FinetuneConfig().train.lr
+    with pytest.raises(TlpipeError, match="must be float"):
+        build(FinetuneConfig, {"l2sp": "high"})
+
+
+def test_cli_trains_on_prepared_data(tiny_prepared: Path, tmp_path: Path) -> None:
+    res = tlpipe("pretrain", "--prepared", str(tiny_prepared), "--out", "m/source.pt",
+                 "--set", "train.epochs=1", "--set", "train.batch_size=32", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "source val accuracy" in res.stderr
+    assert (tmp_path / "m/source.pt").exists()

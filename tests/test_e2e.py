@@ -1,0 +1,74 @@
+"""End to end: the real DVC pipeline on a small real Fashion-MNIST scenario."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+SMALL = {
+    "prepare": {"max_source_per_class": 400, "max_test_per_class": 200},
+    "pretrain": {"train": {"epochs": 3, "batch_size": 64}},
+    "strategies": ["linear_probe", "lp_ft"],
+    "finetune": {"train": {"epochs": 8}, "probe": {"epochs": 6},
+                 "per_strategy": {"scratch": {"train": {"lr": 0.05, "epochs": 16}}}},
+}  # fmt: skip
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return base
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", "src"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMALL)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}  # fmt: skip
+
+    def sh(*args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
+
+    sh("git", "init", "-q")
+    sh(sys.executable, "-m", "dvc", "init", "-q")
+    first = sh(sys.executable, "-m", "tlpipe.cli", "run")
+    assert "selected (by val)" in first.stdout
+
+    metrics = json.loads((work / "eval/metrics.json").read_text())
+    scratch = metrics["models"]["scratch"]["accuracy"]
+    best_tuned = max(m["accuracy"] for n, m in metrics["models"].items() if n != "scratch")
+    assert best_tuned > scratch, metrics["gain_over_scratch"]
+    assert (work / "eval/plots/confusion_scratch.png").exists()
+
+    again = sh(sys.executable, "-m", "dvc", "repro")
+    assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("tlpipe")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = {r.data.tags["tlpipe.step"] for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}  # fmt: skip
+    assert {"prepare", "pretrain", "finetune:scratch", "finetune:lp_ft", "evaluate"} <= children

@@ -1,0 +1,161 @@
+"""Models registry, pretrain, every fine-tune strategy, evaluate — on tiny prepared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlpipe.config import build
+from tlpipe.errors import TlpipeError
+from tlpipe.models import MODELS, build_model, load_checkpoint, save_checkpoint
+from tlpipe.steps import evaluate, finetune, pretrain
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 32, "steps_per_epoch": 3, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def source_model(tiny_prepared: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "source.pt"
+    cfg = build(pretrain.PretrainConfig, {"train": {**TINY_TRAIN, "epochs": 3}})
+    pretrain.run(tiny_prepared, out, cfg)
+    return out
+
+
+def _cfg(strategy: str, **extra) -> finetune.FinetuneConfig:
+    values = {"strategy": strategy, "train": TINY_TRAIN, "probe": TINY_TRAIN, **extra}
+    return build(finetune.FinetuneConfig, values)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_builds_with_backbone_head_split(name: str) -> None:
+    net = build_model(name, num_classes=3, in_chans=1)
+    x = torch.zeros(2, 1, 28, 28)
+    assert net(x).shape == (2, 3)
+    assert net.backbone(x).shape == (2, net.feat_dim)
+    assert len(net.blocks()) >= 4
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    with pytest.raises(TlpipeError, match="unknown model 'vgg'.*small_cnn"):
+        build_model("vgg", 5)
+
+
+def test_torchvision_weights_load_from_local_file(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    tv = resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    net = build_model(
+        "resnet18", 5, in_chans=1, input_size=28, pretrained=tmp_path / "resnet18.pth"
+    )
+    torch.testing.assert_close(net.blocks()[1][0].conv1.weight, tv.layer1[0].conv1.weight)
+    torch.testing.assert_close(net.blocks()[4][1].bn2.running_var, tv.layer4[1].bn2.running_var)
+    with pytest.raises(TlpipeError, match="not found"):
+        build_model("resnet18", 5, pretrained=tmp_path / "missing.pth")
+
+
+def test_checkpoint_roundtrip_and_bad_file(tmp_path: Path) -> None:
+    net = build_model("small_cnn", 4)
+    save_checkpoint(tmp_path / "m.pt", net, {"arch": "small_cnn", "num_classes": 4, "in_chans": 1})
+    back, meta = load_checkpoint(tmp_path / "m.pt")
+    assert meta["num_classes"] == 4 and not back.training
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(TlpipeError, match="not a readable tlpipe model"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def _changed(a: torch.nn.Module, b: torch.nn.Module) -> list[bool]:
+    return [not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
+
+
+def test_linear_probe_only_changes_the_head(tiny_prepared, source_model, tmp_path) -> None:
+    out = tmp_path / "lp.pt"
+    finetune.run(tiny_prepared, source_model, out, _cfg("linear_probe"))
+    src, _ = load_checkpoint(source_model)
+    tuned, meta = load_checkpoint(out)
+    assert not any(_changed(src.backbone, tuned.backbone))
+    assert torch.equal(src.backbone[0][1].running_mean, tuned.backbone[0][1].running_mean)
+    assert meta["classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_partial_trains_only_the_last_blocks(tiny_prepared, source_model, tmp_path) -> None:
+    out = tmp_path / "partial.pt"
+    finetune.run(tiny_prepared, source_model, out, _cfg("partial", partial_blocks=1))
+    src, _ = load_checkpoint(source_model)
+    tuned, _ = load_checkpoint(out)
+    blocks_changed = [
+        any(_changed(a, b)) for a, b in zip(src.blocks(), tuned.blocks(), strict=True)
+    ]
+    assert blocks_changed == [False, False, False, True]
+
+
+def test_full_with_l2sp_stays_closer_to_source(tiny_prepared, source_model, tmp_path) -> None:
+    src, _ = load_checkpoint(source_model)
+    dist = {}
+    for l2sp in (0.0, 10.0):
+        out = tmp_path / f"full_{l2sp}.pt"
+        finetune.run(
+            tiny_prepared, source_model, out, _cfg("full", l2sp=l2sp, backbone_lr_scale=1.0)
+        )
+        tuned, _ = load_checkpoint(out)
+        dist[l2sp] = sum(((a - b) ** 2).sum().item() for a, b in
+                         zip(src.backbone.parameters(), tuned.backbone.parameters(), strict=True))  # fmt: skip
+    assert 0 < dist[10.0] < dist[0.0]
+
+
+def test_lp_ft_runs_two_phases_and_scratch_ignores_source(tiny_prepared, source_model, tmp_path):
+    res = finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", _cfg("lp_ft"))
+    assert [r["phase"] for r in res.history] == ["probe", "probe", "full", "full"]
+    res = finetune.run(tiny_prepared, None, tmp_path / "scratch.pt", _cfg("scratch"))
+    assert 0 <= res.metrics["target_val_accuracy"] <= 1
+
+
+def test_per_strategy_overrides_and_bad_strategy(tiny_prepared, source_model, tmp_path) -> None:
+    cfg = _cfg("full", per_strategy={"scratch": {"train": {"lr": 0.5}}})
+    assert cfg.for_strategy("scratch").train.lr == 0.5
+    assert cfg.for_strategy("scratch").train.epochs == TINY_TRAIN["epochs"]
+    assert cfg.for_strategy("full").train.lr == TINY_TRAIN["lr"]
+    with pytest.raises(TlpipeError, match="unknown strategy 'magic'"):
+        finetune.run(tiny_prepared, source_model, tmp_path / "x.pt", _cfg("magic"))
+    with pytest.raises(TlpipeError, match="needs a source model"):
+        finetune.run(tiny_prepared, None, tmp_path / "x.pt", _cfg("full"))
+    with pytest.raises(TlpipeError, match="partial_blocks"):
+        finetune.run(
+            tiny_prepared, source_model, tmp_path / "x.pt", _cfg("partial", partial_blocks=9)
+        )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_classification_metrics_on_known_predictions() -> None:
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    m = evaluate.classification_metrics(y, pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8})
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_model, tmp_path):
+    models = {}
+    for s in ("scratch", "linear_probe", "full"):
+        models[s] = tmp_path / f"{s}.pt"
+        finetune.run(tiny_prepared, source_model, models[s], _cfg(s))
+    res = evaluate.run(tiny_prepared, models, tmp_path / "eval", evaluate.EvaluateConfig())
+    from tlpipe.fsio import read_json
+
+    report = read_json(res.metrics_path)
+    vals = {n: report["models"][n]["val_accuracy"] for n in ("linear_probe", "full")}
+    assert report["selected"] == max(vals, key=lambda n: (vals[n], n))
+    assert set(report["gain_over_scratch"]) == {"linear_probe", "full"}
+    for f in ("plots/confusion_full.png", "plots/curves.csv", "plots/predictions.csv",
+              "selected.txt"):  # fmt: skip
+        assert (tmp_path / "eval" / f).stat().st_size > 0
+    table = evaluate.format_table(report)
+    assert "scratch" in table and "selected (by val)" in table
+    with pytest.raises(TlpipeError, match="baseline model 'scratch' missing"):
+        evaluate.run(
+            tiny_prepared, {"full": models["full"]}, tmp_path / "e2", evaluate.EvaluateConfig()
+        )

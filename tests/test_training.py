@@ -1,0 +1,145 @@
+"""The one training loop: learning, determinism, resume after a kill, NaN handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlpipe.data import load_manifest, load_split
+from tlpipe.errors import TlpipeError
+from tlpipe.models import build_model
+from tlpipe.training import ArrayBatches, TrainConfig, accuracy, augment_batch, fit, predict
+
+FAST = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=0)
+
+
+def _source(prepared: Path):
+    m = load_manifest(prepared)
+    return m, load_split(prepared, "source"), load_split(prepared, "source_val")
+
+
+def test_fit_learns_and_keeps_best_val_epoch(tiny_prepared: Path) -> None:
+    m, src, val = _source(tiny_prepared)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 5)
+    before = accuracy(model, src.x, src.y, mean=m["mean"], std=m["std"])
+    batches = ArrayBatches(src.x, src.y, 32, seed=0, steps_per_epoch=10)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
+    res = fit(model, batches, cfg, mean=m["mean"], std=m["std"], val=(val.x, val.y))
+    after = accuracy(model, src.x, src.y, mean=m["mean"], std=m["std"])
+    assert after > max(before, 0.6)
+    assert len(res.history) == 4
+    best = max(r["val_accuracy"] for r in res.history)
+    assert res.best_val_accuracy == best
+    assert accuracy(model, val.x, val.y, mean=m["mean"], std=m["std"]) == pytest.approx(best)
+
+
+def test_batches_are_deterministic_per_epoch_and_cycle() -> None:
+    x = np.zeros((10, 1, 4, 4), np.uint8)
+    y = np.arange(10)
+    b = ArrayBatches(x, y, batch_size=4, seed=3, steps_per_epoch=7)
+    assert len(b) == 7
+    e0 = [batch["y"].tolist() for batch in b.epoch(0)]
+    assert e0 == [batch["y"].tolist() for batch in b.epoch(0)]
+    assert e0 != [batch["y"].tolist() for batch in b.epoch(1)]
+    assert sum(len(ys) for ys in e0) == 28  # cycles through the data ~3 times
+    assert ArrayBatches(x, y, batch_size=4).steps == 3  # one pass by default
+
+
+def test_augment_keeps_shape_dtype_and_content() -> None:
+    x = torch.zeros((8, 1, 28, 28), dtype=torch.uint8)
+    x[:, :, 10:18, 10:18] = 200
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out.float().sum((1, 2, 3)) == 64 * 200).all()  # a shift by ≤ 2 px loses nothing here
+
+
+def test_nan_loss_stops_with_clear_error(tiny_prepared: Path) -> None:
+    m, src, _ = _source(tiny_prepared)
+    model = build_model("small_cnn", 5)
+    batches = ArrayBatches(src.x, src.y, 32)
+    with pytest.raises(TlpipeError, match="NaN/inf.*lower the learning rate"):
+        fit(model, batches, FAST, mean=m["mean"], std=m["std"],
+            penalty=lambda: torch.tensor(float("nan")))  # fmt: skip
+
+
+def test_everything_frozen_is_an_error(tiny_prepared: Path) -> None:
+    m, src, _ = _source(tiny_prepared)
+    model = build_model("small_cnn", 5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(TlpipeError, match="every parameter is frozen"):
+        fit(model, ArrayBatches(src.x, src.y, 32), FAST, mean=m["mean"], std=m["std"])
+
+
+def test_bad_train_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pathlib import Path
+    from tlpipe.data import load_manifest, load_split
+    from tlpipe.models import build_model
+    from tlpipe.training import ArrayBatches, TrainConfig, fit
+
+    prepared, ckpt, out, die_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    m = load_manifest(prepared)
+    src, val = load_split(prepared, "source"), load_split(prepared, "source_val")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 5)
+    steps = [0]
+
+    def die_midway():  # the process is killed (no cleanup at all) in the middle of epoch 3
+        steps[0] += 1
+        if steps[0] == die_at:
+            os._exit(9)
+        return torch.zeros(())
+
+    cfg = TrainConfig(epochs=4, batch_size=32, steps_per_epoch=5, augment=True, seed=1)
+    res = fit(model, ArrayBatches(src.x, src.y, 32, seed=1, steps_per_epoch=5), cfg,
+              mean=m["mean"], std=m["std"], val=(val.x, val.y), penalty=die_midway,
+              checkpoint=ckpt)
+    torch.save({"state": model.state_dict(), "resumed_from": res.resumed_from,
+                "epochs": len(res.history)}, out)
+    """
+)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -> None:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+
+    def go(ckpt: str, out: str, die_at: int) -> int:
+        args = [sys.executable, str(script), str(tiny_prepared), str(tmp_path / ckpt),
+                str(tmp_path / out), str(die_at)]  # fmt: skip
+        return subprocess.run(args, capture_output=True, timeout=120).returncode
+
+    assert go("a.pt", "never.pt", die_at=13) == 9  # killed during epoch 3 of 4
+    assert (tmp_path / "a.pt").exists() and not (tmp_path / "never.pt").exists()
+    assert go("a.pt", "resumed.pt", die_at=-1) == 0  # same command again: resumes
+    assert go("b.pt", "straight.pt", die_at=-1) == 0  # reference: never interrupted
+    resumed = torch.load(tmp_path / "resumed.pt")
+    straight = torch.load(tmp_path / "straight.pt")
+    assert resumed["resumed_from"] == 2 and resumed["epochs"] == 4
+    for k, v in straight["state"].items():
+        torch.testing.assert_close(resumed["state"][k], v, msg=k)
+
+
+def test_predict_handles_empty_and_batches(tiny_prepared: Path) -> None:
+    m, src, _ = _source(tiny_prepared)
+    model = build_model("small_cnn", 5)
+    full = predict(model, src.x[:50], m["mean"], m["std"], batch_size=512)
+    chunked = predict(model, src.x[:50], m["mean"], m["std"], batch_size=7)
+    np.testing.assert_allclose(full, chunked, atol=1e-5)
+    assert predict(model, src.x[:0], m["mean"], m["std"]).shape == (0, 5)
