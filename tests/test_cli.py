@@ -64,8 +64,10 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_cli_trains_on_prepared_data(tiny_prepared: Path, tmp_path: Path) -> None:
-    res = tlpipe("pretrain", "--prepared", str(tiny_prepared), "--out", "m/source.pt",
-                 "--set", "train.epochs=1", "--set", "train.batch_size=32", cwd=tmp_path)  # fmt: skip
+    args = ["--prepared", str(tiny_prepared), "--out", "m/source.pt"]
+    res = tlpipe(
+        "pretrain", *args, "-s", "train.epochs=1", "-s", "train.batch_size=32", cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr
     assert "source val accuracy" in res.stderr
     assert (tmp_path / "m/source.pt").exists()

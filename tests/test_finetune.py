@@ -101,8 +101,8 @@ def test_full_with_l2sp_stays_closer_to_source(tiny_prepared, source_model, tmp_
             tiny_prepared, source_model, out, _cfg("full", l2sp=l2sp, backbone_lr_scale=1.0)
         )
         tuned, _ = load_checkpoint(out)
-        dist[l2sp] = sum(((a - b) ** 2).sum().item() for a, b in
-                         zip(src.backbone.parameters(), tuned.backbone.parameters(), strict=True))  # fmt: skip
+        pairs = zip(src.backbone.parameters(), tuned.backbone.parameters(), strict=True)
+        dist[l2sp] = sum(((a - b) ** 2).sum().item() for a, b in pairs)
     assert 0 < dist[10.0] < dist[0.0]
 
 

@@ -93,7 +93,8 @@ KILLER = textwrap.dedent(
     from tlpipe.models import build_model
     from tlpipe.training import ArrayBatches, TrainConfig, fit
 
-    prepared, ckpt, out, die_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    prepared, ckpt, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    die_at = int(sys.argv[4])
     m = load_manifest(prepared)
     src, val = load_split(prepared, "source"), load_split(prepared, "source_val")
     torch.manual_seed(0)
