@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint format bench clean data
+.PHONY: run test test-slow format bench clean data pipeline pipeline-local
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP)
 ## test-slow: the long tests (full-size end-to-end)
 test-slow: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m slow
+
+## pipeline: compile the Kubeflow pipeline (commit pipelines/transfer_learning.yaml)
+pipeline: $(STAMP)
+	$(BIN)/tlpipe pipeline compile
+
+## pipeline-local: the same Kubeflow DAG on this machine (kfp.local)
+pipeline-local: $(STAMP) data
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/tlpipe pipeline run-local
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

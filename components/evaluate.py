@@ -28,7 +28,13 @@ def evaluate(
     from pathlib import Path
 
     from tlpipe.fsio import read_json
-    from tlpipe.kfp_cli import component_config, component_run, write_html
+    from tlpipe.kfp_cli import (
+        component_config,
+        component_run,
+        log_metrics,
+        save_metadata,
+        write_html,
+    )
     from tlpipe.steps import evaluate as step
 
     cfg = component_config(step.EvaluateConfig, "evaluate", evaluate_params)
@@ -40,11 +46,10 @@ def evaluate(
     table = read_json(result.metrics_path)
     chosen = table["models"][result.selected]
     confusion.log_confusion_matrix(list(chosen["per_class"]), chosen["confusion"])
-    for name, scores in table["models"].items():
-        for key in ("accuracy", "macro_f1", "val_accuracy"):
-            metrics.log_metric(f"{name}.{key}", scores[key])
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    save_metadata(confusion)
+    per_model = {f"{name}.{key}": scores[key] for name, scores in table["models"].items()
+                 for key in ("accuracy", "macro_f1", "val_accuracy")}  # fmt: skip
+    log_metrics(metrics, {**per_model, **result.metrics})
     plots = sorted((Path(evaluation.path) / "plots").glob("confusion_*.png"))
     write_html(report.path, "Evaluation", result.metrics, plots, step.format_table(table))
     return (result.selected,)

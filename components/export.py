@@ -20,7 +20,7 @@ def export(
     """Write model.onnx, model.int8.onnx and parity.json (ONNX Runtime vs PyTorch)."""
     from pathlib import Path
 
-    from tlpipe.kfp_cli import component_config, component_run
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics
     from tlpipe.steps import export as step
 
     cfg = component_config(step.ExportConfig, "export", export_params)
@@ -28,7 +28,6 @@ def export(
         result = step.run(Path(model.path), Path(prepared.path), Path(onnx.path), cfg)
         run.log_metrics(result.metrics)
         run.log_artifact(result.parity_path)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics)
     onnx.metadata.update({"framework": "onnx", "parity_passed": result.passed})
     return (result.passed, result.metrics["fp32_accuracy"])

@@ -20,7 +20,7 @@ def finetune(
     """Fine-tune the source model on the few labelled target images with `strategy`."""
     from pathlib import Path
 
-    from tlpipe.kfp_cli import component_config, component_run
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics
     from tlpipe.steps import finetune as step
 
     cfg = component_config(step.FinetuneConfig, "finetune", finetune_params)
@@ -32,8 +32,7 @@ def finetune(
         )  # fmt: skip
         run.log_history(result.history)
         run.log_metrics(result.metrics)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics)
     model.metadata.update({"framework": "pytorch", "strategy": cfg.strategy})
 
 
@@ -48,7 +47,7 @@ def baseline(
     """Train the from-scratch baseline on the target images only: the bar to beat."""
     from pathlib import Path
 
-    from tlpipe.kfp_cli import component_config, component_run
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics
     from tlpipe.steps import finetune as step
 
     cfg = component_config(step.FinetuneConfig, "finetune", finetune_params)
@@ -57,6 +56,5 @@ def baseline(
         result = step.run(Path(prepared.path), None, Path(model.path), cfg)
         run.log_history(result.history)
         run.log_metrics(result.metrics)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics)
     model.metadata.update({"framework": "pytorch", "arch": cfg.model, "strategy": "scratch"})

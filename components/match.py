@@ -19,7 +19,7 @@ def match(
     """Weight the source samples by how much they resemble the target (domain classifier)."""
     from pathlib import Path
 
-    from tlpipe.kfp_cli import component_config, component_run, write_html
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics, write_html
     from tlpipe.steps import match as step
 
     cfg = component_config(step.MatchConfig, "match", match_params)
@@ -27,7 +27,6 @@ def match(
         result = step.run(Path(prepared.path), Path(source_model.path), Path(matching.path), cfg)
         run.log_metrics(result.metrics)
         run.log_artifacts(matching.path)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics)
     plots = sorted((Path(matching.path) / "plots").glob("*.png"))
     write_html(report.path, "Sample matching", result.metrics, plots)

@@ -26,7 +26,7 @@ def prepare(
     from pathlib import Path
 
     from tlpipe.errors import TlpipeError
-    from tlpipe.kfp_cli import component_config, component_run
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics
     from tlpipe.kfp_cli import data_version as version_of
     from tlpipe.steps import fetch as fetch_step
     from tlpipe.steps import prepare as step
@@ -41,7 +41,8 @@ def prepare(
     with component_run("prepare", cfg, prepared.path) as run:
         run.log_metrics(result.metrics)
         run.log_artifact(result.manifest)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
-    prepared.metadata.update({"dataset_sha256": result.dataset_sha256, "data_version": data_version})
+    log_metrics(metrics, result.metrics)
+    prepared.metadata.update(
+        {"dataset_sha256": result.dataset_sha256, "data_version": data_version}
+    )
     return (result.dataset_sha256,)

@@ -17,7 +17,7 @@ def pretrain(
     """Train the source model on the source split, selected by source-val accuracy."""
     from pathlib import Path
 
-    from tlpipe.kfp_cli import component_config, component_run
+    from tlpipe.kfp_cli import component_config, component_run, log_metrics
     from tlpipe.steps import pretrain as step
 
     cfg = component_config(step.PretrainConfig, "pretrain", pretrain_params)
@@ -25,6 +25,5 @@ def pretrain(
         result = step.run(Path(prepared.path), Path(model.path), cfg)
         run.log_history(result.history)
         run.log_metrics(result.metrics)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics)
     model.metadata.update({"framework": "pytorch", "arch": cfg.model, "strategy": "source"})

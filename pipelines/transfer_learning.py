@@ -11,6 +11,16 @@ defaults) and the fine-tune `strategy`. `tlpipe pipeline …` fills them from pa
 JSON strings rather than dicts: a KFP dict parameter travels as a protobuf Struct, which turns
 every int into a float, and the step configs are strict about types.
 
+Caching keys on the data version. KFP's cache key of a step is its inputs: parameter values
+and the *identity* of its input artifacts (not their content). `fetch` is never cached, so it
+notices new data, and it outputs only the data's version, no artifact (a fresh artifact every
+run would miss every cache after it). `prepare` is cached on that version: on unchanged data a
+scheduled run gets the earlier `prepared` artifact and `dataset_sha256` back, so pretrain …
+register see the same inputs and hit the cache too (each takes `dataset_sha256` as an input);
+new data or new params re-run exactly the steps they feed. The MLflow parent run id is
+deliberately *not* an input of the cached steps (it would change their keys every run): they
+find the parent run by a run key instead (`tlpipe.kfp_cli.adopt_parent_run`).
+
 Cluster settings (ignored by kfp.local): GPU steps ask for one `nvidia.com/gpu`, run on nodes
 labelled `nvidia.com/gpu.present=true` and tolerate the taint `nvidia.com/gpu=present:
 NoSchedule`; every step retries with exponential backoff; MLflow/S3 settings come from Secret
@@ -21,6 +31,7 @@ NoSchedule`; every step retries with exponential backoff; MLflow/S3 settings com
 import contextlib
 import dataclasses
 import os
+import re
 import tempfile
 import uuid
 import warnings
@@ -39,6 +50,7 @@ from components.pipeline_run import finish_run, start_run
 from components.prepare import prepare
 from components.pretrain import pretrain
 from components.register import gate, register
+from tlpipe.errors import TlpipeError
 from tlpipe.kfp_cli import RUN_KEY_ENV
 
 PIPELINE_NAME = "tlpipe-transfer-learning"
@@ -116,22 +128,14 @@ def transfer_learning(
 ):
     # The exit handler closes the parent MLflow run whatever happens (an exit task may take
     # no input from other tasks: it finds the parent run by the run key, as the steps do).
-    finish = _tracked(_cpu(finish_run()))
+    finish = _retry(_tracked(_cpu(finish_run())))
     finish.set_caching_options(False)
     with dsl.ExitHandler(finish, name="tlpipe"):
         # The parent MLflow run comes first: one per pipeline run, so never cached.
-        start = _tracked(_cpu(start_run(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)))  # fmt: skip
+        start = _retry(_tracked(_cpu(start_run(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))))  # fmt: skip
         start.set_caching_options(False)
-        # Caching keys on the data version. KFP's cache key of a step is its inputs: parameter
-        # values and the *identity* of input artifacts (not their content). `fetch` is never
-        # cached, so it notices new data, and it outputs only the data's version, no artifact
-        # (a fresh artifact each run would miss every cache after it). `prepare` is cached on
-        # that version: on unchanged data a scheduled run gets the earlier `prepared` artifact
-        # and `dataset_sha256` back, so pretrain … register see the same inputs and hit the
-        # cache too; new data or new params re-run exactly the steps they feed. The parent run
-        # id is deliberately *not* an input of cached steps (it would change their keys every
-        # run); they find the parent run by the run key (tlpipe.kfp_cli.adopt_parent_run).
+        # Caching keys on the data version: see "Caching" in the module docstring.
         fetched = _retry(_cpu(fetch(fetch_params=fetch_params)), retries=3).after(start)
         fetched.set_caching_options(False)
         prepared = prepare(fetch_params=fetch_params, data_version=fetched.output,
@@ -190,7 +194,7 @@ class LocalRun:
 
 
 def run_local(arguments: dict[str, Any], root: str | Path, cache: bool = False) -> LocalRun:
-    """Compile the DAG, then run that compiled YAML here with kfp.local.
+    """Compile the DAG, then run that compiled YAML here with kfp.local (minus retries).
 
     `SubprocessRunner(use_venv=False)` starts each component as `sys.executable -m
     kfp.dsl.executor_main …` (it swaps `python3` in the command for this interpreter) with this
@@ -204,12 +208,31 @@ def run_local(arguments: dict[str, Any], root: str | Path, cache: bool = False) 
     before = set(root.iterdir())
     run_key = f"local-{uuid.uuid4().hex[:12]}"
     with tempfile.TemporaryDirectory() as tmp, _env(RUN_KEY_ENV, run_key), _quiet():
-        pipeline = components.load_component_from_file(str(compile_pipeline(Path(tmp) / "p.yaml")))
+        package = _without_retries(compile_pipeline(Path(tmp) / "p.yaml"))
+        pipeline = components.load_component_from_file(str(package))
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    enable_caching=cache, cache_root=str(root / ".kfp_cache"))  # fmt: skip
-        pipeline(**arguments)
-    run_dir = max(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+        try:
+            pipeline(**arguments)
+        except RuntimeError as e:  # kfp.local: "… Inner task failed: …" (its log is above)
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+            raise TlpipeError(f"{message} Its log is above.") from e
+    new = [p for p in set(root.iterdir()) - before if p.name.startswith(PIPELINE_NAME)]
+    run_dir = max(new, key=lambda p: p.stat().st_mtime)
     return LocalRun(run_dir, _local_decision(run_dir), run_key)
+
+
+def _without_retries(package: Path) -> Path:
+    """The compiled YAML minus its retry policies: retries are for the cluster (preempted
+    nodes, a flaky network); here a failed step should stop the run at once, not sleep."""
+    import yaml
+
+    spec, *platform = yaml.safe_load_all(package.read_text())
+    dags = [spec["root"], *spec["components"].values()]
+    for task in (t for d in dags for t in d.get("dag", {}).get("tasks", {}).values()):
+        task.pop("retryPolicy", None)
+    package.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
+    return package
 
 
 def _local_decision(run_dir: Path) -> str:
@@ -291,8 +314,6 @@ def schedule(
     """
     import kfp
 
-    from tlpipe.kfp_cli import to_kfp_cron
-
     kfp_cron = to_kfp_cron(cron)
     client = kfp.Client(host=host, namespace=namespace or "kubeflow")
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,6 +326,42 @@ def schedule(
         version_id=version_id, service_account=service_account,
     )  # fmt: skip
     return job.recurring_run_id
+
+
+def to_kfp_cron(expr: str) -> str:
+    """Validate a cron expression; return KFP's 6-field form (seconds first).
+
+    A 5-field expression (minute hour day-of-month month day-of-week) gets second `0`.
+    """
+    fields = expr.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6:
+        raise TlpipeError(
+            f"cron {expr!r} has {len(fields)} fields; want 5 (min hour day month weekday, e.g. "
+            '"0 3 * * *") or 6 with seconds first (e.g. "0 0 3 * * *")'
+        )
+    limits = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+    names = ("second", "minute", "hour", "day-of-month", "month", "day-of-week")
+    for field, (low, high), name in zip(fields, limits, names, strict=True):
+        if not _cron_field_ok(field, low, high):
+            raise TlpipeError(f"cron {expr!r}: bad {name} field {field!r} (allowed {low}-{high})")
+    return " ".join(fields)
+
+
+def _cron_field_ok(field: str, low: int, high: int) -> bool:
+    for part in field.split(","):
+        value, _, step = part.partition("/")
+        if step and not (step.isdigit() and int(step) >= 1):
+            return False
+        if value in ("*", "?"):
+            continue
+        if re.fullmatch(r"[A-Za-z]{3}(-[A-Za-z]{3})?", value):  # JAN, MON-FRI
+            continue
+        bounds = value.split("-")
+        if len(bounds) > 2 or not all(b.isdigit() and low <= int(b) <= high for b in bounds):
+            return False
+    return True
 
 
 def _upload(client: Any, package: str, namespace: str | None) -> tuple[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from tlpipe import kfp_cli
 from tlpipe.errors import TlpipeError
 
 app = typer.Typer(
@@ -25,6 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(kfp_cli.app, name="pipeline")
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.")
 SET = typer.Option(None, "--set", "-s", help="Override a param: key=value (repeatable).")
@@ -115,6 +118,27 @@ def pretrain(
         t.log_history(result.history)
         t.log_metrics(result.metrics)
     _say(f"wrote {out}: source val accuracy {result.metrics['source_val_accuracy']:.4f}")
+
+
+@app.command()
+def match(
+    prepared: Path = PREPARED,
+    source: Path = typer.Option(Path("models/source.pt"), help="Pretrained source model."),
+    out: Path = typer.Option(Path("matching"), help="weights.npy, selected.npy, report.json."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+    track: bool = TRACK,
+) -> None:
+    """Weight every source image by how much it resembles the target (domain discriminator)."""
+    from tlpipe.config import load_section
+    from tlpipe.steps import match as step
+
+    cfg = load_section(step.MatchConfig, "match", params, set_)
+    with _tracked("match", cfg, prepared, track) as t:
+        result = step.run(prepared, source, out, cfg)
+        t.log_metrics(result.metrics)
+        t.log_artifacts(out)
+    _say(f"wrote {out}: {cfg.matcher} weights, {result.metrics}")
 
 
 @app.command()

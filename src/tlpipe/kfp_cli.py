@@ -56,12 +56,12 @@ SET = typer.Option(
 STRATEGY = typer.Option(None, help="Fine-tune strategy; default: finetune.strategy in params.")
 HOST = typer.Option(
     None, envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint, e.g. http://localhost:8080 "
-    "(a port-forward of ml-pipeline-ui) [env KF_PIPELINES_ENDPOINT]."
+    "after `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80`."
 )  # fmt: skip
 EXPERIMENT = typer.Option("tlpipe", help="KFP experiment the run goes to (created if missing).")
 NAMESPACE = typer.Option(
     None, envvar="KFP_NAMESPACE", help="Kubeflow profile namespace (multi-user KFP), e.g. "
-    "tlpipe; leave unset on single-user KFP [env KFP_NAMESPACE]."
+    "tlpipe; leave unset on single-user KFP."
 )  # fmt: skip
 ACCOUNT = typer.Option(None, help="Kubernetes service account of the pods, e.g. tlpipe-pipeline.")
 CACHE = typer.Option(
@@ -82,22 +82,24 @@ def compile_(
     typer.echo(f"wrote {path}")
 
 
-@app.command("run-local")
+@app.command(
+    "run-local",
+    help="Run the whole DAG on this machine with kfp.local (SubprocessRunner, no containers, "
+    "no retries).\n\nEach component runs in a subprocess of this Python interpreter, so it "
+    "uses the installed tlpipe and this environment: MLFLOW_TRACKING_URI (default "
+    "sqlite:///mlflow.db here), TLPIPE_EXPERIMENT. GPU requests, node selectors and secrets "
+    "only apply on a cluster.",
+)
 def run_local(
     params: Path = PARAMS,
     set_: list[str] = SET,
     strategy: str = STRATEGY,
-    root: Path = typer.Option(Path("kfp-local"), help="kfp.local pipeline root (outputs)."),
+    root: Path = typer.Option(Path("local_outputs"), help="kfp.local pipeline root (outputs)."),
     cache: bool = typer.Option(
         False, "--cache/--no-cache", help="Use kfp.local's task cache (in ROOT/.kfp_cache)."
     ),
 ) -> None:
-    """Run the whole DAG on this machine with kfp.local (SubprocessRunner, no containers).
-
-    Each component runs in a subprocess of this Python interpreter, so it sees the installed
-    tlpipe and this environment: MLFLOW_TRACKING_URI (default sqlite:///mlflow.db here),
-    TLPIPE_EXPERIMENT. GPU requests, node selectors, secrets and retries' pods are cluster-only.
-    """
+    """Run the DAG here with kfp.local (see the command's help)."""
     arguments = pipeline_arguments(params, set_, strategy)
     result = pipeline_module().run_local(arguments, root, cache=cache)
     typer.echo(f"outputs: {result.run_dir}")
@@ -125,12 +127,19 @@ def submit(
     typer.echo(f"run {run_id} submitted to {host} (experiment {experiment})")
 
 
-@app.command()
+@app.command(
+    help="Upload the compiled DAG as a new pipeline version and run it on a cron schedule.\n\n"
+    "At most one run at a time (max_concurrency=1), no catch-up of missed runs (no_catchup). "
+    "A scheduled run on unchanged data hits the KFP cache after `fetch`: it costs a few small "
+    "pods, trains nothing and registers nothing.",
+)
 def schedule(
     host: str = HOST,
     cron: str = typer.Option(
-        ..., help='When to run: 5-field cron "min hour day month weekday" (UTC, e.g. '
-        '"0 3 * * *" = daily 03:00) or KFP\'s 6-field form with seconds first.'
+        ...,
+        help='When to run: 5-field cron "min hour day month weekday" (e.g. "0 3 * * *" = '
+        "daily at 03:00 in the KFP scheduler's time zone, usually UTC) or KFP's 6-field form "
+        "with seconds first.",
     ),  # fmt: skip
     name: str = typer.Option("tlpipe-nightly", help="Recurring run name."),
     params: Path = PARAMS,
@@ -140,17 +149,15 @@ def schedule(
     namespace: str = NAMESPACE,
     service_account: str = ACCOUNT,
 ) -> None:
-    """Upload the compiled DAG as a pipeline version and run it on a cron schedule.
-
-    At most one run at a time (max_concurrency=1) and no catch-up of missed runs. Scheduled
-    runs on unchanged data hit the KFP cache after `fetch`, so they cost one small pod.
-    """
+    """Schedule the DAG on a KFP cluster (see the command's help)."""
+    tl = pipeline_module()
+    kfp_cron = tl.to_kfp_cron(cron)  # a bad expression fails before anything is uploaded
     arguments = pipeline_arguments(params, set_, strategy)
-    job_id = pipeline_module().schedule(
-        _need_host(host), cron, arguments, name=name, experiment=experiment,
+    job_id = tl.schedule(
+        _need_host(host), kfp_cron, arguments, name=name, experiment=experiment,
         namespace=namespace, service_account=service_account,
     )  # fmt: skip
-    typer.echo(f"recurring run {job_id} ({to_kfp_cron(cron)}) created on {host}")
+    typer.echo(f"recurring run {job_id} (cron {kfp_cron!r}) created on {host}")
 
 
 def _need_host(host: str | None) -> str:
@@ -201,44 +208,6 @@ def _plain(cfg: Any) -> Any:
     from tlpipe.config import to_dict
 
     return json.loads(json.dumps(to_dict(cfg), default=str))
-
-
-def to_kfp_cron(expr: str) -> str:
-    """Validate a cron expression; return KFP's 6-field form (seconds first).
-
-    A 5-field expression (minute hour day-of-month month day-of-week) gets second `0`.
-    """
-    fields = expr.split()
-    if len(fields) == 5:
-        fields = ["0", *fields]
-    if len(fields) != 6:
-        raise TlpipeError(
-            f"cron {expr!r} has {len(fields)} fields; want 5 (min hour day month weekday, e.g. "
-            '"0 3 * * *") or 6 with seconds first (e.g. "0 0 3 * * *")'
-        )
-    limits = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-    names = ("second", "minute", "hour", "day-of-month", "month", "day-of-week")
-    for field, (low, high), name in zip(fields, limits, names, strict=True):
-        if not _cron_field_ok(field, low, high):
-            raise TlpipeError(f"cron {expr!r}: bad {name} field {field!r} (allowed {low}-{high})")
-    return " ".join(fields)
-
-
-def _cron_field_ok(field: str, low: int, high: int) -> bool:
-    import re
-
-    for part in field.split(","):
-        value, _, step = part.partition("/")
-        if step and not (step.isdigit() and int(step) >= 1):
-            return False
-        if value in ("*", "?"):
-            continue
-        if re.fullmatch(r"[A-Za-z]{3}(-[A-Za-z]{3})?", value):  # JAN, MON-FRI
-            continue
-        bounds = value.split("-")
-        if len(bounds) > 2 or not all(b.isdigit() and low <= int(b) <= high for b in bounds):
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------- the DAG module
@@ -367,6 +336,25 @@ def data_version(raw_dir: str | Path) -> str:
     for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
         h.update(f"{path.relative_to(raw_dir).as_posix()}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
+
+
+def log_metrics(artifact: Any, values: dict[str, Any]) -> None:
+    """Numeric `values` onto a KFP Metrics artifact (the UI's scalar table), then save_metadata."""
+    for key, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            artifact.log_metric(key, float(value))
+    save_metadata(artifact)
+
+
+def save_metadata(artifact: Any) -> None:
+    """Write a metrics artifact's metadata to its file as JSON.
+
+    KFP keeps (Classification)Metrics in metadata and needs no file, but kfp.local's cache
+    counts an output artifact without a file as missing and never hits; on a cluster the file
+    is simply uploaded next to the others.
+    """
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(artifact.metadata, indent=1, default=str))
 
 
 def write_html(path: str | Path, title: str, metrics: dict, images=(), text: str = "") -> None:

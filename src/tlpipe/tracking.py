@@ -104,7 +104,7 @@ def lineage_tags() -> dict[str, str]:
     """Tags that say which code produced a run: git commit, dirty flag, tlpipe version."""
     from tlpipe import __version__
 
-    commit = _git("rev-parse", "HEAD")
+    commit = _git("rev-parse", "HEAD") or os.environ.get("TLPIPE_GIT_SHA")  # set in the image
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "tlpipe.git_commit": commit or "unknown",

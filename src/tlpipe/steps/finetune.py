@@ -2,8 +2,9 @@
 
 A strategy is a function `(model, source_state, cfg) -> list[Phase]`: which parameters train,
 at which learning-rate scale, for how long, with which penalty. They all run through the one
-loop in `tlpipe.training`; `lp_ft` is simply two phases. Model selection uses the target
-*validation* split only.
+loop in `tlpipe.training`; `lp_ft` is simply two phases. `joint` is `full` plus a stream of
+match-weighted source batches through a second head (`tlpipe.joint`). Model selection uses the
+target *validation* split only.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlpipe import joint
 from tlpipe.config import build, to_dict
 from tlpipe.errors import TlpipeError
+from tlpipe.joint import JointConfig
 from tlpipe.steps.pretrain import TrainResult, checkpoint_meta
 from tlpipe.training import TrainConfig
 
@@ -30,7 +33,7 @@ class FinetuneConfig:
     model: str = "small_cnn"  # used by `scratch` only; the others keep the source model's arch
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=15, batch_size=64, steps_per_epoch=10, lr=0.01, weight_decay=1e-4,
+            epochs=30, batch_size=64, steps_per_epoch=10, lr=0.03, weight_decay=1e-4,
             schedule="cosine", augment=True,
         )
     )  # fmt: skip
@@ -40,10 +43,11 @@ class FinetuneConfig:
             schedule="cosine", augment=True,
         )
     )  # fmt: skip
-    backbone_lr_scale: float = 0.1  # discriminative LR: the backbone learns this much slower
+    backbone_lr_scale: float = 0.3  # discriminative LR: the backbone learns this much slower
     layer_decay: float = 1.0  # and each earlier block this much slower again (1 = off)
     partial_blocks: int = 2  # `partial`: how many of the last backbone blocks train
     l2sp: float = 0.0  # L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone
+    joint: JointConfig = field(default_factory=JointConfig)  # strategy `joint` (tlpipe.joint)
     per_strategy: dict[str, Any] = field(default_factory=dict)
 
     def for_strategy(self, name: str) -> FinetuneConfig:
@@ -61,6 +65,8 @@ class Phase:
     groups: list[dict[str, Any]]
     train: TrainConfig
     penalty: Callable[[], torch.Tensor] | None = None
+    # Co-training on source (joint): (target batches, prepared_dir, match_dir) → (batches, loss)
+    source_stream: Callable[..., tuple[Any, Callable]] | None = None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -116,12 +122,32 @@ def l2sp_penalty(model, source_state: dict[str, torch.Tensor], alpha: float):
     return penalty
 
 
+def joint_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
+    """`full`, plus match-weighted source batches through the pretrained source head."""
+    joint.attach_source_head(model, source_state)
+    phase = blocks_phase(model, cfg, None, "joint", source_state)
+    head = getattr(model, joint.SOURCE_HEAD)
+    head.requires_grad_(True)
+    phase.groups.append({"params": list(head.parameters()), "lr_scale": 1.0})
+
+    def source_stream(batches, prepared_dir: Path, match_dir: Path | None):
+        stream = joint.load_source_stream(prepared_dir, match_dir)
+        if stream.num_classes != head.out_features:
+            raise TlpipeError("the source model's classes differ from the prepared source's")
+        mixed = joint.JointBatches(batches, stream, cfg.joint, seed=phase.train.seed)
+        return mixed, joint.joint_loss(cfg.joint.source_weight, phase.train.label_smoothing)
+
+    phase.source_stream = source_stream
+    return phase
+
+
 Strategy = Callable[[nn.Module, dict | None, FinetuneConfig], list[Phase]]
 STRATEGIES: dict[str, Strategy] = {
     "linear_probe": lambda m, s, c: [head_phase(m, c)],
     "partial": lambda m, s, c: [blocks_phase(m, c, c.partial_blocks, "partial", s)],
     "full": lambda m, s, c: [blocks_phase(m, c, None, "full", s)],
     "lp_ft": lambda m, s, c: [head_phase(m, c), blocks_phase(m, c, None, "full", s)],
+    "joint": lambda m, s, c: [joint_phase(m, c, s)],
     "scratch": lambda m, s, c: [
         Phase("scratch", _trainable([{"params": list(m.parameters())}], m), c.train)
     ],
@@ -140,7 +166,7 @@ def run(
 
     Args:
         source_model: the pretrained checkpoint (ignored by `scratch`).
-        match_dir: output of `match` (used by strategies that co-train on weighted source).
+        match_dir: output of `match` (weights.npy, selected.npy): `joint` needs it.
         checkpoint_dir: per-epoch resume checkpoints, one file per phase.
     """
     from tlpipe.data import load_manifest, load_split
@@ -159,13 +185,18 @@ def run(
         t = phase.train
         batches = ArrayBatches(train.x, train.y, t.batch_size, seed=t.seed,
                                steps_per_epoch=t.steps_per_epoch)  # fmt: skip
+        loss_fn = None
+        if phase.source_stream is not None:
+            batches, loss_fn = phase.source_stream(batches, prepared_dir, match_dir)
         resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
         result = fit(
             model, batches, t, mean=manifest["mean"], std=manifest["std"],
             val=(val.x, val.y) if len(val) else None, param_groups=phase.groups,
-            penalty=phase.penalty, checkpoint=resume, desc=f"{cfg.strategy}:{phase.name}",
+            loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume,
+            desc=f"{cfg.strategy}:{phase.name}",
         )  # fmt: skip
         history += [{**row, "phase": phase.name} for row in result.history]
+    joint.detach_extra_heads(model)
     meta = checkpoint_meta(manifest, arch, cfg.strategy, classes, result)
     meta["history"] = history
     save_checkpoint(out_model, model, meta)

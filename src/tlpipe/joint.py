@@ -1,0 +1,178 @@
+"""Selective joint fine-tuning (Ge & Yu, CVPR 2017, "Borrowing Treasures from the Wealthy").
+
+The backbone trains on the target task through the target head and, in the same steps, on
+matched source samples through a *source head* (initialised from the pretrained one):
+
+    loss = CE(target head, target batch) + source_weight · Σ w·CE(source head, source batch) / Σ w
+
+Source and target need not share classes: each domain has its own head. The source stream
+keeps the backbone from over-fitting 25 target images, and the match weights (`tlpipe.steps.
+match`) point it at the source samples that look like the target domain.
+
+How a source batch is drawn (`sampling`):
+
+- ``weighted`` (default): from all source samples with probability ∝ w, loss unweighted.
+  The same expectation as weighting the loss, with lower-variance gradients: no batch is
+  spent on samples of weight ≈ 0.
+- ``selected``: uniformly from the top `top_fraction` (selected.npy), loss weighted by w.
+- ``all``: uniformly from all, loss weighted by w (classic importance weighting).
+
+Everything runs through the one loop, `tlpipe.training.fit`: `JointBatches` is the batches
+object and `joint_loss` the loss. The source head is removed before the model is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlpipe.errors import TlpipeError
+from tlpipe.training import ArrayBatches, Batch, LossFn
+
+SOURCE_HEAD = "source_head"
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """params.yaml `finetune.joint:`.
+
+    Attributes:
+        source_weight: λ, the source loss's weight relative to the target loss.
+        sampling: weighted | selected | all (see the module docstring).
+        source_batch_size: Source images per step (0 = the target batch size).
+    """
+
+    source_weight: float = 1.0
+    sampling: Literal["weighted", "selected", "all"] = "weighted"
+    source_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source_weight < 0 or self.source_batch_size < 0:
+            raise TlpipeError("finetune.joint: source_weight and source_batch_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class SourceStream:
+    """The source split and its match output."""
+
+    x: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray
+    selected: np.ndarray
+    num_classes: int
+
+
+def load_source_stream(prepared_dir: Path, match_dir: Path | None) -> SourceStream:
+    """Source split + weights.npy/selected.npy, checked against each other."""
+    from tlpipe.data import load_manifest, load_split
+    from tlpipe.fsio import read_json
+
+    if match_dir is None:
+        raise TlpipeError(
+            "strategy 'joint' needs the output of `tlpipe match` (pass --match matching)"
+        )
+    match_dir = Path(match_dir)
+    for name in ("weights.npy", "selected.npy", "report.json"):
+        if not (match_dir / name).is_file():
+            raise TlpipeError(f"{match_dir / name} not found: run `tlpipe match` first")
+    manifest, source = load_manifest(prepared_dir), load_split(prepared_dir, "source")
+    report = read_json(match_dir / "report.json")
+    if report.get("dataset_sha256") != manifest.get("dataset_sha256"):
+        raise TlpipeError(f"{match_dir} was computed on other prepared data: re-run `tlpipe match`")
+    weights = np.load(match_dir / "weights.npy").astype(np.float32)
+    selected = np.load(match_dir / "selected.npy").astype(np.int64)
+    if weights.shape != (len(source),):
+        raise TlpipeError(f"{match_dir}/weights.npy has {weights.shape} weights for "
+                          f"{len(source)} source samples: re-run `tlpipe match`")  # fmt: skip
+    if not (np.isfinite(weights).all() and (weights > 0).all()):
+        raise TlpipeError(f"{match_dir}/weights.npy holds non-positive or NaN weights")
+    if len(selected) == 0 or selected.min() < 0 or selected.max() >= len(source):
+        raise TlpipeError(f"{match_dir}/selected.npy is empty or indexes outside the source")
+    n_classes = len(manifest["source_classes"])
+    return SourceStream(source.x, source.y, weights, selected, n_classes)
+
+
+def attach_source_head(model: nn.Module, source_state: dict[str, torch.Tensor] | None) -> None:
+    """Give `model` a second head, `source_head`, holding the pretrained source head."""
+    if source_state is None or "head.weight" not in source_state:
+        raise TlpipeError("strategy 'joint' needs the pretrained source model's head")
+    weight, bias = source_state["head.weight"], source_state["head.bias"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    setattr(model, SOURCE_HEAD, head)
+
+
+def detach_extra_heads(model: nn.Module) -> None:
+    """Remove the source head: what is saved is a plain `Net` (export/evaluate unchanged)."""
+    if hasattr(model, SOURCE_HEAD):
+        delattr(model, SOURCE_HEAD)
+
+
+class JointBatches:
+    """Each step: the target batch and a source batch, concatenated (domain 0 / 1)."""
+
+    def __init__(self, target: ArrayBatches, stream: SourceStream, cfg: JointConfig, seed: int):
+        self.target, self.cfg, self.seed = target, cfg, seed
+        self.x = torch.from_numpy(np.ascontiguousarray(stream.x))
+        self.y = torch.from_numpy(stream.y.astype(np.int64))
+        self.w = torch.from_numpy(stream.weights)
+        self.probs = self.w.clone()  # stays on the CPU, for torch.multinomial's generator
+        pool = stream.selected if cfg.sampling == "selected" else np.arange(len(stream.y))
+        self.pool = torch.from_numpy(pool)
+        self.batch_size = min(cfg.source_batch_size or target.batch_size, len(pool))
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def to(self, device: torch.device) -> JointBatches:
+        self.target.to(device)
+        self.x, self.y, self.w = self.x.to(device), self.y.to(device), self.w.to(device)
+        return self
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_777)
+        for batch in self.target.epoch(epoch):
+            idx = self._draw(g).to(self.x.device)
+            w = torch.ones(len(idx), device=self.x.device)
+            if self.cfg.sampling != "weighted":
+                w = self.w[idx]
+            yield {
+                "x": torch.cat([batch["x"], self.x[idx]]),
+                "y": torch.cat([batch["y"], self.y[idx]]),
+                "w": torch.cat([torch.ones_like(batch["y"], dtype=torch.float32), w]),
+                "domain": torch.cat([torch.zeros_like(batch["y"]), torch.ones_like(idx)]),
+            }
+
+    def _draw(self, g: torch.Generator) -> torch.Tensor:
+        if self.cfg.sampling == "weighted":
+            return torch.multinomial(self.probs, self.batch_size, replacement=True, generator=g)
+        pick = torch.randint(0, len(self.pool), (self.batch_size,), generator=g)
+        return self.pool[pick]
+
+
+def joint_loss(source_weight: float, label_smoothing: float = 0.0) -> LossFn:
+    """Target CE through `head` + source_weight × weighted source CE through `source_head`."""
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        feats = model.backbone(batch["input"])
+        is_target = batch["domain"] == 0
+        target = F.cross_entropy(model.head(feats[is_target]), batch["y"][is_target],
+                                 label_smoothing=label_smoothing)  # fmt: skip
+        if source_weight == 0:
+            return target
+        src = ~is_target
+        losses = F.cross_entropy(getattr(model, SOURCE_HEAD)(feats[src]), batch["y"][src],
+                                 label_smoothing=label_smoothing, reduction="none")  # fmt: skip
+        w = batch["w"][src]
+        return target + source_weight * (losses * w).sum() / w.sum().clamp_min(1e-12)
+
+    return loss_fn

@@ -1,0 +1,558 @@
+"""Sample matching: how target-like is each source sample? (numpy only: no torch, no sklearn).
+
+A *matcher* is fitted on source and target embeddings and then scores any embedding with an
+importance weight w(x) ≈ p_target(x) / p_source(x), normalised to mean 1 over the source it was
+fitted on and clipped at `clip` × the mean. It is inductive: `score` works on new samples.
+
+Every matcher sees the embeddings through the same `Features` map: standardise (source mean
+and std), L2-normalise, remove the directions that separate the *source classes* from each
+other (`class_neutral`; see below), then keep the top `dims` principal components.
+
+Why class-neutral: source and target usually hold *different classes*, so a source-vs-target
+discriminator happily learns "looks like a sandal" instead of "is inverted like the target".
+Its scores then move with the source class (all T-shirts above all trousers) and swamp the
+domain signal. Projecting out the span of the source class means gives every source class the
+same mean linear score; what is left is the within-class variation, where the domain shift
+lives. The `class` matcher wants exactly the class signal, so it fits without the projection.
+
+Registry `MATCHERS`: ``discriminator`` (default), ``knn``, ``class``, ``uniform``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from tlpipe.errors import TlpipeError
+
+_FLOOR = 1e-4  # smallest weight (relative to the mean 1): weights stay positive
+_C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # discriminator inverse L2 strengths tried by CV
+
+
+@dataclass(frozen=True)
+class DiscriminatorSettings:
+    """The domain classifier (L2 logistic regression, class-balanced).
+
+    Attributes:
+        C: Inverse regularisation strength; None picks it from a grid by k-fold balanced
+            log-loss (the target is tiny, so regularisation matters more than anything).
+        folds: Stratified folds for choosing C, the Platt calibration and held-out accuracy.
+        max_fit_source: Source samples the classifier is fitted on (a class-stratified random
+            subset; every source sample is still scored). Keeps fitting time flat in n.
+    """
+
+    C: float | None = None
+    folds: int = 5
+    max_fit_source: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.C is not None and not self.C > 0:
+            raise TlpipeError(f"match.discriminator.C must be > 0 (or null for CV), got {self.C}")
+        if self.folds < 2:
+            raise TlpipeError(f"match.discriminator.folds must be >= 2, got {self.folds}")
+        if self.max_fit_source < 10:
+            raise TlpipeError("match.discriminator.max_fit_source must be >= 10")
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """k-nearest-target cosine similarity.
+
+    Attributes:
+        k: Target neighbours averaged per source sample.
+        temperature: Softmax temperature on the similarity's source z-score: w ∝ exp(z / T).
+    """
+
+    k: int = 5
+    temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or not self.temperature > 0:
+            raise TlpipeError("match.knn needs k >= 1 and temperature > 0")
+
+
+class MatcherParams(Protocol):
+    """What a matcher builder reads (`tlpipe.steps.match.MatchConfig` has it all)."""
+
+    clip: float
+    dims: int
+    class_neutral: bool
+    seed: int
+    discriminator: DiscriminatorSettings
+    knn: KnnSettings
+
+
+@dataclass(frozen=True)
+class Params:
+    """A stand-alone `MatcherParams` (tests, benchmarks, notebooks)."""
+
+    clip: float = 10.0
+    dims: int = 32
+    class_neutral: bool = True
+    seed: int = 0
+    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
+    knn: KnnSettings = field(default_factory=KnnSettings)
+
+
+class Matcher(Protocol):
+    """Fitted on source + target embeddings; scores any embedding (mean 1 over the source)."""
+
+    diagnostics: dict[str, float]  # after fit: discriminator accuracy etc. (may be empty)
+    weights: np.ndarray  # after fit: the fitted source's weights, float32, mean 1
+
+    def fit(self, source: np.ndarray, target: np.ndarray, source_y: np.ndarray | None = None):
+        """Fit; returns self."""
+
+    def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """Importance weights (float32, positive) on the scale of the fitted source's."""
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run numpy's BLAS single-threaded: the matrices here are small (d ≤ a few hundred), and a
+    multi-threaded OpenBLAS on a busy 2-core box can be 100× slower on them (measured)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it, run as is
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _single_threaded(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _one_blas_thread():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+def check_embeddings(
+    source: np.ndarray, target: np.ndarray, source_y: np.ndarray | None = None
+) -> None:
+    """Raise a TlpipeError naming the problem if the embeddings cannot be matched."""
+    for name, a in (("source", source), ("target", target)):
+        if a.ndim != 2:
+            raise TlpipeError(f"{name} embeddings must be 2-d (n, dim), got shape {a.shape}")
+        if len(a) == 0:
+            raise TlpipeError(f"no {name} embeddings: the {name} split is empty")
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a).all(axis=1)).sum())
+            raise TlpipeError(
+                f"{bad} {name} embedding(s) contain NaN/inf: the model is broken or diverged; "
+                "re-run pretrain"
+            )
+    if source.shape[1] != target.shape[1]:
+        raise TlpipeError(
+            f"embedding sizes differ: source {source.shape[1]}, target {target.shape[1]}; "
+            "embed both with the same model"
+        )
+    if source_y is not None and len(source_y) != len(source):
+        raise TlpipeError(f"{len(source_y)} source labels for {len(source)} source embeddings")
+
+
+def _check_emb(emb: np.ndarray, dim: int) -> None:
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        raise TlpipeError(f"embeddings to score must be (n, {dim}), got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise TlpipeError("embeddings to score contain NaN/inf")
+
+
+# ---------------------------------------------------------------------------- features
+
+
+class Features:
+    """standardise → L2-normalise → (class-neutral projection) → top-`dims` PCA, fit on source."""
+
+    def __init__(self, dims: int = 32, class_neutral: bool = True):
+        self.dims, self.class_neutral = dims, class_neutral
+
+    def fit(self, source: np.ndarray, source_y: np.ndarray | None = None) -> Features:
+        source = np.asarray(source, np.float64)
+        self.dim = source.shape[1]
+        self.mean, self.std = source.mean(0), source.std(0) + 1e-6
+        z = self._normalised(source)
+        basis = np.eye(self.dim)
+        if self.class_neutral and source_y is not None and len(np.unique(source_y)) > 1:
+            means = np.stack([z[source_y == c].mean(0) for c in np.unique(source_y)])
+            _, s, vt = np.linalg.svd(means - means.mean(0), full_matrices=False)
+            between = vt[s > 1e-6 * s.max()]
+            basis = basis - between.T @ between  # projector onto the within-class space
+        z = z @ basis
+        centre = z.mean(0)
+        # PCA via the covariance's eigenvectors (d × d): cheap for any n.
+        evals, evecs = np.linalg.eigh((z - centre).T @ (z - centre) / max(len(z) - 1, 1))
+        top = evecs[:, np.argsort(evals)[::-1][: max(1, min(self.dims, self.dim))]]
+        self.map, self.offset = basis @ top, centre @ top  # normalised input → output, one matmul
+        return self
+
+    def _normalised(self, emb: np.ndarray) -> np.ndarray:
+        z = (np.asarray(emb, np.float64) - self.mean) / self.std
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+    def __call__(self, emb: np.ndarray) -> np.ndarray:
+        _check_emb(emb, self.dim)
+        return self._normalised(emb) @ self.map - self.offset
+
+
+def _subsample(n: int, y: np.ndarray | None, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `m` of `n` indices, class-stratified when labels are given."""
+    if n <= m:
+        return np.arange(n)
+    if y is None:
+        return np.sort(rng.choice(n, m, replace=False))
+    picked = [
+        rng.choice(idx, max(1, round(m * len(idx) / n)), replace=False)
+        for idx in (np.flatnonzero(y == c) for c in np.unique(y))
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+class Normaliser:
+    """exp(log-ratio), scaled to mean 1 over the source and capped at `clip` × the mean.
+
+    The cap is "water-filling": the scale is chosen so that the mean is 1 *after* capping, so
+    the capped mass is spread over the others instead of being lost.
+    """
+
+    def __init__(self, clip: float):
+        if not clip >= 1:
+            raise TlpipeError(f"match.clip must be >= 1 (the max weight / mean), got {clip}")
+        self.clip = clip
+
+    def fit(self, log_ratio: np.ndarray) -> Normaliser:
+        top = float(log_ratio.max())
+        e = np.sort(np.exp(np.maximum(log_ratio - top, -60.0)))[::-1]  # descending, all > 0
+        n, k = len(e), np.arange(len(e))
+        tail = np.cumsum(e[::-1])[::-1]  # tail[k] = e[k:].sum()
+        room = n - k * self.clip  # mass left for the uncapped after capping the k largest
+        scale = np.where(room > 0, room, np.nan) / tail
+        ok = scale * e <= self.clip * (1 + 1e-9)  # the (k+1)-th largest stays under the cap
+        self.shift = math.log(scale[int(np.argmax(ok))]) - top  # a valid k exists for clip >= 1
+        return self
+
+    def __call__(self, log_ratio: np.ndarray) -> np.ndarray:
+        w = np.exp(np.minimum(log_ratio + self.shift, math.log(self.clip)))
+        return np.clip(w, _FLOOR, self.clip).astype(np.float32)
+
+
+def _mean_one(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, np.float64)
+    return (w / w.mean()).astype(np.float32)
+
+
+def fit_weights(
+    matcher: Matcher, source: np.ndarray, target: np.ndarray, source_y: np.ndarray | None = None
+) -> np.ndarray:
+    """Fit `matcher`; the source weights: float32, positive, finite, mean 1."""
+    return matcher.fit(source, target, source_y).weights
+
+
+# ---------------------------------------------------------------------------- logistic regression
+
+
+def _logistic(x, d, C: float, beta: np.ndarray | None = None, iters: int = 50) -> np.ndarray:
+    """Class-balanced L2 logistic regression by damped Newton steps; returns [coef..., bias].
+
+    Minimises C·Σ bᵢ·logloss_i + ½‖coef‖² with balanced sample weights bᵢ (sklearn's
+    ``class_weight="balanced"``); the bias is not penalised. d ≤ a few dozen: each step is a
+    tiny linear solve, far faster than a general solver.
+    """
+    x1 = np.c_[x, np.ones(len(x))]
+    sw = np.where(d == 1, 0.5 / max(d.sum(), 1), 0.5 / max((1 - d).sum(), 1)) * len(d) * C
+    reg = np.r_[np.ones(x.shape[1]), 1e-8]
+    beta = np.zeros(x1.shape[1]) if beta is None else beta.copy()
+
+    def loss(b: np.ndarray) -> float:
+        z = x1 @ b
+        return float(sw @ np.logaddexp(0.0, np.where(d == 1, -z, z)) + 0.5 * reg @ b**2)
+
+    current = loss(beta)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(x1 @ beta)))
+        grad = x1.T @ (sw * (p - d)) + reg * beta
+        hess = (x1 * (sw * p * (1 - p))[:, None]).T @ x1 + np.diag(reg)
+        step, t = np.linalg.solve(hess, grad), 1.0
+        while t > 1e-4 and loss(beta - t * step) > current:  # backtrack if Newton overshoots
+            t /= 2
+        beta, previous, current = beta - t * step, current, loss(beta - t * step)
+        if previous - current < 1e-10 * max(1.0, abs(current)):
+            break
+    return beta
+
+
+def _folds(d: np.ndarray, k: int, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+    fold = np.empty(len(d), np.int64)
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(d == c))
+        fold[idx] = np.arange(len(idx)) % k
+    return [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(k)]
+
+
+def _choose_c(x, d, folds, fixed: float | None) -> tuple[float, np.ndarray]:
+    """Pick C by out-of-fold balanced log-loss; returns C and its out-of-fold logits."""
+    x1 = np.c_[x, np.ones(len(x))]
+    betas: list[np.ndarray | None] = [None] * len(folds)  # warm starts along the C path
+    best: tuple[float, float, np.ndarray] = (math.inf, 0.0, np.zeros(len(d)))
+    for C in (fixed,) if fixed is not None else _C_GRID:
+        oof = np.zeros(len(d))
+        for i, (train, test) in enumerate(folds):
+            betas[i] = _logistic(x[train], d[train], C, betas[i])
+            oof[test] = x1[test] @ betas[i]
+        loss = _balanced_log_loss(oof, d)
+        if loss < best[0]:
+            best = (loss, C, oof)
+    return best[1], best[2]
+
+
+def _balanced_log_loss(logit: np.ndarray, d: np.ndarray) -> float:
+    nll = np.logaddexp(0.0, -np.where(d == 1, logit, -logit))
+    return float(0.5 * nll[d == 1].mean() + 0.5 * nll[d == 0].mean())
+
+
+def _platt(logit: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+    """Balanced Platt scaling on held-out logits: p = σ(a·logit + b), a >= 0."""
+    slope, bias = _logistic(logit[:, None], d, C=1e4)
+    return (float(slope), float(bias)) if slope > 0 else (0.0, 0.0)  # no signal → uniform
+
+
+def _domain_scores(oof: np.ndarray | None, d: np.ndarray) -> dict[str, float]:
+    """Held-out balanced accuracy of the domain classifier and the proxy A-distance."""
+    if oof is None:
+        return {"discriminator_accuracy": math.nan, "proxy_a_distance": math.nan}
+    acc = 0.5 * float((oof[d == 1] > 0).mean() + (oof[d == 0] <= 0).mean())
+    return {"discriminator_accuracy": acc, "proxy_a_distance": 2.0 * (1.0 - 2.0 * (1.0 - acc))}
+
+
+# ---------------------------------------------------------------------------- matchers
+
+
+class DiscriminatorMatcher:
+    """Domain classifier (source vs target) → calibrated odds → importance weights.
+
+    L2 logistic regression with class-balanced weights (the target may be 25 images against
+    15 000 source ones), C chosen by stratified k-fold balanced log-loss, then Platt-calibrated
+    on the out-of-fold logits. Balanced fitting makes the calibrated odds estimate
+    p_t(x)/p_s(x) directly (the n_source/n_target prior correction is built in), and a
+    discriminator with no real signal gets a flat calibration slope, hence uniform weights.
+    """
+
+    def __init__(self, params: MatcherParams, class_neutral: bool | None = None):
+        self.params = params
+        self.class_neutral = params.class_neutral if class_neutral is None else class_neutral
+        self.diagnostics: dict[str, float] = {}
+
+    @_single_threaded
+    def fit(self, source, target, source_y=None) -> DiscriminatorMatcher:
+        check_embeddings(source, target, source_y)
+        p, settings = self.params, self.params.discriminator
+        rng = np.random.default_rng(p.seed)
+        idx = _subsample(len(source), source_y, settings.max_fit_source, rng)
+        fit_y = None if source_y is None else source_y[idx]
+        self.features = Features(p.dims, self.class_neutral).fit(source[idx], fit_y)
+        t = self.features(target)
+        x, d = (
+            np.concatenate([self.features(source[idx]), t]),
+            np.r_[np.zeros(len(idx)), np.ones(len(t))],
+        )
+        folds = min(settings.folds, len(t))
+        if folds < 2:  # one target image: nothing to cross-validate or calibrate on
+            self.slope, self.bias, oof = 1.0, 0.0, None
+            self.C = settings.C or 0.1
+        else:
+            self.C, oof = _choose_c(x, d, _folds(d, folds, rng), settings.C)
+            self.slope, self.bias = _platt(oof, d)
+        self.beta = _logistic(x, d, self.C)
+        log_ratio = self._log_ratio(self.features(source))
+        self.norm = Normaliser(p.clip).fit(log_ratio)
+        self.weights = _mean_one(self.norm(log_ratio))
+        self.diagnostics = {"discriminator_C": self.C, "calibration_slope": self.slope,
+                            "fit_source": float(len(idx)), **_domain_scores(oof, d)}  # fmt: skip
+        return self
+
+    def _log_ratio(self, z: np.ndarray) -> np.ndarray:
+        return self.slope * (z @ self.beta[:-1] + self.beta[-1]) + self.bias
+
+    @_single_threaded
+    def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        return self.norm(self._log_ratio(self.features(emb)))
+
+
+class KnnMatcher:
+    """Mean cosine similarity to the k nearest target embeddings → softmax weights.
+
+    The similarity is z-scored over the source (so `temperature` means the same for any
+    embedding) and w ∝ exp(z / temperature).
+    """
+
+    def __init__(self, params: MatcherParams):
+        self.params = params
+        self.diagnostics: dict[str, float] = {}
+
+    @_single_threaded
+    def fit(self, source, target, source_y=None) -> KnnMatcher:
+        check_embeddings(source, target, source_y)
+        p = self.params
+        idx = _subsample(len(source), source_y, p.discriminator.max_fit_source,
+                         np.random.default_rng(p.seed))  # fmt: skip
+        fit_y = None if source_y is None else source_y[idx]
+        self.features = Features(p.dims, p.class_neutral).fit(source[idx], fit_y)
+        self.target = _unit(self.features(target))
+        self.k = min(p.knn.k, len(target))
+        sim = self._similarity(source)
+        self.mu, self.sd = float(sim.mean()), float(sim.std()) + 1e-12
+        self.norm = Normaliser(p.clip).fit(self._log_ratio(sim))
+        self.weights = _mean_one(self.norm(self._log_ratio(sim)))
+        return self
+
+    def _similarity(self, emb: np.ndarray) -> np.ndarray:
+        sims = _unit(self.features(emb)) @ self.target.T
+        return np.partition(sims, sims.shape[1] - self.k, axis=1)[:, -self.k :].mean(1)
+
+    def _log_ratio(self, sim: np.ndarray) -> np.ndarray:
+        return (sim - self.mu) / self.sd / self.params.knn.temperature
+
+    @_single_threaded
+    def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        return self.norm(self._log_ratio(self._similarity(emb)))
+
+
+def _unit(z: np.ndarray) -> np.ndarray:
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+class ClassMatcher:
+    """Per source class, the mean discriminator weight (fitted *with* the class signal).
+
+    Classes that look unlike the target get low weight (partial transfer); every sample of a
+    class gets the same weight, so `score` needs the labels.
+    """
+
+    def __init__(self, params: MatcherParams):
+        self.inner = DiscriminatorMatcher(params, class_neutral=False)
+        self.diagnostics: dict[str, float] = {}
+
+    def fit(self, source, target, source_y=None) -> ClassMatcher:
+        if source_y is None:
+            raise TlpipeError("the class matcher needs the source labels")
+        w = self.inner.fit(source, target, source_y).weights.astype(np.float64)
+        self.classes = np.unique(source_y)
+        self.class_weight = np.array([w[source_y == c].mean() for c in self.classes])
+        self.weights = _mean_one(self.score(source, source_y))
+        self.diagnostics = self.inner.diagnostics
+        return self
+
+    def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        if y is None or len(y) != len(emb):
+            raise TlpipeError("the class matcher scores by label: pass one label per embedding")
+        if not np.isin(y, self.classes).all():
+            raise TlpipeError(f"labels outside the fitted classes {self.classes.tolist()}")
+        w = self.class_weight[np.searchsorted(self.classes, y)]
+        return np.maximum(w, _FLOOR).astype(np.float32)
+
+
+class UniformMatcher:
+    """Every sample weighs 1 (the control)."""
+
+    def __init__(self, params: MatcherParams):
+        self.diagnostics: dict[str, float] = {}
+
+    def fit(self, source, target, source_y=None) -> UniformMatcher:
+        check_embeddings(source, target, source_y)
+        self.weights = np.ones(len(source), np.float32)
+        return self
+
+    def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        return np.ones(len(emb), np.float32)
+
+
+MATCHERS: dict[str, Callable[[MatcherParams], Matcher]] = {
+    "discriminator": DiscriminatorMatcher,
+    "knn": KnnMatcher,
+    "class": ClassMatcher,
+    "uniform": UniformMatcher,
+}
+
+
+def build_matcher(name: str, params: MatcherParams) -> Matcher:
+    """A registered matcher, unfitted."""
+    if name not in MATCHERS:
+        raise TlpipeError(f"unknown matcher {name!r}; choose one of: {', '.join(MATCHERS)}")
+    return MATCHERS[name](params)
+
+
+def domain_diagnostics(source, target, source_y, params: MatcherParams) -> dict[str, float]:
+    """Discriminator held-out accuracy and proxy A-distance (for matchers that lack them)."""
+    return DiscriminatorMatcher(params).fit(source, target, source_y).diagnostics
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def effective_sample_size(w: np.ndarray) -> float:
+    """ESS = (Σw)² / Σw² (n for uniform weights, 1 for a single non-zero weight)."""
+    w = np.asarray(w, np.float64)
+    return float(w.sum() ** 2 / max((w**2).sum(), 1e-300))
+
+
+def select_top(w: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of the top `fraction` of samples by weight (ties broken at random), sorted."""
+    if not 0 < fraction <= 1:
+        raise TlpipeError(f"match.top_fraction must be in (0, 1], got {fraction}")
+    n = max(1, round(len(w) * fraction))
+    tiebreak = np.random.default_rng(seed).random(len(w))
+    order = np.lexsort((tiebreak, -np.asarray(w, np.float64)))
+    return np.sort(order[:n]).astype(np.int64)
+
+
+def summary(
+    w: np.ndarray,
+    y: np.ndarray,
+    class_names: list[str],
+    shifted: np.ndarray | None,
+    selected: np.ndarray,
+) -> dict[str, Any]:
+    """ESS, per-class mean weight and, where the ground truth is known, selection quality."""
+    ess = effective_sample_size(w)
+    out: dict[str, Any] = {
+        "n_source": len(w),
+        "n_selected": len(selected),
+        "ess": ess,
+        "ess_fraction": ess / len(w),
+        "weight_max": float(w.max()),
+        "weight_min": float(w.min()),
+        "per_class_weight": {
+            name: float(w[y == i].mean()) if (y == i).any() else math.nan
+            for i, name in enumerate(class_names)
+        },
+    }
+    if shifted is not None and shifted.any():
+        out["shifted_fraction"] = float(shifted.mean())
+        out["selection_precision"] = float(shifted[selected].mean())
+        out["selection_recall"] = float(shifted[selected].sum() / shifted.sum())
+        if not shifted.all():
+            out["shifted_auroc"] = auroc(shifted, w)
+    return out
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half): P(score of a positive > a negative)."""
+    labels = np.asarray(labels, bool)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average 1-based ranks
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    return float((rank[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))

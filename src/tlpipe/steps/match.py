@@ -1,0 +1,226 @@
+"""Step 3b: weight every source sample by how much it resembles the target domain.
+
+Source and target images are embedded with the pretrained backbone, a matcher from
+`tlpipe.matching.MATCHERS` turns the embeddings into importance weights (mean 1), and the top
+`top_fraction` is the selected subset. `finetune --strategy joint` co-trains on them.
+
+The target side is `target_train` (+ `target_val` with `use_target_val`): images only, never
+labels, and never `target_test`.
+
+Embeddings (`features`): ``blocks`` (default) concatenates the per-channel mean and standard
+deviation of every backbone stage's output; ``backbone`` is the final pooled feature vector
+(`tlpipe.training.embed`). A classifier's last layer is trained to ignore what a domain shift
+changes (contrast, blur, …) — a source that already mixes both domains teaches it exactly that
+— while the early stages' activation statistics keep it (the "style" of an image). On the
+mixed-source scenario, ``backbone`` features give a selection precision near 0.75, ``blocks``
+above 0.9.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tlpipe import matching
+from tlpipe.config import to_dict
+from tlpipe.errors import TlpipeError
+from tlpipe.matching import DiscriminatorSettings, KnnSettings
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """params.yaml `match:`.
+
+    Attributes:
+        matcher: One of `tlpipe.matching.MATCHERS`: discriminator, knn, class, uniform.
+        top_fraction: Share of the source, by weight, written to selected.npy.
+        clip: Largest weight as a multiple of the mean (caps the influence of one sample).
+        features: ``blocks`` (per-stage activation statistics) or ``backbone`` (final features).
+        dims: Principal components the matchers work in.
+        class_neutral: Remove the source-class directions first (see `tlpipe.matching`).
+        use_target_val: Use the target_val images too (not their labels) as target samples.
+        discriminator: C (null = cross-validated), folds, max_fit_source.
+        knn: k, temperature.
+        batch_size: Embedding batch size.
+        plots: Write plots/weights_hist.png and plots/extremes.png.
+        seed: Subsampling, folds and tie-breaking.
+    """
+
+    matcher: str = "discriminator"
+    top_fraction: float = 0.5
+    clip: float = 10.0
+    features: Literal["blocks", "backbone"] = "blocks"
+    dims: int = 32
+    class_neutral: bool = True
+    use_target_val: bool = True
+    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    batch_size: int = 512
+    plots: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.matcher not in matching.MATCHERS:
+            raise TlpipeError(
+                f"unknown matcher {self.matcher!r}; choose one of: {', '.join(matching.MATCHERS)}"
+            )
+        if not 0 < self.top_fraction <= 1:
+            raise TlpipeError(f"match.top_fraction must be in (0, 1], got {self.top_fraction}")
+        if not self.clip >= 1:
+            raise TlpipeError(f"match.clip must be >= 1 (max weight / mean), got {self.clip}")
+        if self.dims < 1 or self.batch_size < 1:
+            raise TlpipeError("match.dims and match.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """What match wrote: weights.npy, selected.npy, report.json (+ plots/) under out_dir."""
+
+    out_dir: Path
+    weights: Path
+    selected: Path
+    report: Path
+    metrics: dict[str, float]
+
+
+def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig) -> MatchResult:
+    """Embed source and target with `source_model`, weight the source, write `out_dir`."""
+    from tlpipe.data import load_manifest, load_split
+    from tlpipe.fsio import atomic_path, write_json
+    from tlpipe.models import load_checkpoint
+
+    manifest = load_manifest(prepared_dir)
+    source = load_split(prepared_dir, "source")
+    target_splits = ["target_train", "target_val"] if cfg.use_target_val else ["target_train"]
+    target_x = np.concatenate([load_split(prepared_dir, s).x for s in target_splits])
+    if len(source) == 0:
+        raise TlpipeError(f"{prepared_dir}: the source split is empty, nothing to match")
+    if len(target_x) == 0:
+        raise TlpipeError(f"{prepared_dir}: no target images in {'/'.join(target_splits)}")
+    model, meta = load_checkpoint(source_model)
+    if list(source.x.shape[1:]) != [meta["in_chans"], meta["input_size"], meta["input_size"]]:
+        raise TlpipeError(f"{source_model} was trained on other input shapes: re-run pretrain")
+
+    t0 = time.perf_counter()
+    s_emb = embed_images(model, source.x, meta["mean"], meta["std"], cfg.features, cfg.batch_size)
+    t_emb = embed_images(model, target_x, meta["mean"], meta["std"], cfg.features, cfg.batch_size)
+    t1 = time.perf_counter()
+    matcher = matching.build_matcher(cfg.matcher, cfg)
+    weights = matching.fit_weights(matcher, s_emb, t_emb, source.y)
+    selected = matching.select_top(weights, cfg.top_fraction, cfg.seed)
+    t2 = time.perf_counter()
+    diagnostics = matcher.diagnostics or matching.domain_diagnostics(s_emb, t_emb, source.y, cfg)
+    timings = {"embedding_seconds": t1 - t0, "weighting_seconds": t2 - t1,
+               "diagnostics_seconds": time.perf_counter() - t2}  # fmt: skip
+    shifted = source.shifted if source.shifted.any() else None
+    report: dict[str, Any] = {
+        "matcher": cfg.matcher,
+        "features": cfg.features,
+        "embedding_dim": int(s_emb.shape[1]),
+        "n_target": len(target_x),
+        "target_splits": target_splits,
+        "top_fraction": cfg.top_fraction,
+        **diagnostics,
+        **matching.summary(weights, source.y, manifest["source_classes"], shifted, selected),
+        "timings": timings,
+        "dataset_sha256": manifest.get("dataset_sha256", ""),
+        "config": to_dict(cfg),
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        (tmp / "plots").mkdir(parents=True)
+        np.save(tmp / "weights.npy", weights)
+        np.save(tmp / "selected.npy", selected)
+        write_json(tmp / "report.json", report)
+        if cfg.plots:
+            plot_histogram(tmp / "plots" / "weights_hist.png", weights, shifted)
+            plot_extremes(tmp / "plots" / "extremes.png", source.x, weights)
+    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
+                       out_dir / "report.json", _metrics(report))  # fmt: skip
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, float]:
+    keys = ("ess_fraction", "discriminator_accuracy", "proxy_a_distance", "selection_precision",
+            "shifted_auroc", "n_selected")  # fmt: skip
+    out = {k: float(report[k]) for k in keys if k in report}
+    return out | {k: round(v, 3) for k, v in report["timings"].items()}
+
+
+def embed_images(
+    model, x: np.ndarray, mean, std, features: str = "blocks", batch_size: int = 512
+) -> np.ndarray:
+    """Embeddings of uint8 images (no grad, batched): see the module docstring for `features`."""
+    import torch
+
+    from tlpipe.training import embed, resolve_device, to_input
+
+    if features == "backbone":
+        return embed(model, x, mean, std, batch_size)
+    device = resolve_device("auto")
+    model.eval().to(device)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            h = to_input(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device),
+                         mean, std)  # fmt: skip
+            stats = []
+            for block in model.blocks():
+                h = block(h)
+                var, mu = torch.var_mean(h.float().flatten(2), dim=2)
+                stats += [mu, var.clamp_min(0).sqrt()]
+            outs.append(torch.cat(stats, 1).cpu().numpy())
+    if not outs:
+        raise TlpipeError("no images to embed")
+    return np.concatenate(outs)
+
+
+def plot_histogram(path: Path, weights: np.ndarray, shifted: np.ndarray | None) -> None:
+    """Weight histogram on a log x axis, split into shifted / clean when that is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.geomspace(max(float(weights.min()), 1e-4), max(float(weights.max()), 1.01), 40)
+    if shifted is None:
+        ax.hist(weights, bins=bins, color="tab:blue")
+    else:
+        ax.hist([weights[shifted], weights[~shifted]], bins=bins, stacked=True,
+                label=["shifted (target-like)", "clean"],
+                color=["tab:orange", "tab:blue"])  # fmt: skip
+        ax.legend()
+    ax.set(xscale="log", xlabel="importance weight (mean 1)", ylabel="source samples",
+           title="match: source sample weights")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_extremes(path: Path, x: np.ndarray, weights: np.ndarray, n: int = 10) -> None:
+    """Two rows of source images: the most target-like (top) and the least (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(weights))
+    order = np.argsort(-weights, kind="stable")
+    rows = (("most target-like", order[:n]), ("least target-like", order[::-1][:n]))
+    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6), squeeze=False)
+    for r, (label, idx) in enumerate(rows):
+        for c, i in enumerate(idx):
+            img = x[i].transpose(1, 2, 0)
+            axes[r, c].imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0,
+                              vmax=255)  # fmt: skip
+            axes[r, c].set_title(f"{weights[i]:.2g}", fontsize=7)
+            axes[r, c].axis("off")
+        axes[r, 0].text(-0.1, 0.5, label, transform=axes[r, 0].transAxes, ha="right",
+                        va="center", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

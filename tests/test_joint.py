@@ -1,0 +1,130 @@
+"""Selective joint fine-tuning: the source stream, the loss, and `finetune --strategy joint`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlpipe import joint
+from tlpipe.config import build
+from tlpipe.data import load_split
+from tlpipe.errors import TlpipeError
+from tlpipe.models import build_model, load_checkpoint
+from tlpipe.steps import finetune, match, pretrain
+from tlpipe.training import ArrayBatches
+
+TINY = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 2, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def source_and_match(tiny_prepared: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A 1-epoch source model and its match output on `tiny_prepared`."""
+    root = tmp_path_factory.mktemp("joint")
+    cfg = build(
+        pretrain.PretrainConfig, {"train": {**TINY, "batch_size": 32, "steps_per_epoch": 0}}
+    )
+    pretrain.run(tiny_prepared, root / "source.pt", cfg)
+    mcfg = build(match.MatchConfig, {"plots": False, "discriminator": {"folds": 3}})
+    match.run(tiny_prepared, root / "source.pt", root / "matching", mcfg)
+    return root / "source.pt", root / "matching"
+
+
+def _cfg(**joint_values) -> finetune.FinetuneConfig:
+    values = {"strategy": "joint", "train": TINY, "probe": TINY, "joint": joint_values}
+    return build(finetune.FinetuneConfig, values)
+
+
+def _stream(n: int = 40, weights=None, selected=None) -> joint.SourceStream:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (n, 1, 28, 28), dtype=np.uint8)
+    w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+    sel = np.arange(n // 2) if selected is None else np.asarray(selected)
+    return joint.SourceStream(x, np.arange(n) % 5, w, sel, num_classes=5)
+
+
+def _target() -> ArrayBatches:
+    x = np.zeros((10, 1, 28, 28), np.uint8)
+    return ArrayBatches(x, np.arange(10) % 5, batch_size=4, steps_per_epoch=3)
+
+
+# ---------------------------------------------------------------------------- batches + loss
+
+
+def test_joint_batches_concatenate_target_then_source() -> None:
+    cfg = joint.JointConfig(source_batch_size=6)
+    batches = joint.JointBatches(_target(), _stream(), cfg, seed=0)
+    assert len(batches) == 3
+    for batch in batches.epoch(0):
+        assert batch["x"].shape == (10, 1, 28, 28)
+        assert batch["domain"].tolist() == [0] * 4 + [1] * 6
+        assert torch.all(batch["w"] == 1)  # weighted sampling: the loss is unweighted
+
+
+def test_weighted_sampling_follows_the_weights_and_selected_stays_in_the_subset() -> None:
+    w = np.full(40, 1e-4, np.float32)
+    w[[3, 7]] = 20.0  # nearly all the mass
+    stream = _stream(weights=w, selected=[1, 2])
+    drawn = joint.JointBatches(_target(), stream, joint.JointConfig(), seed=0)
+    assert set(drawn._draw(torch.Generator().manual_seed(0)).tolist()) <= {3, 7}
+    sel = joint.JointBatches(_target(), stream, joint.JointConfig(sampling="selected"), seed=0)
+    batch = next(iter(sel.epoch(0)))
+    assert set(sel._draw(torch.Generator().manual_seed(0)).tolist()) <= {1, 2}
+    assert torch.allclose(batch["w"][4:], torch.tensor(1e-4))  # loss weighted by w instead
+
+
+def test_joint_loss_adds_the_weighted_source_term() -> None:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3)
+    joint.attach_source_head(
+        model, {"head.weight": torch.zeros(5, 64), "head.bias": torch.zeros(5)}
+    )
+    batch = {"input": torch.randn(6, 1, 28, 28), "y": torch.tensor([0, 1, 2, 0, 1, 2]),
+             "domain": torch.tensor([0, 0, 0, 1, 1, 1]), "w": torch.ones(6)}  # fmt: skip
+    model.eval()
+    target_only = joint.joint_loss(0.0)(model, batch)
+    both = joint.joint_loss(0.5)(model, batch)
+    assert both.item() == pytest.approx(target_only.item() + 0.5 * np.log(5), rel=1e-5)
+    joint.detach_extra_heads(model)
+    assert not any(k.startswith("source_head") for k in model.state_dict())
+
+
+# ---------------------------------------------------------------------------- the strategy
+
+
+@pytest.mark.parametrize("sampling", ["weighted", "selected"])
+def test_joint_finetune_saves_a_plain_target_net(
+    tiny_prepared: Path, source_and_match, tmp_path: Path, sampling: str
+) -> None:
+    source_model, match_dir = source_and_match
+    out = tmp_path / "joint.pt"
+    result = finetune.run(tiny_prepared, source_model, out, _cfg(sampling=sampling),
+                          match_dir=match_dir)  # fmt: skip
+    model, meta = load_checkpoint(out)  # strict load: no source head left in the file
+    assert meta["strategy"] == "joint"
+    assert meta["classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert model.head.out_features == 5 and not hasattr(model, "source_head")
+    test = load_split(tiny_prepared, "target_test")
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    assert 0 <= result.metrics["target_val_accuracy"] <= 1 and len(test) == 50
+    src, _ = load_checkpoint(source_model)
+    assert not torch.equal(src.backbone[0][0].weight, model.backbone[0][0].weight)
+
+
+def test_joint_needs_a_matching_match_output(
+    tiny_prepared: Path, source_and_match, tmp_path: Path, make_prepared
+) -> None:
+    source_model, match_dir = source_and_match
+    with pytest.raises(TlpipeError, match="needs the output of `tlpipe match`"):
+        finetune.run(tiny_prepared, source_model, tmp_path / "j.pt", _cfg())
+    with pytest.raises(TlpipeError, match="weights.npy not found"):
+        finetune.run(tiny_prepared, source_model, tmp_path / "j.pt", _cfg(), match_dir=tmp_path)
+    other = make_prepared(seed=1)  # other prepared data: the weights are not for it
+    with pytest.raises(TlpipeError, match="other prepared data"):
+        finetune.run(other, source_model, tmp_path / "j.pt", _cfg(), match_dir=match_dir)
+    assert not (tmp_path / "j.pt").exists()
+    with pytest.raises(TlpipeError, match="source_weight"):
+        _cfg(source_weight=-1)
