@@ -83,7 +83,8 @@ def main() -> None:
                     seeded[section] = {**(ft.get(section) or {}), "seed": seed}
                 cfg = build(finetune.FinetuneConfig, seeded).for_strategy(strategy)
                 out = work / f"k{k}-s{seed}-{name}.pt"
-                finetune.run(prep, source, out, cfg)
+                if not out.exists():  # --work of an interrupted run: keep what it finished
+                    finetune.run(prep, source, out, cfg)
                 test_acc, val_acc[name] = scores(prep, out)
                 results[name][k].append(test_acc)
                 print(f"k={k} seed={seed} {name}: test {test_acc:.4f} val {val_acc[name]:.3f}")

@@ -54,7 +54,7 @@ def _target() -> ArrayBatches:
 
 
 def test_joint_batches_concatenate_target_then_source() -> None:
-    cfg = joint.JointConfig(source_batch_size=6)
+    cfg = joint.JointConfig(sampling="weighted", source_batch_size=6)
     batches = joint.JointBatches(_target(), _stream(), cfg, seed=0)
     assert len(batches) == 3
     for batch in batches.epoch(0):
@@ -67,7 +67,7 @@ def test_weighted_sampling_follows_the_weights_and_selected_stays_in_the_subset(
     w = np.full(40, 1e-4, np.float32)
     w[[3, 7]] = 20.0  # nearly all the mass
     stream = _stream(weights=w, selected=[1, 2])
-    drawn = joint.JointBatches(_target(), stream, joint.JointConfig(), seed=0)
+    drawn = joint.JointBatches(_target(), stream, joint.JointConfig(sampling="weighted"), seed=0)
     assert set(drawn._draw(torch.Generator().manual_seed(0)).tolist()) <= {3, 7}
     sel = joint.JointBatches(_target(), stream, joint.JointConfig(sampling="selected"), seed=0)
     batch = next(iter(sel.epoch(0)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe import matching
+from tlpipe import matching, ratio
 from tlpipe.config import build
 from tlpipe.errors import TlpipeError
 from tlpipe.matching import MATCHERS, Params
@@ -106,7 +106,7 @@ def test_discriminator_diagnostics() -> None:
     # half of the source is target-like, so the best balanced accuracy is about 0.75
     assert 0.6 < d["discriminator_accuracy"] <= 0.8
     assert d["proxy_a_distance"] == pytest.approx(2 * (1 - 2 * (1 - d["discriminator_accuracy"])))
-    assert d["discriminator_C"] in matching._C_GRID and d["calibration_slope"] > 0
+    assert d["discriminator_C"] in ratio.C_GRID and d["calibration_slope"] > 0
 
 
 def test_class_matcher_weights_whole_classes() -> None:
@@ -126,12 +126,12 @@ def test_class_matcher_weights_whole_classes() -> None:
 
 def test_normaliser_water_fills_to_mean_one_under_the_cap() -> None:
     log_ratio = np.random.default_rng(0).standard_normal(10_000) * 4  # heavy-tailed weights
-    norm = matching.Normaliser(clip=3.0).fit(log_ratio)
+    norm = ratio.Normaliser(clip=3.0).fit(log_ratio)
     w = norm(log_ratio).astype(np.float64)
     assert w.max() <= 3.0 and abs(w.mean() - 1) < 1e-3 and (w == 3.0).sum() > 100
     assert np.all(np.diff(w[np.argsort(log_ratio)]) >= 0)  # monotone in the log-ratio
     with pytest.raises(TlpipeError, match="clip must be >= 1"):
-        matching.Normaliser(0.5)
+        ratio.Normaliser(0.5)
 
 
 def test_auroc_and_ess_and_select_top() -> None:

@@ -20,19 +20,15 @@ Registry `MATCHERS`: ``discriminator`` (default), ``knn``, ``class``, ``uniform`
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from tlpipe import ratio
 from tlpipe.errors import TlpipeError
-
-_FLOOR = 1e-4  # smallest weight (relative to the mean 1): weights stay positive
-_C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # discriminator inverse L2 strengths tried by CV
 
 
 @dataclass(frozen=True)
@@ -116,28 +112,6 @@ class Matcher(Protocol):
 # ---------------------------------------------------------------------------- inputs
 
 
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """Run numpy's BLAS single-threaded: the matrices here are small (d ≤ a few hundred), and a
-    multi-threaded OpenBLAS on a busy 2-core box can be 100× slower on them (measured)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # threadpoolctl comes with scikit-learn; without it, run as is
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-def _single_threaded(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with _one_blas_thread():
-            return method(*args, **kwargs)
-
-    return wrapper
-
-
 def check_embeddings(
     source: np.ndarray, target: np.ndarray, source_y: np.ndarray | None = None
 ) -> None:
@@ -162,180 +136,11 @@ def check_embeddings(
         raise TlpipeError(f"{len(source_y)} source labels for {len(source)} source embeddings")
 
 
-def _check_emb(emb: np.ndarray, dim: int) -> None:
-    if emb.ndim != 2 or emb.shape[1] != dim:
-        raise TlpipeError(f"embeddings to score must be (n, {dim}), got shape {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise TlpipeError("embeddings to score contain NaN/inf")
-
-
-# ---------------------------------------------------------------------------- features
-
-
-class Features:
-    """standardise → L2-normalise → (class-neutral projection) → top-`dims` PCA, fit on source."""
-
-    def __init__(self, dims: int = 32, class_neutral: bool = True):
-        self.dims, self.class_neutral = dims, class_neutral
-
-    def fit(self, source: np.ndarray, source_y: np.ndarray | None = None) -> Features:
-        source = np.asarray(source, np.float64)
-        self.dim = source.shape[1]
-        self.mean, self.std = source.mean(0), source.std(0) + 1e-6
-        z = self._normalised(source)
-        basis = np.eye(self.dim)
-        if self.class_neutral and source_y is not None and len(np.unique(source_y)) > 1:
-            means = np.stack([z[source_y == c].mean(0) for c in np.unique(source_y)])
-            _, s, vt = np.linalg.svd(means - means.mean(0), full_matrices=False)
-            between = vt[s > 1e-6 * s.max()]
-            basis = basis - between.T @ between  # projector onto the within-class space
-        z = z @ basis
-        centre = z.mean(0)
-        # PCA via the covariance's eigenvectors (d × d): cheap for any n.
-        evals, evecs = np.linalg.eigh((z - centre).T @ (z - centre) / max(len(z) - 1, 1))
-        top = evecs[:, np.argsort(evals)[::-1][: max(1, min(self.dims, self.dim))]]
-        self.map, self.offset = basis @ top, centre @ top  # normalised input → output, one matmul
-        return self
-
-    def _normalised(self, emb: np.ndarray) -> np.ndarray:
-        z = (np.asarray(emb, np.float64) - self.mean) / self.std
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-
-    def __call__(self, emb: np.ndarray) -> np.ndarray:
-        _check_emb(emb, self.dim)
-        return self._normalised(emb) @ self.map - self.offset
-
-
-def _subsample(n: int, y: np.ndarray | None, m: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to `m` of `n` indices, class-stratified when labels are given."""
-    if n <= m:
-        return np.arange(n)
-    if y is None:
-        return np.sort(rng.choice(n, m, replace=False))
-    picked = [
-        rng.choice(idx, max(1, round(m * len(idx) / n)), replace=False)
-        for idx in (np.flatnonzero(y == c) for c in np.unique(y))
-    ]
-    return np.sort(np.concatenate(picked))
-
-
-# ---------------------------------------------------------------------------- weights
-
-
-class Normaliser:
-    """exp(log-ratio), scaled to mean 1 over the source and capped at `clip` × the mean.
-
-    The cap is "water-filling": the scale is chosen so that the mean is 1 *after* capping, so
-    the capped mass is spread over the others instead of being lost.
-    """
-
-    def __init__(self, clip: float):
-        if not clip >= 1:
-            raise TlpipeError(f"match.clip must be >= 1 (the max weight / mean), got {clip}")
-        self.clip = clip
-
-    def fit(self, log_ratio: np.ndarray) -> Normaliser:
-        top = float(log_ratio.max())
-        e = np.sort(np.exp(np.maximum(log_ratio - top, -60.0)))[::-1]  # descending, all > 0
-        n, k = len(e), np.arange(len(e))
-        tail = np.cumsum(e[::-1])[::-1]  # tail[k] = e[k:].sum()
-        room = n - k * self.clip  # mass left for the uncapped after capping the k largest
-        scale = np.where(room > 0, room, np.nan) / tail
-        ok = scale * e <= self.clip * (1 + 1e-9)  # the (k+1)-th largest stays under the cap
-        self.shift = math.log(scale[int(np.argmax(ok))]) - top  # a valid k exists for clip >= 1
-        return self
-
-    def __call__(self, log_ratio: np.ndarray) -> np.ndarray:
-        w = np.exp(np.minimum(log_ratio + self.shift, math.log(self.clip)))
-        return np.clip(w, _FLOOR, self.clip).astype(np.float32)
-
-
-def _mean_one(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w, np.float64)
-    return (w / w.mean()).astype(np.float32)
-
-
 def fit_weights(
     matcher: Matcher, source: np.ndarray, target: np.ndarray, source_y: np.ndarray | None = None
 ) -> np.ndarray:
     """Fit `matcher`; the source weights: float32, positive, finite, mean 1."""
     return matcher.fit(source, target, source_y).weights
-
-
-# ---------------------------------------------------------------------------- logistic regression
-
-
-def _logistic(x, d, C: float, beta: np.ndarray | None = None, iters: int = 50) -> np.ndarray:
-    """Class-balanced L2 logistic regression by damped Newton steps; returns [coef..., bias].
-
-    Minimises C·Σ bᵢ·logloss_i + ½‖coef‖² with balanced sample weights bᵢ (sklearn's
-    ``class_weight="balanced"``); the bias is not penalised. d ≤ a few dozen: each step is a
-    tiny linear solve, far faster than a general solver.
-    """
-    x1 = np.c_[x, np.ones(len(x))]
-    sw = np.where(d == 1, 0.5 / max(d.sum(), 1), 0.5 / max((1 - d).sum(), 1)) * len(d) * C
-    reg = np.r_[np.ones(x.shape[1]), 1e-8]
-    beta = np.zeros(x1.shape[1]) if beta is None else beta.copy()
-
-    def loss(b: np.ndarray) -> float:
-        z = x1 @ b
-        return float(sw @ np.logaddexp(0.0, np.where(d == 1, -z, z)) + 0.5 * reg @ b**2)
-
-    current = loss(beta)
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(x1 @ beta)))
-        grad = x1.T @ (sw * (p - d)) + reg * beta
-        hess = (x1 * (sw * p * (1 - p))[:, None]).T @ x1 + np.diag(reg)
-        step, t = np.linalg.solve(hess, grad), 1.0
-        while t > 1e-4 and loss(beta - t * step) > current:  # backtrack if Newton overshoots
-            t /= 2
-        beta, previous, current = beta - t * step, current, loss(beta - t * step)
-        if previous - current < 1e-10 * max(1.0, abs(current)):
-            break
-    return beta
-
-
-def _folds(d: np.ndarray, k: int, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
-    fold = np.empty(len(d), np.int64)
-    for c in (0, 1):
-        idx = rng.permutation(np.flatnonzero(d == c))
-        fold[idx] = np.arange(len(idx)) % k
-    return [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(k)]
-
-
-def _choose_c(x, d, folds, fixed: float | None) -> tuple[float, np.ndarray]:
-    """Pick C by out-of-fold balanced log-loss; returns C and its out-of-fold logits."""
-    x1 = np.c_[x, np.ones(len(x))]
-    betas: list[np.ndarray | None] = [None] * len(folds)  # warm starts along the C path
-    best: tuple[float, float, np.ndarray] = (math.inf, 0.0, np.zeros(len(d)))
-    for C in (fixed,) if fixed is not None else _C_GRID:
-        oof = np.zeros(len(d))
-        for i, (train, test) in enumerate(folds):
-            betas[i] = _logistic(x[train], d[train], C, betas[i])
-            oof[test] = x1[test] @ betas[i]
-        loss = _balanced_log_loss(oof, d)
-        if loss < best[0]:
-            best = (loss, C, oof)
-    return best[1], best[2]
-
-
-def _balanced_log_loss(logit: np.ndarray, d: np.ndarray) -> float:
-    nll = np.logaddexp(0.0, -np.where(d == 1, logit, -logit))
-    return float(0.5 * nll[d == 1].mean() + 0.5 * nll[d == 0].mean())
-
-
-def _platt(logit: np.ndarray, d: np.ndarray) -> tuple[float, float]:
-    """Balanced Platt scaling on held-out logits: p = σ(a·logit + b), a >= 0."""
-    slope, bias = _logistic(logit[:, None], d, C=1e4)
-    return (float(slope), float(bias)) if slope > 0 else (0.0, 0.0)  # no signal → uniform
-
-
-def _domain_scores(oof: np.ndarray | None, d: np.ndarray) -> dict[str, float]:
-    """Held-out balanced accuracy of the domain classifier and the proxy A-distance."""
-    if oof is None:
-        return {"discriminator_accuracy": math.nan, "proxy_a_distance": math.nan}
-    acc = 0.5 * float((oof[d == 1] > 0).mean() + (oof[d == 0] <= 0).mean())
-    return {"discriminator_accuracy": acc, "proxy_a_distance": 2.0 * (1.0 - 2.0 * (1.0 - acc))}
 
 
 # ---------------------------------------------------------------------------- matchers
@@ -356,14 +161,14 @@ class DiscriminatorMatcher:
         self.class_neutral = params.class_neutral if class_neutral is None else class_neutral
         self.diagnostics: dict[str, float] = {}
 
-    @_single_threaded
+    @ratio.single_threaded
     def fit(self, source, target, source_y=None) -> DiscriminatorMatcher:
         check_embeddings(source, target, source_y)
         p, settings = self.params, self.params.discriminator
         rng = np.random.default_rng(p.seed)
-        idx = _subsample(len(source), source_y, settings.max_fit_source, rng)
+        idx = ratio.subsample(len(source), source_y, settings.max_fit_source, rng)
         fit_y = None if source_y is None else source_y[idx]
-        self.features = Features(p.dims, self.class_neutral).fit(source[idx], fit_y)
+        self.features = ratio.Features(p.dims, self.class_neutral).fit(source[idx], fit_y)
         t = self.features(target)
         x, d = (
             np.concatenate([self.features(source[idx]), t]),
@@ -374,20 +179,21 @@ class DiscriminatorMatcher:
             self.slope, self.bias, oof = 1.0, 0.0, None
             self.C = settings.C or 0.1
         else:
-            self.C, oof = _choose_c(x, d, _folds(d, folds, rng), settings.C)
-            self.slope, self.bias = _platt(oof, d)
-        self.beta = _logistic(x, d, self.C)
+            self.C, oof = ratio.choose_c(x, d, ratio.stratified_folds(d, folds, rng), settings.C)
+            self.slope, self.bias = ratio.platt(oof, d)
+        self.beta = ratio.logistic(x, d, self.C)
         log_ratio = self._log_ratio(self.features(source))
-        self.norm = Normaliser(p.clip).fit(log_ratio)
-        self.weights = _mean_one(self.norm(log_ratio))
+        self.norm = ratio.Normaliser(p.clip).fit(log_ratio)
+        self.weights = ratio.mean_one(self.norm(log_ratio))
         self.diagnostics = {"discriminator_C": self.C, "calibration_slope": self.slope,
-                            "fit_source": float(len(idx)), **_domain_scores(oof, d)}  # fmt: skip
+                            "fit_source": float(len(idx))}  # fmt: skip
+        self.diagnostics |= ratio.domain_scores(oof, d)
         return self
 
     def _log_ratio(self, z: np.ndarray) -> np.ndarray:
         return self.slope * (z @ self.beta[:-1] + self.beta[-1]) + self.bias
 
-    @_single_threaded
+    @ratio.single_threaded
     def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         return self.norm(self._log_ratio(self.features(emb)))
 
@@ -403,36 +209,32 @@ class KnnMatcher:
         self.params = params
         self.diagnostics: dict[str, float] = {}
 
-    @_single_threaded
+    @ratio.single_threaded
     def fit(self, source, target, source_y=None) -> KnnMatcher:
         check_embeddings(source, target, source_y)
         p = self.params
-        idx = _subsample(len(source), source_y, p.discriminator.max_fit_source,
+        idx = ratio.subsample(len(source), source_y, p.discriminator.max_fit_source,
                          np.random.default_rng(p.seed))  # fmt: skip
         fit_y = None if source_y is None else source_y[idx]
-        self.features = Features(p.dims, p.class_neutral).fit(source[idx], fit_y)
-        self.target = _unit(self.features(target))
+        self.features = ratio.Features(p.dims, p.class_neutral).fit(source[idx], fit_y)
+        self.target = ratio.unit(self.features(target))
         self.k = min(p.knn.k, len(target))
         sim = self._similarity(source)
         self.mu, self.sd = float(sim.mean()), float(sim.std()) + 1e-12
-        self.norm = Normaliser(p.clip).fit(self._log_ratio(sim))
-        self.weights = _mean_one(self.norm(self._log_ratio(sim)))
+        self.norm = ratio.Normaliser(p.clip).fit(self._log_ratio(sim))
+        self.weights = ratio.mean_one(self.norm(self._log_ratio(sim)))
         return self
 
     def _similarity(self, emb: np.ndarray) -> np.ndarray:
-        sims = _unit(self.features(emb)) @ self.target.T
+        sims = ratio.unit(self.features(emb)) @ self.target.T
         return np.partition(sims, sims.shape[1] - self.k, axis=1)[:, -self.k :].mean(1)
 
     def _log_ratio(self, sim: np.ndarray) -> np.ndarray:
         return (sim - self.mu) / self.sd / self.params.knn.temperature
 
-    @_single_threaded
+    @ratio.single_threaded
     def score(self, emb: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         return self.norm(self._log_ratio(self._similarity(emb)))
-
-
-def _unit(z: np.ndarray) -> np.ndarray:
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
 class ClassMatcher:
@@ -452,7 +254,7 @@ class ClassMatcher:
         w = self.inner.fit(source, target, source_y).weights.astype(np.float64)
         self.classes = np.unique(source_y)
         self.class_weight = np.array([w[source_y == c].mean() for c in self.classes])
-        self.weights = _mean_one(self.score(source, source_y))
+        self.weights = ratio.mean_one(self.score(source, source_y))
         self.diagnostics = self.inner.diagnostics
         return self
 
@@ -462,7 +264,7 @@ class ClassMatcher:
         if not np.isin(y, self.classes).all():
             raise TlpipeError(f"labels outside the fitted classes {self.classes.tolist()}")
         w = self.class_weight[np.searchsorted(self.classes, y)]
-        return np.maximum(w, _FLOOR).astype(np.float32)
+        return np.maximum(w, ratio.FLOOR).astype(np.float32)
 
 
 class UniformMatcher:
