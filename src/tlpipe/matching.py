@@ -4,9 +4,10 @@ A *matcher* is fitted on source and target embeddings and then scores any embedd
 importance weight w(x) ≈ p_target(x) / p_source(x), normalised to mean 1 over the source it was
 fitted on and clipped at `clip` × the mean. It is inductive: `score` works on new samples.
 
-Every matcher sees the embeddings through the same `Features` map: standardise (source mean
-and std), L2-normalise, remove the directions that separate the *source classes* from each
-other (`class_neutral`; see below), then keep the top `dims` principal components.
+Every matcher sees the embeddings through the same `tlpipe.ratio.Features` map: standardise
+(source mean and std), L2-normalise, remove the directions that separate the *source classes*
+from each other (`class_neutral`; see below), then keep the top `dims` principal components of
+the source (directions along which the source itself varies, as a mixed domain does).
 
 Why class-neutral: source and target usually hold *different classes*, so a source-vs-target
 discriminator happily learns "looks like a sandal" instead of "is inverted like the target".
@@ -14,6 +15,9 @@ Its scores then move with the source class (all T-shirts above all trousers) and
 domain signal. Projecting out the span of the source class means gives every source class the
 same mean linear score; what is left is the within-class variation, where the domain shift
 lives. The `class` matcher wants exactly the class signal, so it fits without the projection.
+What the projection cannot remove is content the target has and no source class has: the
+discriminator then also ranks source samples by noise along that direction (`knn` is less
+sensitive to it; see tests/test_matching.py and benchmarks/matching.py).
 
 Registry `MATCHERS`: ``discriminator`` (default), ``knn``, ``class``, ``uniform``.
 """
@@ -170,10 +174,8 @@ class DiscriminatorMatcher:
         fit_y = None if source_y is None else source_y[idx]
         self.features = ratio.Features(p.dims, self.class_neutral).fit(source[idx], fit_y)
         t = self.features(target)
-        x, d = (
-            np.concatenate([self.features(source[idx]), t]),
-            np.r_[np.zeros(len(idx)), np.ones(len(t))],
-        )
+        x = np.concatenate([self.features(source[idx]), t])
+        d = np.r_[np.zeros(len(idx)), np.ones(len(t))]  # domain label: 1 = target
         folds = min(settings.folds, len(t))
         if folds < 2:  # one target image: nothing to cross-validate or calibrate on
             self.slope, self.bias, oof = 1.0, 0.0, None
