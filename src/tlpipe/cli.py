@@ -73,8 +73,7 @@ def fetch(
 
     cfg = load_section(step.FetchConfig, "fetch", params, set_)
     result = step.run(cfg, out)
-    _say(f"fetched {out}")
-    del result
+    _say(f"fetched {len(result.files)} files into {out} from {result.source}")
 
 
 @app.command()

@@ -208,10 +208,10 @@ def fit(
     result, best_state, start = FitResult(), None, 0
     if checkpoint is not None and checkpoint.exists():
         start, best_state = _resume(checkpoint, model, optimizer, scheduler, result, desc)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 7)
+    aug_gen = torch.Generator()
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        aug_gen.manual_seed(cfg.seed * 7919 + epoch)
+        aug_gen.manual_seed(cfg.seed * 7919 + epoch)  # per epoch, so a resumed run matches
         train_loss = _train_one_epoch(
             model, train, epoch, optimizer, scheduler, loss_fn, penalty, cfg, mean, std,
             aug_gen, f"{desc} {epoch + 1}/{cfg.epochs}",
