@@ -113,6 +113,21 @@ def test_lp_ft_runs_two_phases_and_scratch_ignores_source(tiny_prepared, source_
     assert 0 <= res.metrics["target_val_accuracy"] <= 1
 
 
+def test_lp_ft_probe_phase_leaves_the_backbone_and_its_batchnorm_alone(
+    tiny_prepared, source_model, tmp_path
+) -> None:
+    """Phases are built up front; each must set its own trainable set when it runs."""
+    diverging = _cfg("lp_ft", train={**TINY_TRAIN, "lr": 1e38})  # the full phase blows up...
+    with pytest.raises(TlpipeError, match="NaN/inf"):
+        finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", diverging,
+                     checkpoint_dir=tmp_path / "ck")  # fmt: skip
+    assert not (tmp_path / "lpft.pt").exists()  # ...and a failed step keeps its resume files
+    after_probe = torch.load(tmp_path / "ck/probe.pt", weights_only=False)["best_state"]
+    src, _ = load_checkpoint(source_model)
+    for key, value in src.backbone.state_dict().items():
+        assert torch.equal(value, after_probe[f"backbone.{key}"]), key
+
+
 def test_per_strategy_overrides_and_bad_strategy(tiny_prepared, source_model, tmp_path) -> None:
     cfg = _cfg("full", per_strategy={"scratch": {"train": {"lr": 0.5}}})
     assert cfg.for_strategy("scratch").train.lr == 0.5

@@ -37,6 +37,11 @@ def _cfg(**joint_values) -> finetune.FinetuneConfig:
     return build(finetune.FinetuneConfig, values)
 
 
+def _specialist_cfg() -> finetune.FinetuneConfig:
+    values = {"strategy": "specialist", "train": TINY, "specialist": {**TINY, "epochs": 2}}
+    return build(finetune.FinetuneConfig, values)
+
+
 def _stream(n: int = 40, weights=None, selected=None) -> joint.SourceStream:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (n, 1, 28, 28), dtype=np.uint8)
@@ -128,3 +133,38 @@ def test_joint_needs_a_matching_match_output(
     assert not (tmp_path / "j.pt").exists()
     with pytest.raises(TlpipeError, match="source_weight"):
         _cfg(source_weight=-1)
+
+
+# ------------------------------------------------------------------------------ specialist
+
+
+def _match_with_selection(match_dir: Path, out: Path, selected: np.ndarray) -> Path:
+    out.mkdir()
+    for name in ("weights.npy", "report.json"):
+        (out / name).write_bytes((match_dir / name).read_bytes())
+    np.save(out / "selected.npy", selected)
+    return out
+
+
+def test_specialist_trains_on_the_selected_source_then_the_target(
+    tiny_prepared: Path, source_and_match, tmp_path: Path
+) -> None:
+    source_model, match_dir = source_and_match
+    source = load_split(tiny_prepared, "source")
+    models = {}
+    for name, sel in {"a": np.arange(0, len(source), 2), "a2": np.arange(0, len(source), 2),
+                      "b": np.arange(1, len(source), 2)}.items():  # fmt: skip
+        md = _match_with_selection(match_dir, tmp_path / f"m_{name}", sel)
+        res = finetune.run(tiny_prepared, source_model, tmp_path / f"{name}.pt", _specialist_cfg(),
+                           match_dir=md, checkpoint_dir=tmp_path / "ck")  # fmt: skip
+        models[name], meta = load_checkpoint(tmp_path / f"{name}.pt")
+    phases = [(r["phase"], "val_accuracy" in r) for r in res.history]
+    assert phases == [("specialist", False)] * 2 + [("full", True)]
+    assert meta["strategy"] == "specialist" and not hasattr(models["b"], "source_head")
+    assert 0 <= res.metrics["target_val_accuracy"] <= 1
+    first = [m.backbone[0][0].weight for m in models.values()]
+    assert torch.equal(first[0], first[1])  # same selection, same seed: the same model
+    assert not torch.equal(first[0], first[2])  # the selection is what it trained on
+    assert not list((tmp_path / "ck").iterdir())  # resume files go once the model is written
+    with pytest.raises(TlpipeError, match="needs the output of `tlpipe match`"):
+        finetune.run(tiny_prepared, source_model, tmp_path / "s.pt", _specialist_cfg())

@@ -137,6 +137,34 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_prepared: Path, tmp_pa
         torch.testing.assert_close(resumed["state"][k], v, msg=k)
 
 
+def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
+    tiny_prepared: Path, tmp_path: Path, capsys
+) -> None:
+    """A re-run after a params change (`dvc repro`) must train afresh, not reload old epochs."""
+    from tlpipe.config import build
+    from tlpipe.steps import pretrain
+
+    m, src = load_manifest(tiny_prepared), load_split(tiny_prepared, "source")
+    ckpt = tmp_path / "ck.pt"
+
+    def run(lr: float, key: str = "") -> int:
+        cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=2, lr=lr)
+        batches = ArrayBatches(src.x, src.y, 32, steps_per_epoch=2)
+        res = fit(build_model("small_cnn", 5), batches, cfg, mean=m["mean"], std=m["std"],
+                  checkpoint=ckpt, resume_key=key)  # fmt: skip
+        return res.resumed_from
+
+    assert run(0.05) == 0 and ckpt.exists()  # a finished fit keeps its file...
+    assert run(0.05) == 2  # ...so the same settings resume (nothing left to do)
+    assert run(0.01) == 0  # other settings: start over
+    assert "written with other settings" in capsys.readouterr().err
+    assert run(0.01, key="other data") == 0
+    # a whole step deletes its resume files once the model is written
+    cfg = build(pretrain.PretrainConfig, {"train": {"epochs": 1, "steps_per_epoch": 2}})
+    pretrain.run(tiny_prepared, tmp_path / "source.pt", cfg, checkpoint_dir=tmp_path / "ck")
+    assert (tmp_path / "source.pt").exists() and not list((tmp_path / "ck").iterdir())
+
+
 def test_predict_handles_empty_and_batches(tiny_prepared: Path) -> None:
     m, src, _ = _source(tiny_prepared)
     model = build_model("small_cnn", 5)

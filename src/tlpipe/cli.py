@@ -144,7 +144,8 @@ def match(
 def finetune(
     strategy: str = typer.Option(
         None,
-        help="linear_probe | partial | full | lp_ft | scratch (+ joint with `match`); "
+        help="linear_probe | partial | full | lp_ft | scratch, and with `--match` (the output "
+        "of `tlpipe match`): joint | specialist; "
         "default: finetune.strategy in params.yaml.",
     ),
     prepared: Path = PREPARED,

@@ -164,6 +164,16 @@ class JointBatches:
         return self.pool[pick]
 
 
+def source_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy through `source_head` (the `specialist` strategy's source phase)."""
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = getattr(model, SOURCE_HEAD)(model.backbone(batch["input"]))
+        return F.cross_entropy(logits, batch["y"], label_smoothing=label_smoothing)
+
+    return loss_fn
+
+
 def joint_loss(source_weight: float, label_smoothing: float = 0.0) -> LossFn:
     """Target CE through `head` + source_weight × weighted source CE through `source_head`."""
 

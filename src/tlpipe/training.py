@@ -182,6 +182,7 @@ def fit(
     loss_fn: LossFn | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     checkpoint: Path | None = None,
+    resume_key: str = "",
     desc: str = "train",
 ) -> FitResult:
     """Train `model` and leave it holding the weights of the best validation epoch.
@@ -193,7 +194,9 @@ def fit(
         param_groups: `[{"params": [...], "lr_scale": s}, ...]`; default all trainable params.
         loss_fn: `(model, batch) -> loss`; batch has `input` (normalised) plus the raw keys.
         penalty: extra loss term (L2-SP), called once per step.
-        checkpoint: file rewritten every epoch; if it exists, training resumes after it.
+        checkpoint: file rewritten every epoch; if it exists, training resumes after it —
+            unless it was written with another `cfg` or `resume_key` (the caller's inputs:
+            data, starting model, settings): then it is stale and training starts over.
         desc: progress-bar label.
     """
     device = resolve_device(cfg.device)
@@ -206,8 +209,9 @@ def fit(
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer, scheduler = _optimizer(groups, cfg, total_steps=cfg.epochs * len(train))
     result, best_state, start = FitResult(), None, 0
+    key = f"{cfg!r}|{resume_key}"
     if checkpoint is not None and checkpoint.exists():
-        start, best_state = _resume(checkpoint, model, optimizer, scheduler, result, desc)
+        start, best_state = _resume(checkpoint, model, optimizer, scheduler, result, desc, key)
     aug_gen = torch.Generator()
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -224,7 +228,8 @@ def fit(
             result.best_epoch, result.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
             best_state = copy.deepcopy(model.state_dict())
         if checkpoint is not None:
-            _save_resume(checkpoint, model, optimizer, scheduler, result, best_state, epoch, desc)
+            _save_resume(checkpoint, model, optimizer, scheduler, result, best_state, epoch,
+                         desc, key)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -284,6 +289,13 @@ def _freeze_frozen_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def remove_checkpoints(paths: Sequence[Path | None]) -> None:
+    """Drop resume files once the step's output is safely written (they only serve a kill)."""
+    for path in paths:
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+
+
 def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int):
     groups = [
         {"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0),
@@ -313,9 +325,10 @@ def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int)
     return opt, sched
 
 
-def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, desc) -> None:
+def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, desc, key):
     state = {
         "desc": desc,
+        "key": key,
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -328,13 +341,17 @@ def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, d
         torch.save(state, tmp)
 
 
-def _resume(path, model, optimizer, scheduler, result, desc):
+def _resume(path, model, optimizer, scheduler, result, desc, key):
     try:
         state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise TlpipeError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
     if state.get("desc") != desc:
         raise TlpipeError(f"checkpoint {path} belongs to {state.get('desc')!r}, not {desc!r}")
+    if state.get("key") != key:
+        print(f"{path} was written with other settings, data or starting model: "
+              "not resuming from it, training from the start", file=sys.stderr)  # fmt: skip
+        return 0, None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

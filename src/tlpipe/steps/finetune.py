@@ -3,7 +3,8 @@
 A strategy is a function `(model, source_state, cfg) -> list[Phase]`: which parameters train,
 at which learning-rate scale, for how long, with which penalty. They all run through the one
 loop in `tlpipe.training`; `lp_ft` is simply two phases. `joint` is `full` plus a stream of
-match-weighted source batches through a second head (`tlpipe.joint`). Model selection uses the
+match-weighted source batches through a second head (`tlpipe.joint`); `specialist` first
+continues training on the matched source alone, then runs `full`. Model selection uses the
 target *validation* split only.
 """
 
@@ -22,7 +23,7 @@ from tlpipe.config import build, to_dict
 from tlpipe.errors import TlpipeError
 from tlpipe.joint import JointConfig
 from tlpipe.steps.pretrain import TrainResult, checkpoint_meta
-from tlpipe.training import TrainConfig
+from tlpipe.training import ArrayBatches, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class FinetuneConfig:
     partial_blocks: int = 2  # `partial`: how many of the last backbone blocks train
     l2sp: float = 0.0  # L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone
     joint: JointConfig = field(default_factory=JointConfig)  # strategy `joint` (tlpipe.joint)
+    specialist: TrainConfig = field(  # strategy `specialist`: its source phase
+        default_factory=lambda: TrainConfig(
+            epochs=4, batch_size=128, lr=0.03, schedule="cosine", augment=True,
+        )
+    )  # fmt: skip
     per_strategy: dict[str, Any] = field(default_factory=dict)
 
     def for_strategy(self, name: str) -> FinetuneConfig:
@@ -65,8 +71,10 @@ class Phase:
     groups: list[dict[str, Any]]
     train: TrainConfig
     penalty: Callable[[], torch.Tensor] | None = None
-    # Co-training on source (joint): (target batches, prepared_dir, match_dir) → (batches, loss)
+    # Source batches (joint, specialist): (target batches, prepared_dir, match_dir) →
+    # (batches, loss)
     source_stream: Callable[..., tuple[Any, Callable]] | None = None
+    validate: bool = True  # False: target-val accuracy means nothing yet (a source-only phase)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -122,6 +130,13 @@ def l2sp_penalty(model, source_state: dict[str, torch.Tensor], alpha: float):
     return penalty
 
 
+def _source_stream(prepared_dir: Path, match_dir: Path | None, head: nn.Linear):
+    stream = joint.load_source_stream(prepared_dir, match_dir)
+    if stream.num_classes != head.out_features:
+        raise TlpipeError("the source model's classes differ from the prepared source's")
+    return stream
+
+
 def joint_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
     """`full`, plus match-weighted source batches through the pretrained source head."""
     joint.attach_source_head(model, source_state)
@@ -131,11 +146,33 @@ def joint_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
     phase.groups.append({"params": list(head.parameters()), "lr_scale": 1.0})
 
     def source_stream(batches, prepared_dir: Path, match_dir: Path | None):
-        stream = joint.load_source_stream(prepared_dir, match_dir)
-        if stream.num_classes != head.out_features:
-            raise TlpipeError("the source model's classes differ from the prepared source's")
+        stream = _source_stream(prepared_dir, match_dir, head)
         mixed = joint.JointBatches(batches, stream, cfg.joint, seed=phase.train.seed)
         return mixed, joint.joint_loss(cfg.joint.source_weight, phase.train.label_smoothing)
+
+    phase.source_stream = source_stream
+    return phase
+
+
+def specialist_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
+    """Continue training the source model on the matched source only (source head).
+
+    Ngiam et al. (2018) "Domain Adaptive Transfer Learning with Specialist Models": the
+    backbone leans on the source images that look like the target before it sees the target.
+    The batches are drawn uniformly from selected.npy (the top `match.top_fraction`).
+    """
+    joint.attach_source_head(model, source_state)
+    head = getattr(model, joint.SOURCE_HEAD)
+    params = list(model.backbone.parameters()) + list(head.parameters())
+    phase = Phase("specialist", _trainable([{"params": params}], model), cfg.specialist,
+                  validate=False)  # fmt: skip
+
+    def source_stream(_target_batches, prepared_dir: Path, match_dir: Path | None):
+        stream = _source_stream(prepared_dir, match_dir, head)
+        t, sel = phase.train, stream.selected
+        batches = ArrayBatches(stream.x[sel], stream.y[sel], t.batch_size, seed=t.seed,
+                               steps_per_epoch=t.steps_per_epoch, domain=1)  # fmt: skip
+        return batches, joint.source_loss(t.label_smoothing)
 
     phase.source_stream = source_stream
     return phase
@@ -148,6 +185,7 @@ STRATEGIES: dict[str, Strategy] = {
     "full": lambda m, s, c: [blocks_phase(m, c, None, "full", s)],
     "lp_ft": lambda m, s, c: [head_phase(m, c), blocks_phase(m, c, None, "full", s)],
     "joint": lambda m, s, c: [joint_phase(m, c, s)],
+    "specialist": lambda m, s, c: [specialist_phase(m, c, s), blocks_phase(m, c, None, "full", s)],
     "scratch": lambda m, s, c: [
         Phase("scratch", _trainable([{"params": list(m.parameters())}], m), c.train)
     ],
@@ -171,7 +209,7 @@ def run(
     """
     from tlpipe.data import load_manifest, load_split
     from tlpipe.models import save_checkpoint
-    from tlpipe.training import ArrayBatches, fit
+    from tlpipe.training import fit, remove_checkpoints
 
     if cfg.strategy not in STRATEGIES:
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
@@ -180,7 +218,8 @@ def run(
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
     classes = manifest["target_classes"]
     model, source_state, arch = _start_model(cfg, source_model, manifest, len(classes))
-    history, result = [], None
+    history, result, seconds, resume_files = [], None, 0.0, []
+    key = _resume_key(cfg, manifest, source_model, match_dir)
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
         t = phase.train
         batches = ArrayBatches(train.x, train.y, t.batch_size, seed=t.seed,
@@ -189,19 +228,34 @@ def run(
         if phase.source_stream is not None:
             batches, loss_fn = phase.source_stream(batches, prepared_dir, match_dir)
         resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
+        resume_files.append(resume)
+        _trainable(phase.groups, model)  # phases are built up front: each sets its own again
         result = fit(
             model, batches, t, mean=manifest["mean"], std=manifest["std"],
-            val=(val.x, val.y) if len(val) else None, param_groups=phase.groups,
-            loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume,
+            val=(val.x, val.y) if len(val) and phase.validate else None, param_groups=phase.groups,
+            loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume, resume_key=key,
             desc=f"{cfg.strategy}:{phase.name}",
         )  # fmt: skip
         history += [{**row, "phase": phase.name} for row in result.history]
+        seconds += result.seconds
     joint.detach_extra_heads(model)
     meta = checkpoint_meta(manifest, arch, cfg.strategy, classes, result)
     meta["history"] = history
     save_checkpoint(out_model, model, meta)
-    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": result.seconds}
+    remove_checkpoints(resume_files)
+    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": seconds}
     return TrainResult(Path(out_model), history, metrics)
+
+
+def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) -> str:
+    """What a resume file must have been written with: settings, data, source model, weights."""
+    from tlpipe.fsio import sha256_file
+
+    inputs = [Path(source_model)] if source_model and cfg.strategy != "scratch" else []
+    if match_dir is not None:
+        inputs += [Path(match_dir) / n for n in ("weights.npy", "selected.npy")]
+    hashes = [sha256_file(f) if f.is_file() else "-" for f in inputs]
+    return f"{cfg!r}|{manifest.get('dataset_sha256')}|{'|'.join(hashes)}"
 
 
 def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):

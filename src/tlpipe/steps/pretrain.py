@@ -42,7 +42,7 @@ def run(
     """
     from tlpipe.data import load_manifest, load_split
     from tlpipe.models import build_model, save_checkpoint
-    from tlpipe.training import ArrayBatches, fit
+    from tlpipe.training import ArrayBatches, fit, remove_checkpoints
 
     manifest = load_manifest(prepared_dir)
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
@@ -60,10 +60,12 @@ def run(
         std=manifest["std"],
         val=(source_val.x, source_val.y) if len(source_val) else None,
         checkpoint=_resume_file(checkpoint_dir, "pretrain"),
+        resume_key=f"{cfg!r}|{manifest.get('dataset_sha256')}",
         desc="pretrain",
     )
     meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result)
     save_checkpoint(out_model, model, meta)
+    remove_checkpoints([_resume_file(checkpoint_dir, "pretrain")])
     metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds}  # fmt: skip
     return TrainResult(Path(out_model), result.history, metrics)
