@@ -107,20 +107,11 @@ def weigh(emb: dict, cfg: match.MatchConfig, name: str) -> tuple[np.ndarray, flo
     return w, time.perf_counter() - t0
 
 
-def write_match_dir(out: Path, prepared: Path, w: np.ndarray, cfg: match.MatchConfig) -> None:
+def write_match_dir(out: Path, prepared: Path, w: np.ndarray, selected: np.ndarray) -> None:
     """What `tlpipe match` writes, less the plots (the embeddings are shared across matchers)."""
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "weights.npy", w)
-    np.save(out / "selected.npy", matching.select_top(w, cfg.top_fraction, cfg.seed))
-    write_json(out / "report.json", {"dataset_sha256": load_manifest(prepared)["dataset_sha256"]})
-
-
-def write_oracle_dir(out: Path, prepared: Path, shifted: np.ndarray) -> None:
-    """A match output that knows the answer: selected = the truly shifted source images."""
-    out.mkdir(parents=True, exist_ok=True)
-    w = np.where(shifted, 1.0, 0.01)
-    np.save(out / "weights.npy", (w / w.mean()).astype(np.float32))
-    np.save(out / "selected.npy", np.flatnonzero(shifted))
+    np.save(out / "weights.npy", w.astype(np.float32))
+    np.save(out / "selected.npy", selected)
     write_json(out / "report.json", {"dataset_sha256": load_manifest(prepared)["dataset_sha256"]})
 
 
@@ -146,9 +137,11 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         s = matching.summary(w, emb["y"], [str(i) for i in range(5)], shifted, sel)
         results[f"match:{name}"] = {"seconds": seconds, "ess_fraction": s["ess_fraction"],
                                     "precision": s.get("selection_precision")}  # fmt: skip
-        write_match_dir(work / f"match_{name}", prepared, w, mcfg)
-    if emb["shifted"].any():
-        write_oracle_dir(work / "match_oracle", prepared, emb["shifted"].astype(bool))
+        write_match_dir(work / f"match_{name}", prepared, w, sel)
+    if emb["shifted"].any():  # the oracle knows the answer: selected = the shifted images
+        shifted = emb["shifted"].astype(bool)
+        w = np.where(shifted, 1.0, 0.01)
+        write_match_dir(work / "match_oracle", prepared, w / w.mean(), np.flatnonzero(shifted))
     for variant, (strategy, matcher) in VARIANTS.items():
         if variant in results or not (matcher is None or (work / f"match_{matcher}").exists()):
             continue

@@ -74,14 +74,16 @@ class SourceStream:
     num_classes: int
 
 
-def load_source_stream(prepared_dir: Path, match_dir: Path | None) -> SourceStream:
+def load_source_stream(
+    prepared_dir: Path, match_dir: Path | None, strategy: str = "joint"
+) -> SourceStream:
     """Source split + weights.npy/selected.npy, checked against each other."""
     from tlpipe.data import load_manifest, load_split
     from tlpipe.fsio import read_json
 
     if match_dir is None:
         raise TlpipeError(
-            "strategy 'joint' needs the output of `tlpipe match` (pass --match matching)"
+            f"strategy {strategy!r} needs the output of `tlpipe match` (pass --match matching)"
         )
     match_dir = Path(match_dir)
     for name in ("weights.npy", "selected.npy", "report.json"):
@@ -104,10 +106,12 @@ def load_source_stream(prepared_dir: Path, match_dir: Path | None) -> SourceStre
     return SourceStream(source.x, source.y, weights, selected, n_classes)
 
 
-def attach_source_head(model: nn.Module, source_state: dict[str, torch.Tensor] | None) -> None:
+def attach_source_head(
+    model: nn.Module, source_state: dict[str, torch.Tensor] | None, strategy: str = "joint"
+) -> None:
     """Give `model` a second head, `source_head`, holding the pretrained source head."""
     if source_state is None or "head.weight" not in source_state:
-        raise TlpipeError("strategy 'joint' needs the pretrained source model's head")
+        raise TlpipeError(f"strategy {strategy!r} needs the pretrained source model's head")
     weight, bias = source_state["head.weight"], source_state["head.bias"]
     head = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():

@@ -130,8 +130,8 @@ def l2sp_penalty(model, source_state: dict[str, torch.Tensor], alpha: float):
     return penalty
 
 
-def _source_stream(prepared_dir: Path, match_dir: Path | None, head: nn.Linear):
-    stream = joint.load_source_stream(prepared_dir, match_dir)
+def _source_stream(prepared_dir: Path, match_dir: Path | None, head: nn.Linear, strategy: str):
+    stream = joint.load_source_stream(prepared_dir, match_dir, strategy)
     if stream.num_classes != head.out_features:
         raise TlpipeError("the source model's classes differ from the prepared source's")
     return stream
@@ -139,14 +139,14 @@ def _source_stream(prepared_dir: Path, match_dir: Path | None, head: nn.Linear):
 
 def joint_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
     """`full`, plus match-weighted source batches through the pretrained source head."""
-    joint.attach_source_head(model, source_state)
+    joint.attach_source_head(model, source_state, cfg.strategy)
     phase = blocks_phase(model, cfg, None, "joint", source_state)
     head = getattr(model, joint.SOURCE_HEAD)
     head.requires_grad_(True)
     phase.groups.append({"params": list(head.parameters()), "lr_scale": 1.0})
 
     def source_stream(batches, prepared_dir: Path, match_dir: Path | None):
-        stream = _source_stream(prepared_dir, match_dir, head)
+        stream = _source_stream(prepared_dir, match_dir, head, cfg.strategy)
         mixed = joint.JointBatches(batches, stream, cfg.joint, seed=phase.train.seed)
         return mixed, joint.joint_loss(cfg.joint.source_weight, phase.train.label_smoothing)
 
@@ -161,14 +161,14 @@ def specialist_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
     backbone leans on the source images that look like the target before it sees the target.
     The batches are drawn uniformly from selected.npy (the top `match.top_fraction`).
     """
-    joint.attach_source_head(model, source_state)
+    joint.attach_source_head(model, source_state, cfg.strategy)
     head = getattr(model, joint.SOURCE_HEAD)
     params = list(model.backbone.parameters()) + list(head.parameters())
     phase = Phase("specialist", _trainable([{"params": params}], model), cfg.specialist,
                   validate=False)  # fmt: skip
 
     def source_stream(_target_batches, prepared_dir: Path, match_dir: Path | None):
-        stream = _source_stream(prepared_dir, match_dir, head)
+        stream = _source_stream(prepared_dir, match_dir, head, cfg.strategy)
         t, sel = phase.train, stream.selected
         batches = ArrayBatches(stream.x[sel], stream.y[sel], t.batch_size, seed=t.seed,
                                steps_per_epoch=t.steps_per_epoch, domain=1)  # fmt: skip
