@@ -15,9 +15,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
+# Big enough that transfer reliably beats scratch: over pretrain/finetune seeds 0-2 and 1 or 2
+# torch threads, lp_ft gained +10.4 to +21.4 points (with 300 source images per class and 2
+# epochs it ranged from -0.4 to +6.5: float noise from another CPU flipped the assert in CI).
 SMALL = {
-    "prepare": {"max_source_per_class": 300, "max_test_per_class": 200},
-    "pretrain": {"train": {"epochs": 2, "batch_size": 64}},
+    "prepare": {"max_source_per_class": 1000, "max_test_per_class": 200},
+    "pretrain": {"train": {"epochs": 3, "batch_size": 64}},
     "strategies": ["lp_ft"],
     "finetune": {"train": {"epochs": 6}, "probe": {"epochs": 4},
                  "per_strategy": {"scratch": {"train": {"lr": 0.05, "epochs": 10}}}},
@@ -58,7 +61,7 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     metrics = json.loads((work / "eval/metrics.json").read_text())
     scratch = metrics["models"]["scratch"]["accuracy"]
     best_tuned = max(m["accuracy"] for n, m in metrics["models"].items() if n != "scratch")
-    assert best_tuned > scratch, metrics["gain_over_scratch"]
+    assert best_tuned > scratch + 0.05, metrics["gain_over_scratch"]
     assert (work / "eval/plots/confusion_scratch.png").exists()
 
     again = sh(sys.executable, "-m", "dvc", "repro")

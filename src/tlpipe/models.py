@@ -102,10 +102,12 @@ def build_model(
     in_chans: int = 1,
     input_size: int = 28,
     pretrained: str | Path | None = None,
+    seed: int = 0,
 ) -> Net:
-    """Build a registered model.
+    """Build a registered model; its initial weights depend only on `seed`.
 
     Args:
+        seed: seeds the initialisation (the global torch RNG is left as it was).
         pretrained: a local weights file: a torchvision state_dict for the torchvision models
             (e.g. `resnet18-f37072fd.pth`) or a tlpipe checkpoint. Only the backbone is taken.
             No network access at run time: download the file first (README, "pretrained").
@@ -115,7 +117,9 @@ def build_model(
     if num_classes < 1:
         raise TlpipeError(f"num_classes must be ≥ 1, got {num_classes}")
     weights = _read_weights(pretrained) if pretrained else None
-    return MODELS[name](num_classes, in_chans=in_chans, input_size=input_size, weights=weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](num_classes, in_chans=in_chans, input_size=input_size, weights=weights)
 
 
 def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:

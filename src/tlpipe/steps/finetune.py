@@ -264,8 +264,8 @@ def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
 
     in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
     if cfg.strategy == "scratch":
-        torch.manual_seed(cfg.train.seed)
-        return build_model(cfg.model, num_classes, in_chans, input_size), None, cfg.model
+        model = build_model(cfg.model, num_classes, in_chans, input_size, seed=cfg.train.seed)
+        return model, None, cfg.model
     if source_model is None:
         raise TlpipeError(f"strategy {cfg.strategy!r} needs a source model (run pretrain first)")
     source, meta = load_checkpoint(source_model)

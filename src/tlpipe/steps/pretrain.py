@@ -46,9 +46,9 @@ def run(
 
     manifest = load_manifest(prepared_dir)
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
-    model = build_model(cfg.model, len(manifest["source_classes"]), *_shape(manifest),
-                        pretrained=cfg.pretrained)  # fmt: skip
     t = cfg.train
+    model = build_model(cfg.model, len(manifest["source_classes"]), *_shape(manifest),
+                        pretrained=cfg.pretrained, seed=t.seed)  # fmt: skip
     batches = ArrayBatches(
         source.x, source.y, t.batch_size, t.seed, steps_per_epoch=t.steps_per_epoch
     )
