@@ -18,11 +18,12 @@ embeddings, KMM at 5 000 source samples; and the time to weight the full-size so
 (max_source_per_class: null, 28 500 images), embedding timed separately.
 
 Everything is cached under --work (default /tmp/tlpipe-matching-bench): a re-run skips what
-is done, so the scenarios can run as two processes (`--scenarios default` and `--scenarios
-mixed-source`) and a last plain run prints the tables. --quick is a smoke run (1 seed, 300
-source images per class, 1-2 epochs). --threads 1 (default): on a shared 2-core box one torch
-thread per process trained 15x faster than two (0.11 vs 1.6 s per step, measured under load).
-Prints Markdown tables.
+is done, so scenarios and seeds can run as separate processes (`--scenarios default`,
+`--scenarios mixed-source --seeds 3 4`); each run prints its accuracy and matcher tables, and
+a plain run (both scenarios) adds skada and the full-size timing. --quick is a smoke run (1
+seed, 300 source images per class, 1-2 epochs). --threads 1 (default): on a shared 2-core box
+one torch thread per process trained 15x faster than two (0.11 vs 1.6 s per step, measured
+under load). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -181,6 +182,21 @@ def accuracy_table(all_results: dict[str, list[dict]]) -> str:
     return "\n".join(lines + val)
 
 
+def paired_table(all_results: dict[str, list[dict]]) -> str:
+    """Per seed, what a selection adds over the uniform one in the same strategy (points)."""
+    pairs = [(f"{s}+{m}", f"{s}+uniform") for s in ("joint", "specialist")
+             for m in ("discriminator", "oracle")]  # fmt: skip
+    lines = ["| scenario | " + " | ".join(f"{a} − uniform" for a, _ in pairs) + " |",
+             "|---" * (len(pairs) + 1) + "|"]  # fmt: skip
+    for scenario, runs in all_results.items():
+        cells = []
+        for a, b in pairs:
+            d = [100 * (r[a]["test"] - r[b]["test"]) for r in runs if a in r and b in r]
+            cells.append(f"{mean_std(d)} ({', '.join(f'{x:+.1f}' for x in d)})" if d else "–")
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def matcher_table(all_results: dict[str, list[dict]]) -> str:
     lines = ["| scenario | matcher | selection precision | ESS fraction | weighting s |",
              "|---|---|---|---|---|"]  # fmt: skip
@@ -295,17 +311,19 @@ def main() -> None:
     for scenario in args.scenarios:
         params = read_params(SCENARIOS[scenario])
         all_results[scenario] = [run_seed(scenario, params, seed, args) for seed in args.seeds]
-    if args.scenarios != list(SCENARIOS):
-        return  # a partial run fills the cache; a plain run prints every table
-    mixed = read_params(SCENARIOS["mixed-source"])
-    seed0 = args.work / "mixed-source" / f"seed{args.seeds[0]}"
-    mcfg = load_section(match.MatchConfig, "match", mixed)
     print(f"\n## Target test accuracy (%), mean ± std over seeds {args.seeds}\n")
     print(f"pretrain epochs {args.pretrain_epochs or 'as in the preset'}, fine-tune epochs "
           f"{args.finetune_epochs or 'as in the preset'}\n")  # fmt: skip
     print(accuracy_table(all_results))
+    print("\n## Paired by seed: a selection minus the uniform one (points; per seed)\n")
+    print(paired_table(all_results))
     print("\n## Matchers (top half by weight vs the truly shifted source images)\n")
     print(matcher_table(all_results))
+    if args.scenarios != list(SCENARIOS):
+        return
+    mixed = read_params(SCENARIOS["mixed-source"])
+    seed0 = args.work / "mixed-source" / f"seed{args.seeds[0]}"
+    mcfg = load_section(match.MatchConfig, "match", mixed)
     if not args.no_skada:
         print("\n## tlpipe vs skada on the same mixed-source embeddings\n")
         emb = embeddings(seed0 / "prepared", seed0 / "source.pt", mcfg, seed0 / "emb.npz")
