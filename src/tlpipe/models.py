@@ -107,10 +107,10 @@ def build_model(
     """Build a registered model; its initial weights depend only on `seed`.
 
     Args:
-        seed: seeds the initialisation (the global torch RNG is left as it was).
         pretrained: a local weights file: a torchvision state_dict for the torchvision models
             (e.g. `resnet18-f37072fd.pth`) or a tlpipe checkpoint. Only the backbone is taken.
             No network access at run time: download the file first (README, "pretrained").
+        seed: seeds the initialisation (the global torch RNG is left as it was).
     """
     if name not in MODELS:
         raise TlpipeError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
