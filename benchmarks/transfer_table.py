@@ -4,8 +4,9 @@
 
 One source model is pretrained (params.yaml `pretrain:`) on the default scenario. Then, for
 each k (labelled target images per class) and seed (which target images are labelled, and
-the fine-tune seed), every strategy is fine-tuned with params.yaml `finetune:` and scored on
-the target test split. Hyperparameters are never chosen on test: `finetune:` was set by
+the fine-tune seed), the source is matched to that target (params.yaml `match:`, for
+`joint`), every strategy is fine-tuned with params.yaml `finetune:` and scored on the target
+test split. Hyperparameters are never chosen on test: `finetune:` was set by
 target-validation accuracy only. Prints a Markdown table (mean ± std over seeds).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from tlpipe.config import build, load_section, read_params
 from tlpipe.data import load_manifest, load_split
 from tlpipe.models import load_checkpoint
-from tlpipe.steps import fetch, finetune, prepare, pretrain
+from tlpipe.steps import fetch, finetune, match, prepare, pretrain
 from tlpipe.training import accuracy
 
 STRATEGIES = {  # name → (strategy, extra finetune params)
@@ -30,6 +31,7 @@ STRATEGIES = {  # name → (strategy, extra finetune params)
     "full": ("full", {}),
     "lp_ft": ("lp_ft", {}),
     "full + L2-SP": ("full", {"l2sp": 0.01}),
+    "joint": ("joint", {}),  # co-trains on the matched source (`match` output)
 }
 
 
@@ -76,6 +78,9 @@ def main() -> None:
                 load_manifest(prep)["source_classes"]
                 == load_manifest(work / "prep-source")["source_classes"]
             )
+            matched = work / f"match-k{k}-s{seed}"
+            if not (matched / "report.json").exists():
+                match.run(prep, source, matched, load_section(match.MatchConfig, "match", params))
             val_acc: dict[str, float] = {}
             for name, (strategy, extra) in STRATEGIES.items():
                 seeded = {**ft, **extra, "strategy": strategy}
@@ -84,7 +89,7 @@ def main() -> None:
                 cfg = build(finetune.FinetuneConfig, seeded).for_strategy(strategy)
                 out = work / f"k{k}-s{seed}-{name}.pt"
                 if not out.exists():  # --work of an interrupted run: keep what it finished
-                    finetune.run(prep, source, out, cfg)
+                    finetune.run(prep, source, out, cfg, match_dir=matched)
                 test_acc, val_acc[name] = scores(prep, out)
                 results[name][k].append(test_acc)
                 print(f"k={k} seed={seed} {name}: test {test_acc:.4f} val {val_acc[name]:.3f}")
