@@ -8,7 +8,8 @@ builder to `MODELS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +111,23 @@ def build_model(
         pretrained: a local weights file: a torchvision state_dict for the torchvision models
             (e.g. `resnet18-f37072fd.pth`) or a tlpipe checkpoint. Only the backbone is taken.
             No network access at run time: download the file first (README, "pretrained").
-        seed: seeds the initialisation (the global torch RNG is left as it was).
+        seed: seeds the initialisation (see `seeded`).
     """
     if name not in MODELS:
         raise TlpipeError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if num_classes < 1:
         raise TlpipeError(f"num_classes must be ≥ 1, got {num_classes}")
     weights = _read_weights(pretrained) if pretrained else None
+    with seeded(seed):
+        return MODELS[name](num_classes, in_chans=in_chans, input_size=input_size, weights=weights)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Initialise layers from `seed` alone; torch's global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](num_classes, in_chans=in_chans, input_size=input_size, weights=weights)
+        yield
 
 
 def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:

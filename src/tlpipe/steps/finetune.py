@@ -260,7 +260,7 @@ def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) ->
 
 def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
     """A fresh model (scratch) or the source backbone with a new head for the target classes."""
-    from tlpipe.models import build_model, load_checkpoint
+    from tlpipe.models import build_model, load_checkpoint, seeded
 
     in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
     if cfg.strategy == "scratch":
@@ -275,6 +275,6 @@ def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
             f"prepared data is {in_chans}×{input_size}px: re-run pretrain on this data"
         )
     source_state = {k: v.detach().clone() for k, v in source.state_dict().items()}
-    torch.manual_seed(cfg.train.seed)
-    source.head = nn.Linear(source.feat_dim, num_classes)
+    with seeded(cfg.train.seed):
+        source.head = nn.Linear(source.feat_dim, num_classes)
     return source, source_state, meta["arch"]

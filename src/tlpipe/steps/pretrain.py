@@ -46,7 +46,7 @@ def run(
 
     manifest = load_manifest(prepared_dir)
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
-    t = cfg.train
+    t, resume = cfg.train, _resume_file(checkpoint_dir, "pretrain")
     model = build_model(cfg.model, len(manifest["source_classes"]), *_shape(manifest),
                         pretrained=cfg.pretrained, seed=t.seed)  # fmt: skip
     batches = ArrayBatches(
@@ -59,13 +59,13 @@ def run(
         mean=manifest["mean"],
         std=manifest["std"],
         val=(source_val.x, source_val.y) if len(source_val) else None,
-        checkpoint=_resume_file(checkpoint_dir, "pretrain"),
+        checkpoint=resume,
         resume_key=f"{cfg!r}|{manifest.get('dataset_sha256')}",
         desc="pretrain",
     )
     meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result)
     save_checkpoint(out_model, model, meta)
-    remove_checkpoints([_resume_file(checkpoint_dir, "pretrain")])
+    remove_checkpoints([resume])
     metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds}  # fmt: skip
     return TrainResult(Path(out_model), result.history, metrics)
