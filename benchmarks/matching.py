@@ -9,7 +9,8 @@ prepare seed, the pretrain seed and the fine-tune seed): prepare, pretrain, embe
 the source with every matcher, then fine-tune `full`, `joint` (+uniform, +discriminator, +knn
 weights) and `specialist` (+uniform, +discriminator) and score each on the target *test*
 split. On mixed-source the ground truth (which source images are shifted) also serves as a
-selection, `+oracle`: the ceiling any matcher could reach. Nothing is chosen on test: the
+selection, `+oracle`: the ceiling any matcher could reach; `+anti` selects the clean half
+instead, the control that shows whether the selection matters at all. Nothing is chosen on test: the
 presets' settings were picked on target-validation accuracy of separate seeds.
 
 Then, on the mixed-source embeddings (seed 0): selection precision and time of our matchers
@@ -32,6 +33,7 @@ import argparse
 import json
 import statistics
 import time
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,8 @@ VARIANTS = {  # name → (strategy, matcher whose weights joint uses)
     # the ceiling: the ground-truth shifted images as the selection (mixed-source only)
     "joint+oracle": ("joint", "oracle"),
     "specialist+oracle": ("specialist", "oracle"),
+    # the control: the *wrong* half, only the clean source images (mixed-source only)
+    "joint+anti": ("joint", "anti"),
 }
 MATCHER_NAMES = ("discriminator", "knn", "class", "uniform")
 
@@ -141,8 +145,9 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         write_match_dir(work / f"match_{name}", prepared, w, sel)
     if emb["shifted"].any():  # the oracle knows the answer: selected = the shifted images
         shifted = emb["shifted"].astype(bool)
-        w = np.where(shifted, 1.0, 0.01)
-        write_match_dir(work / "match_oracle", prepared, w / w.mean(), np.flatnonzero(shifted))
+        for name, chosen in (("oracle", shifted), ("anti", ~shifted)):
+            w = np.where(chosen, 1.0, 0.01)
+            write_match_dir(work / f"match_{name}", prepared, w / w.mean(), np.flatnonzero(chosen))
     for variant, (strategy, matcher) in VARIANTS.items():
         if variant in results or not (matcher is None or (work / f"match_{matcher}").exists()):
             continue
@@ -184,8 +189,8 @@ def accuracy_table(all_results: dict[str, list[dict]]) -> str:
 
 def paired_table(all_results: dict[str, list[dict]]) -> str:
     """Per seed, what a selection adds over the uniform one in the same strategy (points)."""
-    pairs = [(f"{s}+{m}", f"{s}+uniform") for s in ("joint", "specialist")
-             for m in ("discriminator", "oracle")]  # fmt: skip
+    pairs = [(f"{s}+{m}", f"{s}+uniform") for s, m in product(("joint", "specialist"),
+             ("discriminator", "oracle", "anti")) if f"{s}+{m}" in VARIANTS]  # fmt: skip
     lines = ["| scenario | " + " | ".join(f"{a} − uniform" for a, _ in pairs) + " |",
              "|---" * (len(pairs) + 1) + "|"]  # fmt: skip
     for scenario, runs in all_results.items():
