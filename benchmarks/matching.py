@@ -10,8 +10,8 @@ the source with every matcher, then fine-tune `full`, `joint` (+uniform, +discri
 weights) and `specialist` (+uniform, +discriminator) and score each on the target *test*
 split. On mixed-source the ground truth (which source images are shifted) also serves as a
 selection, `+oracle`: the ceiling any matcher could reach; `+anti` selects the clean half
-instead, the control that shows whether the selection matters at all. Nothing is chosen on test: the
-presets' settings were picked on target-validation accuracy of separate seeds.
+instead, the control that shows whether the selection matters at all. Nothing is chosen on
+test: the presets' settings were picked on target-validation accuracy of separate seeds.
 
 Then, on the mixed-source embeddings (seed 0): selection precision and time of our matchers
 beside skada's reweighting estimators (`pip install skada`, the `bench` extra) on the same
