@@ -34,9 +34,9 @@ test-slow: $(STAMP)
 
 ## pipeline: compile the Kubeflow pipeline (commit pipelines/transfer_learning.yaml)
 pipeline: $(STAMP)
-	$(BIN)/tlpipe pipeline compile
+	$(BIN)/python -m pipelines.transfer_learning
 
-## pipeline-local: the same Kubeflow DAG on this machine (kfp.local)
+## pipeline-local: the compiled Kubeflow DAG on this machine (kfp.local)
 pipeline-local: $(STAMP) data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/tlpipe pipeline run-local
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe import matching, ratio
-from tlpipe.config import load_section, read_params
+from tlpipe.config import read_params, resolve
 from tlpipe.data import load_manifest, load_split
 from tlpipe.fsio import write_json
 from tlpipe.models import load_checkpoint
@@ -74,13 +74,13 @@ def prepared_and_model(work: Path, params: dict, seed: int, args) -> tuple[Path,
     prep_over = {"seed": seed} | ({"max_source_per_class": 300} if args.quick else {})
     prepared, model = work / "prepared", work / "source.pt"
     if not prepared.exists():
-        cfg = load_section(prepare.PrepareConfig, "prepare", section(params, "prepare", prep_over))
+        cfg = resolve(section(params, "prepare", prep_over))["prepare"]
         prepare.run(args.raw, prepared, cfg)
     if not model.exists():
         over = {"train": {"seed": seed}}
         if args.pretrain_epochs:
             over["train"]["epochs"] = args.pretrain_epochs
-        cfg = load_section(pretrain.PretrainConfig, "pretrain", section(params, "pretrain", over))
+        cfg = resolve(section(params, "pretrain", over))["pretrain"]
         t0 = time.perf_counter()
         pretrain.run(prepared, model, cfg)
         print(f"  pretrained {model} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -131,7 +131,7 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
     cache = work / "results.json"
     results = json.loads(cache.read_text()) if cache.exists() else {}
     prepared, model = prepared_and_model(work, params, seed, args)
-    mcfg = load_section(match.MatchConfig, "match", section(params, "match", {"seed": seed}))
+    mcfg = resolve(section(params, "match", {"seed": seed}))["match"]
     emb = embeddings(prepared, model, mcfg, work / "emb.npz")
     results["embedding_seconds"] = float(emb["seconds"])
     for name in MATCHER_NAMES:
@@ -153,7 +153,7 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         over = {"strategy": strategy, "train": {"seed": seed}, "specialist": {"seed": seed}}
         if args.finetune_epochs:
             over["train"]["epochs"] = args.finetune_epochs
-        cfg = load_section(finetune.FinetuneConfig, "finetune", section(params, "finetune", over))
+        cfg = resolve(section(params, "finetune", over))["finetune"]
         out = work / f"{variant}.pt"
         t0 = time.perf_counter()
         r = finetune.run(prepared, model, out, cfg,
@@ -273,9 +273,9 @@ def full_size_timing(params: dict, model: Path, args) -> str:
     prepared = work / "prepared"
     if not prepared.exists():
         over = {"max_source_per_class": None, "seed": 0}
-        cfg = load_section(prepare.PrepareConfig, "prepare", section(params, "prepare", over))
+        cfg = resolve(section(params, "prepare", over))["prepare"]
         prepare.run(args.raw, prepared, cfg)
-    mcfg = load_section(match.MatchConfig, "match", params)
+    mcfg = resolve(params)["match"]
     emb = embeddings(prepared, model, mcfg, work / "emb.npz")
     lines = ["| matcher | source samples | weighting s | selection precision | "
              "embedding s (separately) |", "|---|---|---|---|---|"]  # fmt: skip
@@ -309,7 +309,7 @@ def main() -> None:
         args.work = args.work.with_name(args.work.name + "-quick")
     args.raw = args.raw or args.work / "raw"
     if not args.raw.exists():
-        fetch.run(load_section(fetch.FetchConfig, "fetch", {}), args.raw)
+        fetch.run(resolve({})["fetch"], args.raw)
     t0 = time.perf_counter()
     all_results = {}
     for scenario in args.scenarios:
@@ -327,7 +327,7 @@ def main() -> None:
         return
     mixed = read_params(SCENARIOS["mixed-source"])
     seed0 = args.work / "mixed-source" / f"seed{args.seeds[0]}"
-    mcfg = load_section(match.MatchConfig, "match", mixed)
+    mcfg = resolve(mixed)["match"]
     if not args.no_skada:
         print("\n## tlpipe vs skada on the same mixed-source embeddings\n")
         emb = embeddings(seed0 / "prepared", seed0 / "source.pt", mcfg, seed0 / "emb.npz")

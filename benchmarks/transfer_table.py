@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlpipe.config import build, load_section, read_params
+from tlpipe.config import build, read_params, resolve
 from tlpipe.data import load_manifest, load_split
 from tlpipe.models import load_checkpoint
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
@@ -54,15 +54,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-transfer-"))
     raw = work / "raw"
     if not raw.exists():
-        fetch.run(load_section(fetch.FetchConfig, "fetch", params), raw)
-    base = load_section(prepare.PrepareConfig, "prepare", params)
+        fetch.run(resolve(params)["fetch"], raw)
+    base = resolve(params)["prepare"]
     t0 = time.perf_counter()
     source = work / "source.pt"
     if source.exists():  # --work of an earlier run: reuse its source model
         print(f"reusing {source}", flush=True)
     else:
         prepare.run(raw, work / "prep-source", base)
-        cfg = load_section(pretrain.PretrainConfig, "pretrain", params)
+        cfg = resolve(params)["pretrain"]
         pretrain.run(work / "prep-source", source, cfg)
         print(f"pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
     ft = params.get("finetune") or {}
@@ -80,7 +80,7 @@ def main() -> None:
             )
             matched = work / f"match-k{k}-s{seed}"
             if not (matched / "report.json").exists():
-                match.run(prep, source, matched, load_section(match.MatchConfig, "match", params))
+                match.run(prep, source, matched, resolve(params)["match"])
             val_acc: dict[str, float] = {}
             for name, (strategy, extra) in STRATEGIES.items():
                 seeded = {**ft, **extra, "strategy": strategy}

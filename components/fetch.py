@@ -13,13 +13,6 @@ def fetch(fetch_params: str) -> str:
     when the version is new: an artifact from an uncached step would change every run and
     so defeat the cache of every step after it.
     """
-    import tempfile
-    from pathlib import Path
+    from tlpipe import kfp_runtime
 
-    from tlpipe.kfp_cli import component_config, data_version
-    from tlpipe.steps import fetch as step
-
-    cfg = component_config(step.FetchConfig, "fetch", fetch_params)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = step.run(cfg, Path(tmp) / "raw")
-        return data_version(result.out_dir)
+    return kfp_runtime.fetch(fetch_params)

@@ -9,7 +9,6 @@ from components import TLPIPE_GPU_IMAGE
 @dsl.component(base_image=TLPIPE_GPU_IMAGE, install_kfp_package=False)
 def finetune(
     prepared: Input[Dataset],
-    dataset_sha256: str,
     source_model: Input[Model],
     matching: Input[Dataset],
     strategy: str,
@@ -17,23 +16,24 @@ def finetune(
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Fine-tune the source model on the few labelled target images with `strategy`."""
-    from pathlib import Path
+    """Fine-tune the source model on the few labelled target images with `strategy`.
 
-    from tlpipe.kfp_cli import component_config, component_run, log_metrics
-    from tlpipe.steps import finetune as step
+    The model's metadata names the strategy: evaluate tells the collected models apart by it.
+    No `dataset_sha256` input: it runs in a ParallelFor, and kfp.local would pass it the loop
+    item (the DAG's comment says more); `prepared` alone keys the cache on the data version.
+    """
+    from tlpipe import kfp_runtime
 
-    cfg = component_config(step.FinetuneConfig, "finetune", finetune_params)
-    cfg = cfg.for_strategy(strategy)
-    with component_run(f"finetune:{cfg.strategy}", cfg, prepared.path, dataset_sha256) as run:
-        result = step.run(
-            Path(prepared.path), Path(source_model.path), Path(model.path), cfg,
-            match_dir=Path(matching.path),
-        )  # fmt: skip
-        run.log_history(result.history)
-        run.log_metrics(result.metrics)
-    log_metrics(metrics, result.metrics)
-    model.metadata.update({"framework": "pytorch", "strategy": cfg.strategy})
+    kfp_runtime.run(
+        "finetune",
+        finetune_params,
+        strategy=strategy,
+        metrics=metrics,
+        prepared_dir=prepared,
+        source_model=source_model,
+        match_dir=matching,
+        out_model=model,
+    )
 
 
 @dsl.component(base_image=TLPIPE_GPU_IMAGE, install_kfp_package=False)
@@ -45,16 +45,15 @@ def baseline(
     metrics: Output[Metrics],
 ):
     """Train the from-scratch baseline on the target images only: the bar to beat."""
-    from pathlib import Path
+    from tlpipe import kfp_runtime
 
-    from tlpipe.kfp_cli import component_config, component_run, log_metrics
-    from tlpipe.steps import finetune as step
-
-    cfg = component_config(step.FinetuneConfig, "finetune", finetune_params)
-    cfg = cfg.for_strategy("scratch")
-    with component_run("finetune:scratch", cfg, prepared.path, dataset_sha256) as run:
-        result = step.run(Path(prepared.path), None, Path(model.path), cfg)
-        run.log_history(result.history)
-        run.log_metrics(result.metrics)
-    log_metrics(metrics, result.metrics)
-    model.metadata.update({"framework": "pytorch", "arch": cfg.model, "strategy": "scratch"})
+    kfp_runtime.run(
+        "finetune",
+        finetune_params,
+        dataset_sha256,
+        strategy="scratch",
+        metrics=metrics,
+        prepared_dir=prepared,
+        source_model=None,
+        out_model=model,
+    )

@@ -17,16 +17,15 @@ def match(
     report: Output[HTML],
 ):
     """Weight the source samples by how much they resemble the target (domain classifier)."""
-    from pathlib import Path
+    from tlpipe import kfp_runtime
 
-    from tlpipe.kfp_cli import component_config, component_run, log_metrics, write_html
-    from tlpipe.steps import match as step
-
-    cfg = component_config(step.MatchConfig, "match", match_params)
-    with component_run("match", cfg, prepared.path, dataset_sha256) as run:
-        result = step.run(Path(prepared.path), Path(source_model.path), Path(matching.path), cfg)
-        run.log_metrics(result.metrics)
-        run.log_artifacts(matching.path)
-    log_metrics(metrics, result.metrics)
-    plots = sorted((Path(matching.path) / "plots").glob("*.png"))
-    write_html(report.path, "Sample matching", result.metrics, plots)
+    kfp_runtime.run(
+        "match",
+        match_params,
+        dataset_sha256,
+        metrics=metrics,
+        report=report,
+        prepared_dir=prepared,
+        source_model=source_model,
+        out_dir=matching,
+    )

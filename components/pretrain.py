@@ -15,15 +15,13 @@ def pretrain(
     metrics: Output[Metrics],
 ):
     """Train the source model on the source split, selected by source-val accuracy."""
-    from pathlib import Path
+    from tlpipe import kfp_runtime
 
-    from tlpipe.kfp_cli import component_config, component_run, log_metrics
-    from tlpipe.steps import pretrain as step
-
-    cfg = component_config(step.PretrainConfig, "pretrain", pretrain_params)
-    with component_run("pretrain", cfg, prepared.path, dataset_sha256) as run:
-        result = step.run(Path(prepared.path), Path(model.path), cfg)
-        run.log_history(result.history)
-        run.log_metrics(result.metrics)
-    log_metrics(metrics, result.metrics)
-    model.metadata.update({"framework": "pytorch", "arch": cfg.model, "strategy": "source"})
+    kfp_runtime.run(
+        "pretrain",
+        pretrain_params,
+        dataset_sha256,
+        metrics=metrics,
+        prepared_dir=prepared,
+        out_model=model,
+    )

@@ -27,27 +27,35 @@ START_TIMEOUT_S = 180  # the machine the suite runs on may be small and busy
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URI (`http://127.0.0.1:PORT`) of a real MLflow tracking + registry server."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    for _ in range(3):  # the free port can be taken between picking it and binding it
-        proc, uri = _start(root)
-        try:
-            if _wait_healthy(uri, proc):
-                break
-        except BaseException:
-            _stop(proc)
-            raise
-        _stop(proc)
-    else:
-        log = (root / "server.log").read_text(errors="replace")[-3000:]
-        pytest.fail(f"mlflow server did not become healthy:\n{log}")
+    proc, uri = start_server(tmp_path_factory.mktemp("mlflow_server"))
     try:
         yield uri
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
-def _start(root: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def start_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server with its store under `root` (on `port`, or a free one); wait until healthy.
+
+    The server leads its own process group (its workers are in it): `stop_server`, or
+    `os.killpg(proc.pid, …)` to kill or freeze it in a test.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # the free port can be taken between picking it and binding it
+        proc, uri = _start(root, port)
+        try:
+            if _wait_healthy(uri, proc):
+                return proc, uri
+        except BaseException:
+            stop_server(proc)
+            raise
+        stop_server(proc)
+    log = (root / "server.log").read_text(errors="replace")[-3000:]
+    pytest.fail(f"mlflow server did not become healthy:\n{log}")
+
+
+def _start(root: Path, port: int | None) -> tuple[subprocess.Popen, str]:
+    port = port or _free_port()
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -82,9 +90,10 @@ def _wait_healthy(uri: str, proc: subprocess.Popen) -> bool:
     return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     """Stop the server and its workers: they share the process group the server leads."""
     with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGCONT)  # a frozen server cannot handle SIGTERM
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)

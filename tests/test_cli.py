@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.config import build, load_section, parse_overrides
+from tlpipe.config import build, parse_overrides, resolve
 from tlpipe.errors import TlpipeError
-from tlpipe.steps.finetune import FinetuneConfig
+from tlpipe.params import FinetuneConfig
 
 
 def tlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -22,17 +22,18 @@ def tlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_step(tmp_path: Path) -> None:
     out = tlpipe("--help", cwd=tmp_path).stdout
-    for cmd in ("fetch", "prepare", "pretrain", "finetune", "evaluate", "run", "report"):
+    for cmd in ("fetch", "prepare", "pretrain", "finetune", "evaluate", "run", "report", "params"):
         assert cmd in out
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["pretrain", "--set", "train.lr=-1"], "lr must be a positive number"),
-        (["pretrain", "--set", "train.epochs=two"], "pretrain.train.epochs must be int"),
-        (["pretrain", "--set", "trian.lr=0.1"], "unknown parameter(s) pretrain.trian"),
-        (["pretrain", "--set", "nonsense"], "--set wants key=value"),
+        (["pretrain", "--set", "pretrain.train.lr=-1"], "lr must be a positive number"),
+        (["pretrain", "--set", "pretrain.train.epochs=two"], "pretrain.train.epochs must be int"),
+        (["pretrain", "--set", "pretrain.trian.lr=0.1"], "unknown parameter(s) pretrain.trian"),
+        (["pretrain", "--set", "train.lr=0.1"], "unknown params section(s) train"),
+        (["pretrain", "--set", "nonsense"], "--set wants section.key=value"),
         (["pretrain"], "not found"),  # no prepared data yet
         (["finetune", "--strategy", "magic"], "unknown strategy 'magic'"),
         (["report"], "eval/metrics.json not found"),
@@ -53,11 +54,14 @@ def test_bad_params_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    assert parse_overrides(["k=5", "lr=1e-3", "cls=[5, 6]", "name=lp_ft"]) == {
-        "k": 5, "lr": 1e-3, "cls": [5, 6], "name": "lp_ft"
+    pairs = ["p.k=5", "p.lr=1e-3", "p.cls=[5, 6]", "p.name=lp_ft", "strategies=[full]"]
+    assert parse_overrides(pairs) == {
+        "p.k": 5, "p.lr": 1e-3, "p.cls": [5, 6], "p.name": "lp_ft", "strategies": ["full"]
     }  # fmt: skip
-    cfg = load_section(FinetuneConfig, "finetune", {"finetune": {"l2sp": 0.1}},
-                       ["train.epochs=3", "l2sp=0.5"])  # fmt: skip
+    resolved = resolve(
+        {"finetune": {"l2sp": 0.1}}, ["finetune.train.epochs=3", "finetune.l2sp=0.5"]
+    )
+    cfg = resolved["finetune"]
     assert cfg.train.epochs == 3 and cfg.l2sp == 0.5 and cfg.train.lr == FinetuneConfig().train.lr
     with pytest.raises(TlpipeError, match="must be float"):
         build(FinetuneConfig, {"l2sp": "high"})
@@ -65,9 +69,17 @@ def test_overrides_parse_yaml_values() -> None:
 
 def test_cli_trains_on_prepared_data(tiny_prepared: Path, tmp_path: Path) -> None:
     args = ["--prepared", str(tiny_prepared), "--out", "m/source.pt"]
-    res = tlpipe(
-        "pretrain", *args, "-s", "train.epochs=1", "-s", "train.batch_size=32", cwd=tmp_path
-    )
+    res = tlpipe("pretrain", *args, "-s", "pretrain.train.epochs=1",
+                 "-s", "pretrain.train.batch_size=32", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "source val accuracy" in res.stderr
     assert (tmp_path / "m/source.pt").exists()
+
+
+def test_configs_the_cli_and_the_kubeflow_client_import_no_torch() -> None:
+    code = ("import sys; from tlpipe import cli, config, kfp_client, kfp_runtime, params\n"
+            "config.resolve('params.yaml'); kfp_runtime.default_arguments()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr

@@ -179,8 +179,9 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
     from tlpipe.fsio import read_json
 
     report = read_json(res.metrics_path)
-    vals = {n: report["models"][n]["val_accuracy"] for n in ("linear_probe", "full")}
-    assert report["selected"] == max(vals, key=lambda n: (vals[n], n))
+    scores = {n: (report["models"][n]["val_accuracy"], -report["models"][n]["val_loss"])
+              for n in ("linear_probe", "full")}  # fmt: skip
+    assert report["selected"] == max(scores, key=scores.get)
     assert set(report["gain_over_scratch"]) == {"linear_probe", "full"}
     for f in ("plots/confusion_full.png", "plots/curves.csv", "plots/predictions.csv",
               "selected.txt"):  # fmt: skip
@@ -191,3 +192,27 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
         evaluate.run(
             tiny_prepared, {"full": models["full"]}, tmp_path / "e2", evaluate.EvaluateConfig()
         )
+
+
+@pytest.mark.parametrize("names", [("aaa", "zzz"), ("zzz", "aaa")])
+def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
+    names, tiny_prepared, source_model, tmp_path
+) -> None:
+    import torch
+
+    from tlpipe.fsio import read_json
+    from tlpipe.models import load_checkpoint, save_checkpoint
+
+    models = {"scratch": tmp_path / "scratch.pt", names[0]: tmp_path / "a.pt"}
+    finetune.run(tiny_prepared, source_model, models["scratch"], _cfg("scratch"))
+    finetune.run(tiny_prepared, source_model, models[names[0]], _cfg("linear_probe"))
+    model, meta = load_checkpoint(models[names[0]])
+    with torch.no_grad():  # same argmax everywhere (same accuracy), other confidence (loss)
+        model.head.weight.mul_(3.0)
+        model.head.bias.mul_(3.0)
+    models[names[1]] = save_checkpoint(tmp_path / "b.pt", model, meta)
+    result = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
+    report = read_json(result.metrics_path)
+    a, b = (report["models"][n] for n in names)
+    assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] != b["val_loss"]
+    assert report["selected"] == min(names, key=lambda n: report["models"][n]["val_loss"])

@@ -274,7 +274,8 @@ def test_prepare_npz_with_conversion(tmp_path: Path) -> None:
 def test_real_fashion_mnist(tmp_path: Path) -> None:
     fetched = fetch.run(fetch.FetchConfig(), tmp_path / "raw")
     assert fetched.source == str(FMNIST_DIR) and len(fetched.files) == 4
-    cfg = config.build(prepare.PrepareConfig, {"shift": [{"op": "rotate", "degrees": 30}]})
+    shift = [{"op": "rotate", "degrees": 30}]
+    cfg = config.build(prepare.PrepareConfig, {"shift": shift, "max_source_per_class": None})
     result = prepare.run(tmp_path / "raw", tmp_path / "prepared", cfg)
     m = json.loads(result.manifest.read_text())
     counts = {s: m["splits"][s]["count"] for s in SPLITS}

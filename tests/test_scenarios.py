@@ -1,27 +1,63 @@
-"""Scenario presets stay params.yaml plus their own changes (no silent drift)."""
+"""params.yaml and the presets in scenarios/ only override the defaults in `tlpipe.params`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+import pytest
 
-from tlpipe import config
-from tlpipe.steps.prepare import PrepareConfig
+from tlpipe import config, params
+from tlpipe.errors import TlpipeError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_mixed_source_differs_from_params_only_in_the_shift() -> None:
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    mixed = yaml.safe_load((REPO / "scenarios/mixed-source.yaml").read_text())
-    for params in (base, mixed):
-        params["prepare"].pop("shift")
-        params["prepare"].pop("source_shift_fraction")
+def test_default_scenario_is_the_dataclass_defaults() -> None:
+    resolved = config.resolve(REPO / "params.yaml")
+    for section, cls in params.SECTIONS.items():
+        assert resolved[section] == cls(), section
+    assert resolved.strategies == params.DEFAULT_STRATEGIES
+
+
+def test_mixed_source_changes_only_the_shift() -> None:
+    base = config.resolve(REPO / "params.yaml").as_dict()
+    mixed = config.resolve(REPO / "scenarios/mixed-source.yaml").as_dict()
+    assert mixed["prepare"].pop("shift") == [{"op": "invert", "degrees": None, "sigma": None,
+                                              "std": None}]  # fmt: skip
+    assert mixed["prepare"].pop("source_shift_fraction") == 0.5
+    base["prepare"].pop("shift")
+    base["prepare"].pop("source_shift_fraction")
     assert base == mixed
 
 
-def test_every_preset_builds_valid_configs() -> None:
+def test_every_preset_resolves_and_lists_every_section() -> None:
     for path in [REPO / "params.yaml", *sorted((REPO / "scenarios").glob("*.yaml"))]:
-        cfg = config.load_section(PrepareConfig, "prepare", path)
-        assert cfg.target_classes
+        assert config.resolve(path)["prepare"].target_classes
+        # DVC tracks each section by name: a preset without one would make `dvc repro` fail
+        assert set(config.read_params(path)) == {*params.SECTIONS, "strategies"}, path
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "message"),
+    [
+        ({"pretrian": {}}, [], "unknown params section(s) pretrian"),
+        ({}, ["pretrain.trian.lr=1"], "unknown parameter(s) pretrain.trian"),
+        ({}, ["train.epochs=2"], "unknown params section(s) train"),
+        ({}, ["epochs=2"], "--set wants section.key=value"),
+        ({"strategies": ["full", "magic"]}, [], "unknown strategy 'magic'"),
+        ({"finetune": {"per_strategy": {"fulll": {}}}}, [], "unknown strategy 'fulll'"),
+        ({"prepare": [1]}, [], "params section prepare must be a mapping"),
+    ],
+)
+def test_bad_params_are_named(data, overrides, message) -> None:
+    with pytest.raises(TlpipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.resolve(data, overrides)
+
+
+def test_registries_match_the_names_params_accepts() -> None:
+    from tlpipe import matching, scenario
+    from tlpipe.steps import finetune
+
+    assert set(finetune.STRATEGIES) == set(params.STRATEGY_NAMES)
+    assert set(matching.MATCHERS) == set(params.MATCHER_NAMES)
+    assert set(scenario.SHIFTS) == set(params.SHIFT_PARAMS)

@@ -14,23 +14,24 @@ import pytest
 from tlpipe import tracking
 from tlpipe.config import params_hash
 from tlpipe.errors import TlpipeError
-from tlpipe.steps.register import RegisterConfig
+from tlpipe.params import RegisterConfig
 
 # A wrapper as a DVC stage or KFP pod would run it: a separate process that only knows the
 # tracking URI and the parent run id from its environment.
 STEP_PROCESS = textwrap.dedent(
     """
     import sys
+    from pathlib import Path
     from tlpipe import tracking
-    from tlpipe.steps.register import RegisterConfig
+    from tlpipe.params import RegisterConfig
+    from tlpipe.steps import StepResult
 
     step, artifact = sys.argv[1], sys.argv[2]
     cfg = RegisterConfig(model_name="m-" + step, min_improvement=0.01)
-    with tracking.step_run(step, cfg, manifest={"dataset_sha256": "d" * 64}) as t:
-        t.log_history([{"epoch": e, "val_accuracy": 0.5 + e / 10, "phase": "head"}
-                       for e in (1, 2, 3)])
-        t.log_metrics({"accuracy": 0.9})
-        t.log_artifact(artifact)
+    history = [{"epoch": e, "val_accuracy": 0.5 + e / 10, "phase": "head"} for e in (1, 2, 3)]
+    result = StepResult(metrics={"accuracy": 0.9}, history=history, artifacts=(Path(artifact),))
+    with tracking.step_run(step, cfg, tags={"tlpipe.dataset_sha256": "d" * 64}) as t:
+        t.log_result(result)
     """
 )
 
@@ -59,11 +60,11 @@ def test_flatten_nested_config():
     }
 
 
-def test_down_server_raises_tlpipe_error():
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+def test_down_server_raises_tlpipe_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # no one there
     with (
         pytest.raises(TlpipeError, match="unreachable.*start it or set MLFLOW_TRACKING_URI"),
-        tracking.step_run("prepare", uri=uri),
+        tracking.step_run("prepare"),
     ):
         pass
 
@@ -75,15 +76,16 @@ def test_steps_in_separate_processes_nest_under_one_parent(mlflow_server, tmp_pa
     artifact = tmp_path / "report.json"
     artifact.write_text("{}")
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    with tracking.pipeline_run(experiment, "pipeline", uri=mlflow_server) as parent:
-        assert os.environ[tracking.PARENT_ENV] == parent
-        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-        procs = [
-            subprocess.Popen([sys.executable, "-c", STEP_PROCESS, step, str(artifact)], env=env)
-            for step in ("pretrain", "finetune")
-        ]
-        assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    assert tracking.PARENT_ENV not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, experiment)
+    parent = tracking.start_pipeline_run("pipeline")
+    env = {**os.environ, tracking.PARENT_ENV: parent}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", STEP_PROCESS, step, str(artifact)], env=env)
+        for step in ("pretrain", "finetune")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    tracking.end_pipeline_run(parent)
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert client.get_run(parent).info.status == "FINISHED"
@@ -119,10 +121,11 @@ def test_failed_step_marks_run_failed(mlflow_server, monkeypatch):
     import mlflow
 
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    experiment = f"failing-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"failing-{uuid.uuid4().hex[:8]}")
     with (
         pytest.raises(ValueError, match="boom"),
-        tracking.step_run("evaluate", uri=mlflow_server, experiment=experiment) as t,
+        tracking.step_run("evaluate") as t,
     ):
         raise ValueError("boom")
     run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(t.run_id)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tlpipe import runner
 from tlpipe.data import load_manifest, load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.models import build_model
@@ -159,9 +160,10 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     assert run(0.01) == 0  # other settings: start over
     assert "written with other settings" in capsys.readouterr().err
     assert run(0.01, key="other data") == 0
-    # a whole step deletes its resume files once the model is written
+    # a whole step run deletes its resume files once the model is written
     cfg = build(pretrain.PretrainConfig, {"train": {"epochs": 1, "steps_per_epoch": 2}})
-    pretrain.run(tiny_prepared, tmp_path / "source.pt", cfg, checkpoint_dir=tmp_path / "ck")
+    runner.run_step("pretrain", cfg, track=False, prepared_dir=tiny_prepared,
+                    out_model=tmp_path / "source.pt", checkpoint_dir=tmp_path / "ck")  # fmt: skip
     assert (tmp_path / "source.pt").exists() and not list((tmp_path / "ck").iterdir())
 
 

@@ -1,22 +1,25 @@
-"""`tlpipe` command line: one command per step, each a few lines over `tlpipe.steps.<step>.run`.
+"""`tlpipe` command line: one command per step, each a few lines over `tlpipe.runner.run_step`.
 
-Every command reads its params.yaml section; `--set key=value` overrides single fields
-(`--set train.epochs=2`). Each step run is tracked in MLflow as a child of the pipeline run
-(`--no-track` to skip). A user error prints one line and exits 1, without a traceback.
+Every command resolves the parameters (the defaults in `tlpipe.params`, then params.yaml, then
+`--set section.key=value`), and the runner runs the step as an MLflow child run of the pipeline
+run (`--no-track` to skip). A user error prints one line and exits 1, without a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from tlpipe import kfp_cli
-from tlpipe.errors import TlpipeError
+from tlpipe import pipeline_cli
+from tlpipe.errors import Terminated, TlpipeError
 
 app = typer.Typer(
     help="tlpipe: transfer learning from a big source dataset to a small target dataset, "
@@ -27,38 +30,47 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.add_typer(kfp_cli.app, name="pipeline")
+app.add_typer(pipeline_cli.app, name="pipeline")
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.")
-SET = typer.Option(None, "--set", "-s", help="Override a param: key=value (repeatable).")
+PARAMS = typer.Option(
+    Path("params.yaml"), "--params", "-p", help="Scenario file: overrides of the defaults."
+)
+SET = typer.Option(
+    None, "--set", "-s", help="Override one param for this run: section.key=value "
+    "(repeatable), e.g. --set pretrain.train.epochs=2 --set 'strategies=[full,lp_ft]'."
+)  # fmt: skip
 TRACK = typer.Option(True, "--track/--no-track", help="Log the step to MLflow.")
 PREPARED = typer.Option(Path("data/prepared"), help="Prepared data (output of `prepare`).")
+FINETUNED = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models.")
+EVAL = typer.Option(Path("eval"), "--eval", help="Output of `evaluate` (names the selected model).")
+
+
+def _step(step: str, params: Path, set_: list[str] | None, track: bool, **inputs: Any) -> Any:
+    """Resolve the step's config, run it through the runner, print its summary line."""
+    from tlpipe import config, runner
+
+    cfg = config.resolve(params, set_)[step]
+    with _stopped_by_signal():
+        result = runner.run_step(step, cfg, track=track, **inputs)
+    typer.echo(result.summary, err=True)
+    return result
+
+
+class Stopped(Exception):  # noqa: N818
+    """Ctrl-C or SIGTERM stopped a command (typer would turn a KeyboardInterrupt into exit 0)."""
+
+    def __init__(self, terminated: bool):
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        super().__init__(f"{what}: run the same command again to resume")
+        self.code = 143 if terminated else 130
 
 
 @contextlib.contextmanager
-def _tracked(step: str, cfg, prepared: Path | None, track: bool):
-    """A child MLflow run for this step (or a no-op recorder with --no-track)."""
-    if not track or os.environ.get("TLPIPE_NO_TRACK"):
-        yield _NoTrack()
-        return
-    from tlpipe import tracking
-
-    manifest = None
-    if prepared is not None and (Path(prepared) / "manifest.json").exists():
-        from tlpipe.data import load_manifest
-
-        manifest = load_manifest(prepared)
-    with tracking.step_run(step, cfg, manifest=manifest) as run:
-        yield run
-
-
-class _NoTrack:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-def _say(msg: str) -> None:
-    typer.echo(msg, err=True)
+def _stopped_by_signal() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Stopped(isinstance(e, Terminated)) from e
 
 
 @app.command()
@@ -66,14 +78,10 @@ def fetch(
     out: Path = typer.Option(Path("data/raw"), help="Where the raw files go."),
     params: Path = PARAMS,
     set_: list[str] = SET,
+    track: bool = TRACK,
 ) -> None:
     """Copy or download the raw dataset (sha256-checked) into --out."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import fetch as step
-
-    cfg = load_section(step.FetchConfig, "fetch", params, set_)
-    result = step.run(cfg, out)
-    _say(f"fetched {len(result.files)} files into {out} from {result.source}")
+    _step("fetch", params, set_, track, out_dir=out)
 
 
 @app.command()
@@ -85,15 +93,7 @@ def prepare(
     track: bool = TRACK,
 ) -> None:
     """Validate the raw data and build the scenario: source / target train / val / test."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import prepare as step
-
-    cfg = load_section(step.PrepareConfig, "prepare", params, set_)
-    result = step.run(raw, out, cfg)
-    with _tracked("prepare", cfg, out, track) as t:
-        t.log_metrics(result.metrics)
-        t.log_artifact(Path(out) / "manifest.json")
-    _say(f"prepared {out}: {result.metrics}")
+    _step("prepare", params, set_, track, raw_dir=raw, out_dir=out)
 
 
 @app.command()
@@ -108,15 +108,8 @@ def pretrain(
     track: bool = TRACK,
 ) -> None:
     """Train the source model on the source classes."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import pretrain as step
-
-    cfg = load_section(step.PretrainConfig, "pretrain", params, set_)
-    with _tracked("pretrain", cfg, prepared, track) as t:
-        result = step.run(prepared, out, cfg, checkpoint_dir=checkpoints)
-        t.log_history(result.history)
-        t.log_metrics(result.metrics)
-    _say(f"wrote {out}: source val accuracy {result.metrics['source_val_accuracy']:.4f}")
+    _step("pretrain", params, set_, track, prepared_dir=prepared, out_model=out,
+          checkpoint_dir=checkpoints)  # fmt: skip
 
 
 @app.command()
@@ -129,24 +122,15 @@ def match(
     track: bool = TRACK,
 ) -> None:
     """Weight every source image by how much it resembles the target (domain discriminator)."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import match as step
-
-    cfg = load_section(step.MatchConfig, "match", params, set_)
-    with _tracked("match", cfg, prepared, track) as t:
-        result = step.run(prepared, source, out, cfg)
-        t.log_metrics(result.metrics)
-        t.log_artifacts(out)
-    _say(f"wrote {out}: {cfg.matcher} weights, {result.metrics}")
+    _step("match", params, set_, track, prepared_dir=prepared, source_model=source, out_dir=out)
 
 
 @app.command()
 def finetune(
     strategy: str = typer.Option(
         None,
-        help="linear_probe | partial | full | lp_ft | scratch, and with `--match` (the output "
-        "of `tlpipe match`): joint | specialist; "
-        "default: finetune.strategy in params.yaml.",
+        help="scratch | linear_probe | partial | full | lp_ft, and with `--match` (the output "
+        "of `tlpipe match`): joint | specialist. Default: finetune.strategy.",
     ),
     prepared: Path = PREPARED,
     source: Path = typer.Option(Path("models/source.pt"), help="Pretrained source model."),
@@ -158,107 +142,80 @@ def finetune(
     track: bool = TRACK,
 ) -> None:
     """Fine-tune the source model on the few labelled target images (or the scratch baseline)."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import finetune as step
-
-    cfg = load_section(step.FinetuneConfig, "finetune", params, set_)
-    cfg = cfg.for_strategy(strategy or cfg.strategy)
-    out = out or Path("models/finetuned") / f"{cfg.strategy}.pt"
-    checkpoints = checkpoints or Path("checkpoints") / cfg.strategy
-    with _tracked(f"finetune:{cfg.strategy}", cfg, prepared, track) as t:
-        result = step.run(prepared, source, out, cfg, match_dir=match, checkpoint_dir=checkpoints)
-        t.log_history(result.history)
-        t.log_metrics(result.metrics)
-    _say(f"wrote {out}: target val accuracy {result.metrics['target_val_accuracy']:.4f}")
+    name = strategy or _resolve(params, set_)["finetune"].strategy
+    _step("finetune", params, [*(set_ or []), f"finetune.strategy={name}"], track,
+          prepared_dir=prepared, source_model=source, match_dir=match,
+          out_model=out or Path("models/finetuned") / f"{name}.pt",
+          checkpoint_dir=checkpoints or Path("checkpoints") / name)  # fmt: skip
 
 
 @app.command()
 def evaluate(
     prepared: Path = PREPARED,
     baseline: Path = typer.Option(Path("models/scratch.pt"), help="The from-scratch model."),
-    finetuned: Path = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models."),
+    finetuned: Path = FINETUNED,
     out: Path = typer.Option(Path("eval"), help="metrics.json, selected.txt, plots/."),
     params: Path = PARAMS,
     set_: list[str] = SET,
     track: bool = TRACK,
 ) -> None:
-    """Score every model on the target test split and pick one by validation accuracy."""
-    from tlpipe.config import load_section
-    from tlpipe.fsio import read_json
-    from tlpipe.steps import evaluate as step
-
-    cfg = load_section(step.EvaluateConfig, "evaluate", params, set_)
-    models = {p.stem: p for p in sorted(Path(finetuned).glob("*.pt"))}
-    models[cfg.baseline] = baseline
-    with _tracked("evaluate", cfg, prepared, track) as t:
-        result = step.run(prepared, models, out, cfg)
-        t.log_metrics(result.metrics)
-        t.log_artifacts(out)
-    typer.echo(step.format_table(read_json(result.metrics_path)))
-
-
-def _selected_model(model: Path | None, finetuned: Path, eval_dir: Path) -> Path:
-    """--model, or the strategy `evaluate` selected (by validation accuracy)."""
-    if model is not None:
-        return model
-    selected = Path(eval_dir) / "selected.txt"
-    if not selected.exists():
-        raise TlpipeError(f"{selected} not found: run `tlpipe evaluate` first, or pass --model")
-    return Path(finetuned) / f"{selected.read_text().strip()}.pt"
+    """Score the `strategies` models and the baseline on the target test split; pick by val."""
+    resolved = _resolve(params, set_)
+    models = {name: finetuned / f"{name}.pt" for name in resolved.strategies}
+    models[resolved["evaluate"].baseline] = baseline
+    _step("evaluate", params, set_, track, prepared_dir=prepared, models=models, out_dir=out)
+    report(out / "metrics.json")
 
 
 @app.command()
 def export(
     model: Path = typer.Option(None, help="Checkpoint to export; default: the selected one."),
     prepared: Path = PREPARED,
-    finetuned: Path = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models."),
-    eval_dir: Path = typer.Option(Path("eval"), "--eval", help="Output of `evaluate`."),
+    finetuned: Path = FINETUNED,
+    eval_dir: Path = EVAL,
     out: Path = typer.Option(Path("export"), help="model.onnx, model.int8.onnx, parity.json."),
     params: Path = PARAMS,
     set_: list[str] = SET,
     track: bool = TRACK,
 ) -> None:
     """Export to ONNX (fp32 + INT8), check parity with torch on the target test images."""
-    from tlpipe.config import load_section
-    from tlpipe.steps import export as step
+    from tlpipe.steps.evaluate import selected_model
 
-    cfg = load_section(step.ExportConfig, "export", params, set_)
-    model = _selected_model(model, finetuned, eval_dir)
-    with _tracked("export", cfg, prepared, track) as t:
-        result = step.run(model, prepared, out, cfg)
-        t.log_metrics(result.metrics)
-        t.log_artifact(Path(out) / "parity.json")
-    passed = "passed" if result.metrics.get("parity_passed") else "FAILED"
-    _say(f"wrote {out}: parity {passed}; {result.metrics}")
+    _step("export", params, set_, track, prepared_dir=prepared, out_dir=out,
+          model_path=model or selected_model(eval_dir, finetuned))  # fmt: skip
 
 
 @app.command()
 def register(
     export_dir: Path = typer.Option(Path("export"), "--export", help="Output of `export`."),
     model: Path = typer.Option(None, help="Checkpoint to log; default: the selected one."),
-    prepared: Path = PREPARED,
-    finetuned: Path = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models."),
-    eval_dir: Path = typer.Option(Path("eval"), "--eval", help="Output of `evaluate`."),
+    finetuned: Path = FINETUNED,
+    eval_dir: Path = EVAL,
     out: Path = typer.Option(Path("registry.json"), help="The decision, as JSON."),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
     """Register the model in MLflow; alias `champion` only if the gate passes."""
-    from tlpipe import tracking
-    from tlpipe.config import load_section
-    from tlpipe.data import load_manifest
-    from tlpipe.fsio import write_json
-    from tlpipe.steps import register as step
+    from tlpipe.steps.evaluate import selected_model
 
-    cfg = load_section(step.RegisterConfig, "register", params, set_)
-    model = _selected_model(model, finetuned, eval_dir)
-    with tracking.step_run("register", cfg, uri=cfg.tracking_uri,
-                           manifest=load_manifest(prepared)) as t:  # fmt: skip
-        result = step.run(export_dir, model, cfg)
-        t.log_metrics(result.metrics)
-    write_json(out, {"version": result.version, "alias": result.alias,
-                     "promoted": result.promoted, "reason": result.reason})  # fmt: skip
-    _say(f"{cfg.model_name} v{result.version} → {result.alias}: {result.reason}")
+    _step("register", params, set_, True, export_dir=export_dir, decision_path=out,
+          model_path=model or selected_model(eval_dir, finetuned))  # fmt: skip
+
+
+@app.command("params")
+def params_(params: Path = PARAMS, set_: list[str] = SET) -> None:
+    """Print every parameter in force: the defaults, then params.yaml, then --set."""
+    import yaml
+
+    typer.echo(
+        yaml.safe_dump(
+            _resolve(params, set_).as_dict(),
+            sort_keys=False,
+            default_flow_style=None,
+            allow_unicode=True,
+        ),
+        nl=False,
+    )
 
 
 @app.command()
@@ -277,44 +234,93 @@ def run(
 ) -> None:
     """Run the whole pipeline with `dvc repro` under one MLflow parent run, then the table.
 
-    DVC re-runs only the stages whose code, data or params.yaml section changed.
+    DVC re-runs only the stages whose code, data or params.yaml section changed. Ctrl-C or
+    SIGTERM stops the stage that is running (its run ends KILLED; run again to resume).
     """
-    env = dict(os.environ)
-    if track:
-        from tlpipe import tracking
-        from tlpipe.config import params_hash, read_params
+    from tlpipe import config, runner, tracking
 
-        tags = {"tlpipe.params_hash": params_hash(read_params("params.yaml"))}
-        env["TLPIPE_PARENT_RUN_ID"] = tracking.start_pipeline_run(run_name="pipeline", tags=tags)
+    resolved = _resolve(Path("params.yaml"), None)  # a bad params.yaml fails before any stage
+    env, parent = dict(os.environ), None
+    if track and not env.get(runner.NO_TRACK_ENV):
+        tags = {"tlpipe.params_hash": config.params_hash(resolved.as_dict())}
+        parent = env[tracking.PARENT_ENV] = tracking.start_pipeline_run("pipeline", tags)
     else:
-        env["TLPIPE_NO_TRACK"] = "1"
-    cmd = [sys.executable, "-m", "dvc", "repro"] + (["--force"] if force else [])
-    code = subprocess.call(cmd, env=env)
-    if track:
-        tracking.end_pipeline_run(env["TLPIPE_PARENT_RUN_ID"], failed=code != 0)
+        env[runner.NO_TRACK_ENV] = "1"
+    status = "KILLED"
+    try:
+        with _stopped_by_signal():
+            code = _run_stages([sys.executable, "-m", "dvc", "repro", *(["--force"] * force)], env)
+        status = "FINISHED" if code == 0 else "FAILED"
+    finally:
+        if parent:
+            _end_quietly(parent, status)
     if code != 0:
         raise TlpipeError(f"`dvc repro` failed (exit {code}); the stage's error is printed above")
     report(Path("eval/metrics.json"))
+
+
+def _run_stages(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` in its own process group; on SIGINT/SIGTERM stop the whole group, then raise.
+
+    The group holds dvc and the stage it runs: both get SIGTERM, so the stage's run ends
+    KILLED and nothing goes on running after `tlpipe run` has returned.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def terminate(*_: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_quietly(run_id: str, status: str) -> None:
+    from tlpipe import tracking
+
+    try:
+        tracking.end_pipeline_run(run_id, status)
+    except Exception as e:  # noqa: BLE001 — the stages' outcome matters more than this tag
+        typer.echo(f"warning: could not mark the pipeline run {status}: {e}", err=True)
+
+
+def _resolve(params: Path, set_: list[str] | None) -> Any:
+    from tlpipe import config
+
+    return config.resolve(params, set_)
 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1."""
     import click
 
+    from tlpipe.tracking import TrackingLost
+
     try:
         app(standalone_mode=False)
-    except TlpipeError as e:
+    except (TlpipeError, TrackingLost) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(e.code)
     except click.exceptions.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: re-run the same command to resume from the last epoch", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """params.yaml → frozen config dataclasses.
 
-Every step has a frozen dataclass config. `load_section` reads one params.yaml section, applies
-`key=value` overrides (from the CLI's `--set`), and builds the dataclass, rejecting unknown keys
-and values of the wrong type with a `TlpipeError` that names the key.
+The dataclasses in `tlpipe.params` are the defaults. `resolve` lays params.yaml and the
+`--set section.key=value` overrides over them and builds every section's config, rejecting
+unknown sections, keys and values of the wrong type with a `TlpipeError` that names them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -38,19 +39,23 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """Parse `key=value` strings; values are YAML (so `k=5`, `lr=1e-3`, `cls=[5,6]` work)."""
+    """Parse `section.key=value` strings; values are YAML (`prepare.k=5`, `finetune.l2sp=1e-3`,
+    `prepare.target_classes=[5,6]`, `strategies=[full,lp_ft]`)."""
     import yaml
 
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise TlpipeError(f"--set wants key=value, got {pair!r}")
+        key = key.strip()
+        if not sep or not ("." in key or key == "strategies"):
+            raise TlpipeError(
+                f"--set wants section.key=value (e.g. pretrain.train.epochs=2), got {pair!r}"
+            )
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # YAML 1.1 reads `1e-3` as a string
             with contextlib.suppress(ValueError):
                 parsed = float(parsed)
-        out[key.strip()] = parsed
+        out[key] = parsed
     return out
 
 
@@ -76,15 +81,52 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
         raise TlpipeError(f"bad parameters for {where.rstrip('.') or cls.__name__}: {e}") from e
 
 
-def load_section(
-    cls: type[T], section: str, params: str | Path | dict = "params.yaml", overrides=None
-) -> T:
-    """Build `cls` from params.yaml section `section` plus `key=value` overrides."""
-    data = params if isinstance(params, dict) else read_params(params)
-    values = dict(data.get(section) or {})
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Every section's config, defaults filled in, and the strategy set to train and compare."""
+
+    configs: dict[str, Any]
+    strategies: tuple[str, ...]
+
+    def __getitem__(self, section: str) -> Any:
+        return self.configs[section]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples): what `tlpipe params` prints."""
+        data = {s: to_dict(cfg) for s, cfg in self.configs.items()}
+        return json.loads(json.dumps({**data, "strategies": self.strategies}, default=str))
+
+
+def resolve(
+    params: str | Path | dict = "params.yaml", overrides: list[str] | None = None
+) -> Resolved:
+    """The defaults (`tlpipe.params`) + params.yaml (or a dict) + `section.key=value` overrides.
+
+    Every section is built and checked, whichever step asks: a typo anywhere (`pretrian:`,
+    an unknown strategy) fails before anything trains.
+    """
+    from tlpipe.params import DEFAULT_STRATEGIES, SECTIONS, check_strategies
+
+    data = copy.deepcopy(params if isinstance(params, dict) else read_params(params))
     for key, value in parse_overrides(overrides).items():
-        _set_dotted(values, key, value)
-    return build(cls, values, where=f"{section}.")
+        _set_dotted(data, key, value)
+    unknown = sorted(set(data) - set(SECTIONS) - {"strategies"})
+    if unknown:
+        raise TlpipeError(
+            f"unknown params section(s) {', '.join(unknown)}; "
+            f"known: {', '.join(SECTIONS)}, strategies"
+        )
+    configs = {}
+    for section, cls in SECTIONS.items():
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise TlpipeError(f"params section {section} must be a mapping, got {values!r}")
+        configs[section] = build(cls, values, where=f"{section}.")
+    strategies = data.get("strategies", DEFAULT_STRATEGIES)
+    if not isinstance(strategies, list | tuple) or not strategies:
+        raise TlpipeError(f"strategies must be a non-empty list, got {strategies!r}")
+    check_strategies(strategies)
+    return Resolved(configs, tuple(strategies))
 
 
 def params_hash(cfg: Any) -> str:

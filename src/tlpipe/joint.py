@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -39,28 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlpipe.errors import TlpipeError
+from tlpipe.params import JointConfig
 from tlpipe.training import ArrayBatches, Batch, LossFn
 
 SOURCE_HEAD = "source_head"
-
-
-@dataclass(frozen=True)
-class JointConfig:
-    """params.yaml `finetune.joint:`.
-
-    Attributes:
-        source_weight: λ, the source loss's weight relative to the target loss.
-        sampling: selected | weighted | all (see the module docstring).
-        source_batch_size: Source images per step (0 = the target batch size).
-    """
-
-    source_weight: float = 1.0
-    sampling: Literal["selected", "weighted", "all"] = "selected"
-    source_batch_size: int = 0
-
-    def __post_init__(self) -> None:
-        if self.source_weight < 0 or self.source_batch_size < 0:
-            raise TlpipeError("finetune.joint: source_weight and source_batch_size must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -33,48 +33,7 @@ import numpy as np
 
 from tlpipe import ratio
 from tlpipe.errors import TlpipeError
-
-
-@dataclass(frozen=True)
-class DiscriminatorSettings:
-    """The domain classifier (L2 logistic regression, class-balanced).
-
-    Attributes:
-        C: Inverse regularisation strength; None picks it from a grid by k-fold balanced
-            log-loss (the target is tiny, so regularisation matters more than anything).
-        folds: Stratified folds for choosing C, the Platt calibration and held-out accuracy.
-        max_fit_source: Source samples the classifier is fitted on (a class-stratified random
-            subset; every source sample is still scored). Keeps fitting time flat in n.
-    """
-
-    C: float | None = None
-    folds: int = 5
-    max_fit_source: int = 5000
-
-    def __post_init__(self) -> None:
-        if self.C is not None and not self.C > 0:
-            raise TlpipeError(f"match.discriminator.C must be > 0 (or null for CV), got {self.C}")
-        if self.folds < 2:
-            raise TlpipeError(f"match.discriminator.folds must be >= 2, got {self.folds}")
-        if self.max_fit_source < 10:
-            raise TlpipeError("match.discriminator.max_fit_source must be >= 10")
-
-
-@dataclass(frozen=True)
-class KnnSettings:
-    """k-nearest-target cosine similarity.
-
-    Attributes:
-        k: Target neighbours averaged per source sample.
-        temperature: Softmax temperature on the similarity's source z-score: w ∝ exp(z / T).
-    """
-
-    k: int = 5
-    temperature: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or not self.temperature > 0:
-            raise TlpipeError("match.knn needs k >= 1 and temperature > 0")
+from tlpipe.params import DiscriminatorSettings, KnnSettings
 
 
 class MatcherParams(Protocol):

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlpipe.data import RawDataset, Split
 from tlpipe.errors import TlpipeError
-
-if TYPE_CHECKING:
-    from tlpipe.steps.prepare import PrepareConfig
+from tlpipe.params import PrepareConfig, ShiftOp
 
 ShiftFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 _CHUNK = 4096
@@ -81,49 +77,13 @@ def _noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     return x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(std * 255.0)
 
 
-# op name → (its parameter's name or None, function)
-SHIFTS: dict[str, tuple[str | None, ShiftFn]] = {
-    "invert": (None, _invert),
-    "rotate": ("degrees", _rotate),
-    "gaussian_blur": ("sigma", _gaussian_blur),
-    "noise": ("std", _noise),
+# op name → function(images, the op's parameter, rng); parameter names: params.SHIFT_PARAMS
+SHIFTS: dict[str, ShiftFn] = {
+    "invert": _invert,
+    "rotate": _rotate,
+    "gaussian_blur": _gaussian_blur,
+    "noise": _noise,
 }
-
-
-@dataclass(frozen=True)
-class ShiftOp:
-    """One shift operation, e.g. ``{op: rotate, degrees: 30}`` in params.yaml.
-
-    Attributes:
-        op: One of `SHIFTS`: invert, rotate, gaussian_blur, noise.
-        degrees: Counter-clockwise rotation (rotate only).
-        sigma: Blur standard deviation in pixels, > 0 (gaussian_blur only).
-        std: Noise standard deviation on the 0–1 intensity scale, >= 0 (noise only).
-    """
-
-    op: str
-    degrees: float | None = None
-    sigma: float | None = None
-    std: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.op not in SHIFTS:
-            raise TlpipeError(f"unknown shift op {self.op!r}; known: {', '.join(SHIFTS)}")
-        wanted = SHIFTS[self.op][0]
-        for name in ("degrees", "sigma", "std"):
-            given = getattr(self, name) is not None
-            if name == wanted and not given:
-                raise TlpipeError(f"shift op {self.op} needs {name}")
-            if name != wanted and given:
-                raise TlpipeError(f"shift op {self.op} takes no {name}")
-        if (self.sigma is not None and self.sigma <= 0) or (self.std is not None and self.std < 0):
-            raise TlpipeError(f"shift op {self.op}: sigma must be > 0 and std >= 0")
-
-    @property
-    def value(self) -> float:
-        """The op's parameter (0.0 for invert)."""
-        name = SHIFTS[self.op][0]
-        return float(getattr(self, name)) if name else 0.0
 
 
 def apply_shift(x: np.ndarray, ops: tuple[ShiftOp, ...], rng: np.random.Generator) -> np.ndarray:
@@ -131,7 +91,7 @@ def apply_shift(x: np.ndarray, ops: tuple[ShiftOp, ...], rng: np.random.Generato
 
     def shift(chunk: np.ndarray) -> np.ndarray:
         for op in ops:
-            chunk = np.clip(SHIFTS[op.op][1](chunk, op.value, rng), 0.0, 255.0)
+            chunk = np.clip(SHIFTS[op.op](chunk, op.value, rng), 0.0, 255.0)
         return chunk
 
     return _map_chunks(x, shift)

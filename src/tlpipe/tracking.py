@@ -1,15 +1,14 @@
-"""MLflow tracking for the wrappers (CLI, KFP components): a run tree with lineage tags.
+"""MLflow tracking for the runner: a run tree with lineage tags, and a watchdog on the server.
 
 One parent run per pipeline run, one child run per step. The parent run id travels between
-processes in env var `TLPIPE_PARENT_RUN_ID`, and each child points at it with the
-`mlflow.parentRunId` tag, so DVC stages and KFP pods started as separate processes still nest
-under one parent. Steps never call this module; the wrappers around them do:
+processes in env var `TLPIPE_PARENT_RUN_ID` (DVC stages under `tlpipe run`) or is found by the
+Kubeflow run key (`TLPIPE_KFP_RUN`, the same in every pod of a run); each child points at it
+with the `mlflow.parentRunId` tag. Settings come from the environment only:
+`MLFLOW_TRACKING_URI` (default `sqlite:///mlflow.db`), `TLPIPE_EXPERIMENT` (default `tlpipe`),
+`TLPIPE_TRACKING_DEADLINE` (seconds a server may stay silent during a step, default 15).
 
-    with tracking.step_run("pretrain", cfg, manifest=manifest) as t:
-        result = pretrain.run(...)
-        t.log_metrics(result.metrics)
-
-Nothing happens at import time and mlflow is imported inside the functions that need it.
+Steps never call this module; `tlpipe.runner` does. Nothing happens at import time and mlflow
+is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -18,11 +17,13 @@ import contextlib
 import dataclasses
 import numbers
 import os
+import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +32,31 @@ from tlpipe.errors import TlpipeError
 
 PARENT_ENV = "TLPIPE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "TLPIPE_EXPERIMENT"
+DEADLINE_ENV = "TLPIPE_TRACKING_DEADLINE"
+# A key unique to one Kubeflow run, the same in all its pods: the Argo workflow name (pod label
+# workflows.argoproj.io/workflow) on a cluster, `local-…` under run-local.
+RUN_KEY_ENV = "TLPIPE_KFP_RUN"
+RUN_KEY_TAG = "tlpipe.kfp_run"
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "tlpipe"
 
 # mlflow's own client retries a failed request 7 times with exponential backoff (minutes of
-# waiting) and waits 120 s for a reply. A server that dies mid-step should fail the step in
-# seconds instead; users can still override these through the environment.
+# waiting) and waits 120 s for a reply; the watchdog bounds a whole step's calls anyway.
 _HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 _MAX_PARAM_CHARS = 6000  # mlflow's limit on a param value
 _BATCH = 100  # mlflow's limit on params per log_batch call (metrics allow 1000)
+
+
+class TrackingLost(BaseException):  # noqa: N818 — not an Exception: mlflow must not wrap it
+    """The tracking server stopped answering during a step; the step was stopped.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` in mlflow or
+    requests turns it into another error on its way out of the call it interrupted.
+    """
 
 
 def tracking_uri() -> str:
@@ -64,18 +77,11 @@ def check_server(uri: str, attempts: int = 3, backoff: float = 1.0, timeout: flo
     """
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     problem = "no answer"
     for i in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as reply:
-                if reply.status == 200:
-                    return
-                problem = f"HTTP {reply.status}"
-        except urllib.error.HTTPError as e:
-            problem = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            problem = str(getattr(e, "reason", e))
+        problem = _health(uri, timeout)
+        if problem is None:
+            return
         if i + 1 < attempts:
             time.sleep(backoff * 2**i)
     raise TlpipeError(
@@ -84,20 +90,41 @@ def check_server(uri: str, attempts: int = 3, backoff: float = 1.0, timeout: flo
     )
 
 
-def connect(uri: str | None = None) -> Any:
-    """Point mlflow at `uri` (default `tracking_uri()`), check the server, return a client.
+def _health(uri: str, timeout: float) -> str | None:
+    """None if `uri`/health answers 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            return None if reply.status == 200 else f"HTTP {reply.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e)) or type(e).__name__
 
-    Also lowers mlflow's HTTP retries/timeout (unless set in the environment) so a server that
-    dies mid-step fails the step in seconds rather than minutes.
+
+def connect() -> Any:
+    """Point mlflow at `tracking_uri()`, check the server, return a client.
+
+    Lowers mlflow's HTTP retries/timeout (unless set in the environment). A sqlite store is
+    created under a file lock: two first runs at once would both run its migrations.
     """
     import mlflow
 
-    uri = uri or tracking_uri()
+    uri = tracking_uri()
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     check_server(uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates the store
+    return client
 
 
 def lineage_tags() -> dict[str, str]:
@@ -113,51 +140,45 @@ def lineage_tags() -> dict[str, str]:
     }
 
 
-def start_pipeline_run(
-    experiment: str | None = None,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-    uri: str | None = None,
-) -> str:
+def start_pipeline_run(run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
     """Create the parent run of a pipeline run and return its id.
 
-    The caller exports the id as `TLPIPE_PARENT_RUN_ID` for the step processes it starts and
-    ends the run with `end_pipeline_run` (or uses `pipeline_run`, which does both).
+    The caller exports the id as `TLPIPE_PARENT_RUN_ID` to the step processes it starts (or
+    tags it with the Kubeflow run key) and ends it with `end_pipeline_run`.
     """
-    client = connect(uri)
-    experiment_id = _experiment_id(client, experiment or experiment_name())
+    client = connect()
+    experiment_id = _experiment_id(client, experiment_name())
     all_tags = {**lineage_tags(), "tlpipe.kind": "pipeline", **(tags or {})}
     return client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
 
 
-def end_pipeline_run(run_id: str, failed: bool = False, uri: str | None = None) -> None:
-    """Mark the parent run FINISHED (or FAILED)."""
-    connect(uri).set_terminated(run_id, "FAILED" if failed else "FINISHED")
+def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark the parent run FINISHED, FAILED or KILLED."""
+    connect().set_terminated(run_id, status)
 
 
-@contextlib.contextmanager
-def pipeline_run(
-    experiment: str | None = None,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-    uri: str | None = None,
-) -> Iterator[str]:
-    """Parent run for the block; `TLPIPE_PARENT_RUN_ID` is set in os.environ meanwhile."""
-    run_id = start_pipeline_run(experiment, run_name, tags, uri)
-    previous = os.environ.get(PARENT_ENV)
-    os.environ[PARENT_ENV] = run_id
-    try:
-        yield run_id
-    except BaseException:
-        _quietly(end_pipeline_run, run_id, True, uri)
-        raise
-    else:
-        end_pipeline_run(run_id, False, uri)
-    finally:
-        if previous is None:
-            os.environ.pop(PARENT_ENV, None)
-        else:
-            os.environ[PARENT_ENV] = previous
+def parent_run_id() -> str | None:
+    """The parent run of this process's step: `TLPIPE_PARENT_RUN_ID`, else the run tagged with
+    this Kubeflow run's key (`TLPIPE_KFP_RUN`), else None (the step run stands alone).
+
+    Kubeflow steps cannot take the parent run id as an *input*: it changes every run, so it
+    would change their cache keys and nothing would ever be cached (and an exit handler may
+    not take inputs from other tasks). Every pod of a run has the run key instead.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    key = os.environ.get(RUN_KEY_ENV, "")
+    if parent or not key or "'" in key:
+        return parent or None
+    client = connect()
+    experiment = client.get_experiment_by_name(experiment_name())
+    found = []
+    if experiment is not None:
+        query = f"tags.`{RUN_KEY_TAG}` = '{key}'"
+        found = client.search_runs([experiment.experiment_id], query, max_results=1)
+    if not found:
+        print(f"tlpipe: no MLflow run tagged {RUN_KEY_TAG}={key}; logging without a parent")
+        return None
+    return found[0].info.run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +188,22 @@ class StepRun:
     run_id: str
     uri: str
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Log numeric values (others are skipped); `step` for a point on a curve."""
-        self._log_points([(metrics, step)])
+    def log_result(self, result: Any) -> None:
+        """Log a `StepResult`: metrics, history as curves (step = epoch), artifacts."""
+        rows = [(result.metrics, None)]
+        rows += [(row, int(row.get("epoch", i))) for i, row in enumerate(result.history)]
+        self._log_points(rows)
+        client = self._client()
+        for path in result.artifacts:
+            path = Path(path)
+            if path.is_dir():
+                client.log_artifacts(self.run_id, str(path), path.name)
+            elif path.exists():
+                client.log_artifact(self.run_id, str(path))
+        if getattr(result, "dataset_sha256", None):  # prepare: the data version it made
+            client.set_tag(self.run_id, "tlpipe.dataset_sha256", result.dataset_sha256)
 
-    def log_history(self, history: Iterable[dict[str, Any]]) -> None:
-        """Log per-epoch dicts as metric curves; the step is `epoch` if present, else the index."""
-        self._log_points((row, int(row.get("epoch", i))) for i, row in enumerate(history))
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client().log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self._client().log_artifacts(self.run_id, str(directory), artifact_path)
-
-    def _log_points(self, rows: Iterable[tuple[dict[str, Any], int | None]]) -> None:
+    def _log_points(self, rows: list[tuple[dict[str, Any], int | None]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -203,50 +225,99 @@ class StepRun:
 
 @contextlib.contextmanager
 def step_run(
-    step: str,
-    cfg: Any = None,
-    *,
-    manifest: dict | None = None,
-    uri: str | None = None,
-    experiment: str | None = None,
-    parent_run_id: str | None = None,
+    step: str, cfg: Any = None, *, tags: dict[str, str] | None = None
 ) -> Iterator[StepRun]:
-    """Active mlflow run for one step: a child of `parent_run_id` or `TLPIPE_PARENT_RUN_ID`.
-
-    Without a parent id it is a standalone run in `experiment` (default `experiment_name()`).
+    """The active mlflow run of one step: a child of `parent_run_id()`, or standalone.
 
     Logs the flattened config as params and the lineage tags (`tlpipe.step`, git commit and
-    dirty flag, `tlpipe.params_hash`, `tlpipe.dataset_sha256` from the prepared-data manifest,
-    `tlpipe.version`). The run ends FINISHED, or FAILED (with a `tlpipe.error` tag) if the
-    block raises. Being the active run, it also receives anything logged with `mlflow.*`
-    inside the block (register logs its model that way).
+    dirty flag, `tlpipe.params_hash`, `tlpipe.version`, plus `tags`). The run ends FINISHED,
+    FAILED (with a `tlpipe.error` tag) if the block raises, or KILLED on a signal. Being the
+    active run, it also receives anything logged with `mlflow.*` inside the block.
+
+    A watchdog checks an http(s) server all along: if it stays silent for the deadline, the
+    block is stopped with `TrackingLost` wherever it is, and nothing more is sent to it.
     """
     import mlflow
 
-    client = connect(uri)
-    tags = {**lineage_tags(), "tlpipe.step": step}
-    if cfg is not None:
-        tags["tlpipe.params_hash"] = params_hash(cfg)
-    if manifest is not None:
-        tags["tlpipe.dataset_sha256"] = str(manifest.get("dataset_sha256", "unknown"))
-    parent = parent_run_id or os.environ.get(PARENT_ENV)
-    if parent:
-        experiment_id = _parent_experiment(client, parent)
-        tags["mlflow.parentRunId"] = parent
-    else:
-        experiment_id = _experiment_id(client, experiment or experiment_name())
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=tags)
-    try:
+    client = connect()
+    with Watchdog(tracking_uri(), step) as watchdog:
+        all_tags = {**lineage_tags(), "tlpipe.step": step, **(tags or {})}
         if cfg is not None:
-            _log_params(client, run.info.run_id, flatten(to_dict(cfg)))
-        yield StepRun(run.info.run_id, mlflow.get_tracking_uri())
-    except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        _quietly(mlflow.set_tag, "tlpipe.error", f"{type(e).__name__}: {e}"[:4000])
-        _quietly(mlflow.end_run, status)
-        raise
-    else:
-        mlflow.end_run("FINISHED")
+            all_tags["tlpipe.params_hash"] = params_hash(cfg)
+        parent = parent_run_id()
+        if parent:
+            experiment_id = _parent_experiment(client, parent)
+            all_tags["mlflow.parentRunId"] = parent
+        else:
+            experiment_id = _experiment_id(client, experiment_name())
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=all_tags)
+        try:
+            if cfg is not None:
+                _log_params(client, run.info.run_id, flatten(to_dict(cfg)))
+            yield StepRun(run.info.run_id, mlflow.get_tracking_uri())
+        except BaseException as e:
+            if not watchdog.lost:
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                _quietly(mlflow.set_tag, "tlpipe.error", f"{type(e).__name__}: {e}"[:4000])
+                _quietly(mlflow.end_run, status)
+            raise
+        else:
+            mlflow.end_run("FINISHED")
+
+
+class Watchdog:
+    """Stops the main thread with `TrackingLost` when the tracking server goes silent.
+
+    A daemon thread asks `/health` every `interval` seconds; once no answer has come for
+    `deadline` seconds (a dead server refuses at once, a hung one times out), it sends SIGUSR1
+    to the main thread, whose handler raises `TrackingLost`. That interrupts training as well
+    as a tracking call blocked on a socket. One deadline for the whole step, not one per call.
+    Non-http URIs, and callers off the main thread, get no watchdog.
+    """
+
+    def __init__(self, uri: str, step: str, deadline: float | None = None, interval: float = 2.0):
+        self.uri, self.step, self.interval = uri, step, interval
+        self.deadline = deadline or float(os.environ.get(DEADLINE_ENV) or 15)
+        self.lost = False
+        self._stop = threading.Event()
+        self._active = uri.startswith(("http://", "https://")) and (
+            threading.current_thread() is threading.main_thread()
+        )
+
+    def __enter__(self) -> Watchdog:
+        if self._active:
+            self._previous = signal.signal(signal.SIGUSR1, self._raise)
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            self._stop.set()
+            self._thread.join(timeout=self.interval + 6)
+            signal.signal(signal.SIGUSR1, self._previous)
+
+    def _watch(self) -> None:
+        last_ok, main = time.monotonic(), threading.main_thread().ident
+        while not self._stop.wait(self.interval):
+            if _health(self.uri, timeout=min(3.0, self.deadline / 3)) is None:
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok > self.deadline and not self._stop.is_set():
+                self.lost = True
+                # whatever still calls the server (mlflow's atexit end_run) fails at once
+                os.environ.update(
+                    MLFLOW_HTTP_REQUEST_TIMEOUT="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
+                )
+                signal.pthread_kill(main, signal.SIGUSR1)
+                return
+
+    def _raise(self, *_: object) -> None:
+        if self.lost and not self._stop.is_set():
+            raise TrackingLost(
+                f"MLflow tracking server at {self.uri} stopped answering during `{self.step}` "
+                f"(nothing for {self.deadline:.0f} s): the step was stopped, its resume file "
+                "kept; bring the server back and run the same command again to continue"
+            )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,37 +25,10 @@ from torch import nn
 
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import atomic_path
+from tlpipe.params import TrainConfig
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by every trainer (one params.yaml sub-section each)."""
-
-    epochs: int = 5
-    batch_size: int = 128
-    steps_per_epoch: int = 0  # 0: one pass over the training data; few-shot sets want more
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup_frac: float = 0.15
-    label_smoothing: float = 0.0
-    augment: bool = False
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -212,6 +185,9 @@ def fit(
     key = f"{cfg!r}|{resume_key}"
     if checkpoint is not None and checkpoint.exists():
         start, best_state = _resume(checkpoint, model, optimizer, scheduler, result, desc, key)
+        if start:
+            print(f"{desc}: resuming after epoch {start}/{cfg.epochs} from {checkpoint}",
+                  file=sys.stderr)  # fmt: skip
     aug_gen = torch.Generator()
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -224,6 +200,9 @@ def fit(
         if val is not None:
             row["val_accuracy"] = accuracy(model, *val, mean=mean, std=std)
         result.history.append(row)
+        if not sys.stderr.isatty():  # pod logs, CI, DVC stages: one line per epoch, no bars
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+            print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {scores}", file=sys.stderr, flush=True)
         if val is None or row["val_accuracy"] >= result.best_val_accuracy or best_state is None:
             result.best_epoch, result.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
             best_state = copy.deepcopy(model.state_dict())
@@ -287,13 +266,6 @@ def _freeze_frozen_batchnorm(model: nn.Module) -> None:
         frozen = not any(p.requires_grad for p in m.parameters())
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and frozen:
             m.eval()
-
-
-def remove_checkpoints(paths: Sequence[Path | None]) -> None:
-    """Drop resume files once the step's output is safely written (they only serve a kill)."""
-    for path in paths:
-        if path is not None:
-            Path(path).unlink(missing_ok=True)
 
 
 def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int):

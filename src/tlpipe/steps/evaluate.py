@@ -14,21 +14,16 @@ from typing import Any
 import numpy as np
 
 from tlpipe.errors import TlpipeError
+from tlpipe.params import EvaluateConfig
+from tlpipe.steps import StepResult
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """params.yaml `evaluate:`."""
+class EvaluateResult(StepResult):
+    """metrics.json's path and the model selected by validation; `summary` is the table."""
 
-    baseline: str = "scratch"
-    plots: bool = True
-
-
-@dataclass(frozen=True)
-class EvaluateResult:
     metrics_path: Path
     selected: str
-    metrics: dict[str, float]
 
 
 def classification_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -68,6 +63,7 @@ def run(
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = manifest["target_classes"]
     report: dict[str, Any] = {}
+    nan = float("nan")
     preds: dict[str, np.ndarray] = {}
     histories: dict[str, list] = {}
     for name, path in sorted(models.items()):
@@ -75,18 +71,21 @@ def run(
         if meta["classes"] != classes:
             raise TlpipeError(f"{path} predicts {meta['classes']}, not the target classes")
         preds[name] = predict(model, test.x, meta["mean"], meta["std"]).argmax(1)
-        val_pred = predict(model, val.x, meta["mean"], meta["std"]).argmax(1)
+        val_logits = predict(model, val.x, meta["mean"], meta["std"])
         m = classification_metrics(test.y, preds[name], classes)
-        m["val_accuracy"] = float((val_pred == val.y).mean()) if len(val) else float("nan")
+        m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
+        m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
         report[name] = m
         histories[name] = meta.get("history", [])
     candidates = {n: m for n, m in report.items() if n != cfg.baseline}
-    selected = max(candidates, key=lambda n: (candidates[n]["val_accuracy"], n))
+    # 25 validation images tie often: the lower validation loss breaks a tie, never a name
+    selected = max(candidates, key=lambda n: (candidates[n]["val_accuracy"],
+                                              -candidates[n]["val_loss"]))  # fmt: skip
     base = report[cfg.baseline]["accuracy"]
     gain = {n: round(100 * (m["accuracy"] - base), 2) for n, m in candidates.items()}
     out = {
         "selected": selected,
-        "selected_by": "target validation accuracy",
+        "selected_by": "target validation accuracy (ties: validation loss)",
         "baseline": cfg.baseline,
         "test_sha256": manifest["splits"]["target_test"]["sha256"],
         "dataset_sha256": manifest.get("dataset_sha256", ""),
@@ -106,7 +105,25 @@ def run(
                                classes, f"{name}: accuracy {m['accuracy']:.3f}")  # fmt: skip
     summary = {"selected_accuracy": report[selected]["accuracy"], "baseline_accuracy": base,
                "gain_points": gain[selected]}  # fmt: skip
-    return EvaluateResult(Path(out_dir) / "metrics.json", selected, summary)
+    line = (f"selected {selected} by validation: test accuracy {report[selected]['accuracy']:.4f}, "
+            f"{gain[selected]:+.1f} points over {cfg.baseline}")  # fmt: skip
+    return EvaluateResult(Path(out_dir) / "metrics.json", selected, metrics=summary,
+                          artifacts=(Path(out_dir),), summary=line)  # fmt: skip
+
+
+def selected_model(eval_dir: Path, finetuned: Path) -> Path:
+    """The checkpoint in `finetuned` of the strategy an evaluate run in `eval_dir` selected."""
+    selected = Path(eval_dir) / "selected.txt"
+    if not selected.exists():
+        raise TlpipeError(f"{selected} not found: run `tlpipe evaluate` first, or pass --model")
+    return Path(finetuned) / f"{selected.read_text().strip()}.pt"
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of `logits` (N, K) for labels `y`."""
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
 
 
 def _write_curves(path: Path, histories: dict[str, list]) -> None:

@@ -24,68 +24,21 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from tlpipe.errors import TlpipeError
-
-Calibration = Literal["minmax", "entropy", "percentile"]
-CALIBRATION_SPLITS = ("target_val", "target_train", "source_val", "source")  # never target_test
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """params.yaml `export:`.
-
-    Attributes:
-        opset: ONNX opset (≥ 18: the torch.export-based exporter's lowest).
-        tolerance: Largest allowed |logit difference| between ONNX Runtime and torch.
-        min_agreement: Smallest allowed share of test images with the same argmax.
-        int8: Also write the statically quantized `model.int8.onnx`.
-        calibration_images: How many images calibrate the INT8 activation ranges.
-        calibration_splits: Prepared splits the calibration images come from, in order: all
-            of the first (up to `calibration_images`), then the next, … Never the test split.
-        calibration_method: ONNX Runtime calibration method.
-        fp32_first_last: Keep the first Conv and the classifier (Gemm) in float in the INT8
-            file: on Fashion-MNIST, 8-bit there cost 1.6 accuracy points (0.2 without), for
-            under 1 % of small_cnn's weights.
-        model_version: Written into the metadata; empty = the checkpoint's sha256 prefix.
-        batch_size: Images per ONNX Runtime call when measuring parity and accuracy.
-    """
-
-    opset: int = 18
-    tolerance: float = 1e-4
-    min_agreement: float = 0.999
-    int8: bool = True
-    calibration_images: int = 500
-    calibration_splits: tuple[str, ...] = ("target_val", "target_train")
-    calibration_method: Calibration = "minmax"
-    fp32_first_last: bool = True
-    model_version: str = ""
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.opset < 18:
-            raise ValueError(f"opset must be ≥ 18 (torch.export ONNX exporter), got {self.opset}")
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if not 0 < self.min_agreement <= 1:
-            raise ValueError(f"min_agreement must be in (0, 1], got {self.min_agreement}")
-        bad = set(self.calibration_splits) - set(CALIBRATION_SPLITS)
-        if bad or not self.calibration_splits:
-            raise ValueError(f"calibration_splits must be from {CALIBRATION_SPLITS}, got {bad}")
-        if self.calibration_images < 1 or self.batch_size < 1:
-            raise ValueError("calibration_images and batch_size must be ≥ 1")
+from tlpipe.params import Calibration, ExportConfig
+from tlpipe.steps import StepResult
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(StepResult):
     onnx_path: Path
     int8_path: Path | None
     parity_path: Path
     passed: bool
-    metrics: dict[str, float]
 
 
 def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) -> ExportResult:
@@ -130,6 +83,9 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
         parity_path=out_dir / "parity.json",
         passed=report["passed"],
         metrics=_summary(report),
+        artifacts=(out_dir / "parity.json",),
+        summary=f"wrote {out_dir}: parity {'passed' if report['passed'] else 'FAILED'}; "
+        f"{_summary(report)}",
     )
 
 

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 from tlpipe import fsio
 from tlpipe.data import DATASETS, DatasetSpec
 from tlpipe.errors import TlpipeError
+from tlpipe.params import FetchConfig
+from tlpipe.steps import StepResult
 
 _ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -36,31 +38,14 @@ class Unreachable(TlpipeError):
 
 
 @dataclass(frozen=True)
-class FetchConfig:
-    """The `fetch` section of params.yaml.
-
-    Attributes:
-        dataset: A known dataset name (fashion-mnist) or any other name for custom data.
-        sources: Local paths or http(s) URLs, tried in order; empty = the known dataset's
-            defaults (for fashion-mnist: the Debian package dir, then the official URL).
-        sha256: Expected sha256 of a single-file custom source, as downloaded (optional).
-        timeout: Seconds to wait for a server.
-    """
-
-    dataset: str = "fashion-mnist"
-    sources: tuple[str, ...] = ()
-    sha256: str | None = None
-    timeout: float = 60.0
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """What fetch wrote: the raw dir, its files, and the source that served them."""
+class FetchResult(StepResult):
+    """What fetch wrote: the raw dir, its files, the source that served them, and the data's
+    version (a sha256 over every file's relative path and sha256: the Kubeflow cache key)."""
 
     out_dir: Path
     files: tuple[Path, ...]
     source: str
-    metrics: dict[str, float]
+    version: str
 
 
 def run(cfg: FetchConfig, out_dir: Path) -> FetchResult:
@@ -92,7 +77,11 @@ def run(cfg: FetchConfig, out_dir: Path) -> FetchResult:
 def _result(out_dir: Path, source: str) -> FetchResult:
     files = tuple(sorted(p for p in out_dir.rglob("*") if p.is_file()))
     metrics = {"files": float(len(files)), "bytes": float(sum(p.stat().st_size for p in files))}
-    return FetchResult(out_dir=out_dir, files=files, source=source, metrics=metrics)
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(out_dir).as_posix()}\0{fsio.sha256_file(path)}\n".encode())
+    summary = f"fetched {len(files)} files into {out_dir} from {source}"
+    return FetchResult(out_dir, files, source, h.hexdigest(), metrics=metrics, summary=summary)
 
 
 def is_url(source: str) -> bool:

@@ -11,7 +11,7 @@ target *validation* split only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,48 +19,10 @@ import torch
 from torch import nn
 
 from tlpipe import joint
-from tlpipe.config import build, to_dict
 from tlpipe.errors import TlpipeError
-from tlpipe.joint import JointConfig
+from tlpipe.params import FinetuneConfig
 from tlpipe.steps.pretrain import TrainResult, checkpoint_meta
 from tlpipe.training import ArrayBatches, TrainConfig
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """params.yaml `finetune:`; `per_strategy.<name>` overrides any field for one strategy."""
-
-    strategy: str = "lp_ft"
-    model: str = "small_cnn"  # used by `scratch` only; the others keep the source model's arch
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=30, batch_size=64, steps_per_epoch=10, lr=0.03, weight_decay=1e-4,
-            schedule="cosine", augment=True,
-        )
-    )  # fmt: skip
-    probe: TrainConfig = field(  # the linear-probe phase of linear_probe and lp_ft
-        default_factory=lambda: TrainConfig(
-            epochs=10, batch_size=64, steps_per_epoch=10, lr=0.05, weight_decay=1e-4,
-            schedule="cosine", augment=True,
-        )
-    )  # fmt: skip
-    backbone_lr_scale: float = 0.3  # discriminative LR: the backbone learns this much slower
-    layer_decay: float = 1.0  # and each earlier block this much slower again (1 = off)
-    partial_blocks: int = 2  # `partial`: how many of the last backbone blocks train
-    l2sp: float = 0.0  # L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone
-    joint: JointConfig = field(default_factory=JointConfig)  # strategy `joint` (tlpipe.joint)
-    specialist: TrainConfig = field(  # strategy `specialist`: its source phase
-        default_factory=lambda: TrainConfig(
-            epochs=4, batch_size=128, lr=0.03, schedule="cosine", augment=True,
-        )
-    )  # fmt: skip
-    per_strategy: dict[str, Any] = field(default_factory=dict)
-
-    def for_strategy(self, name: str) -> FinetuneConfig:
-        """This config with `per_strategy[name]` applied (and `strategy` set to `name`)."""
-        merged = _merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
-        merged["strategy"] = name
-        return build(FinetuneConfig, merged, where="finetune.")
 
 
 @dataclass
@@ -209,7 +171,7 @@ def run(
     """
     from tlpipe.data import load_manifest, load_split
     from tlpipe.models import save_checkpoint
-    from tlpipe.training import fit, remove_checkpoints
+    from tlpipe.training import fit
 
     if cfg.strategy not in STRATEGIES:
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
@@ -242,9 +204,10 @@ def run(
     meta = checkpoint_meta(manifest, arch, cfg.strategy, classes, result)
     meta["history"] = history
     save_checkpoint(out_model, model, meta)
-    remove_checkpoints(resume_files)
     metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": seconds}
-    return TrainResult(Path(out_model), history, metrics)
+    summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
+    return TrainResult(Path(out_model), history=history, metrics=metrics, summary=summary,
+                       resume_files=tuple(f for f in resume_files if f))  # fmt: skip
 
 
 def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) -> str:

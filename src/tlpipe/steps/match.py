@@ -19,72 +19,27 @@ above 0.9.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from tlpipe import matching
 from tlpipe.config import to_dict
 from tlpipe.errors import TlpipeError
-from tlpipe.matching import DiscriminatorSettings, KnnSettings
+from tlpipe.params import MatchConfig
+from tlpipe.steps import StepResult
 
 
 @dataclass(frozen=True)
-class MatchConfig:
-    """params.yaml `match:`.
-
-    Attributes:
-        matcher: One of `tlpipe.matching.MATCHERS`: discriminator, knn, class, uniform.
-        top_fraction: Share of the source, by weight, written to selected.npy.
-        clip: Largest weight as a multiple of the mean (caps the influence of one sample).
-        features: ``blocks`` (per-stage activation statistics) or ``backbone`` (final features).
-        dims: Principal components the matchers work in.
-        class_neutral: Remove the source-class directions first (see `tlpipe.matching`).
-        use_target_val: Use the target_val images too (not their labels) as target samples.
-        discriminator: C (null = cross-validated), folds, max_fit_source.
-        knn: k, temperature.
-        batch_size: Embedding batch size.
-        plots: Write plots/weights_hist.png and plots/extremes.png.
-        seed: Subsampling, folds and tie-breaking.
-    """
-
-    matcher: str = "discriminator"
-    top_fraction: float = 0.5
-    clip: float = 10.0
-    features: Literal["blocks", "backbone"] = "blocks"
-    dims: int = 32
-    class_neutral: bool = True
-    use_target_val: bool = True
-    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
-    knn: KnnSettings = field(default_factory=KnnSettings)
-    batch_size: int = 512
-    plots: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.matcher not in matching.MATCHERS:
-            raise TlpipeError(
-                f"unknown matcher {self.matcher!r}; choose one of: {', '.join(matching.MATCHERS)}"
-            )
-        if not 0 < self.top_fraction <= 1:
-            raise TlpipeError(f"match.top_fraction must be in (0, 1], got {self.top_fraction}")
-        if not self.clip >= 1:
-            raise TlpipeError(f"match.clip must be >= 1 (max weight / mean), got {self.clip}")
-        if self.dims < 1 or self.batch_size < 1:
-            raise TlpipeError("match.dims and match.batch_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class MatchResult:
+class MatchResult(StepResult):
     """What match wrote: weights.npy, selected.npy, report.json (+ plots/) under out_dir."""
 
     out_dir: Path
     weights: Path
     selected: Path
     report: Path
-    metrics: dict[str, float]
 
 
 def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig) -> MatchResult:
@@ -139,8 +94,10 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
         if cfg.plots:
             plot_histogram(tmp / "plots" / "weights_hist.png", weights, shifted)
             plot_extremes(tmp / "plots" / "extremes.png", source.x, weights)
+    metrics = _metrics(report)
     return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
-                       out_dir / "report.json", _metrics(report))  # fmt: skip
+                       out_dir / "report.json", metrics=metrics, artifacts=(out_dir,),
+                       summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}")  # fmt: skip
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlpipe.training import TrainConfig
+from tlpipe.params import PretrainConfig
+from tlpipe.steps import StepResult
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """params.yaml `pretrain:`."""
-
-    model: str = "small_cnn"
-    pretrained: str | None = None  # a local torchvision weights file (no downloads at run time)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=4, batch_size=128, lr=0.1, augment=True)
-    )
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training step wrote and measured (pretrain and finetune)."""
+class TrainResult(StepResult):
+    """What a training step wrote (pretrain and finetune); history and metrics in the base."""
 
     model_path: Path
-    history: list[dict[str, float]]
-    metrics: dict[str, float]
 
 
 def run(
@@ -42,7 +30,7 @@ def run(
     """
     from tlpipe.data import load_manifest, load_split
     from tlpipe.models import build_model, save_checkpoint
-    from tlpipe.training import ArrayBatches, fit, remove_checkpoints
+    from tlpipe.training import ArrayBatches, fit
 
     manifest = load_manifest(prepared_dir)
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
@@ -65,10 +53,11 @@ def run(
     )
     meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result)
     save_checkpoint(out_model, model, meta)
-    remove_checkpoints([resume])
     metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds}  # fmt: skip
-    return TrainResult(Path(out_model), result.history, metrics)
+    summary = f"wrote {out_model}: source val accuracy {result.best_val_accuracy:.4f}"
+    return TrainResult(Path(out_model), history=result.history, metrics=metrics,
+                       resume_files=(resume,) if resume else (), summary=summary)  # fmt: skip
 
 
 def checkpoint_meta(manifest: dict, arch: str, strategy: str, classes: list[str], result) -> dict:

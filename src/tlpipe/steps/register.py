@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.errors import TlpipeError
-from tlpipe.fsio import read_json
+from tlpipe.fsio import read_json, write_json
+from tlpipe.params import RegisterConfig
+from tlpipe.steps import StepResult
 
 CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "pending"
 _EPS = 1e-9  # accuracies are ratios of counts; float noise must not decide a tie
@@ -38,20 +40,11 @@ _MAX_ROUNDS = 20
 
 
 @dataclasses.dataclass(frozen=True)
-class RegisterConfig:
-    model_name: str = "tlpipe"
-    accuracy_floor: float = 0.5
-    min_improvement: float = 0.0  # accuracy as a fraction: 0.005 = half a point
-    tracking_uri: str | None = None  # used when register opens its own run
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisterResult:
+class RegisterResult(StepResult):
     version: str
     alias: str
     promoted: bool
     reason: str
-    metrics: dict[str, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +111,29 @@ def decide(new: Candidate, champion: Candidate | None, cfg: RegisterConfig) -> D
     )
 
 
-def run(export_dir: Path, model_path: Path, cfg: RegisterConfig) -> RegisterResult:
-    """Log model + ONNX files, register a version, run the gate; returns the alias given."""
+def precheck(export_dir: Path, cfg: RegisterConfig) -> Decision:
+    """The part of the gate that needs no registry: ONNX parity passed, accuracy ≥ the floor.
+
+    The Kubeflow DAG registers only a model that passes it (`dsl.If` on the gate task); `run`
+    then decides champion vs challenger against the registry.
+    """
+    parity = _read_parity(Path(export_dir))
+    acc = float(parity["fp32"]["accuracy"])
+    new = Candidate("new", acc, parity["test_sha256"], bool(parity["passed"]))
+    decision = decide(new, None, cfg)
+    if not decision.promoted:
+        return decision
+    return Decision(CHAMPION, f"ONNX parity passed and accuracy {acc:.4f} ≥ floor "
+                              f"{cfg.accuracy_floor:.4f}")  # fmt: skip
+
+
+def run(
+    export_dir: Path, model_path: Path, cfg: RegisterConfig, decision_path: Path | None = None
+) -> RegisterResult:
+    """Log model + ONNX files, register a version, run the gate; returns the alias given.
+
+    `decision_path`, if given, gets the outcome as JSON (version, alias, promoted, reason).
+    """
     export_dir = Path(export_dir)
     parity = _read_parity(export_dir)
     onnx_files = [export_dir / "model.onnx", export_dir / "model.int8.onnx"]
@@ -156,7 +170,13 @@ def run(export_dir: Path, model_path: Path, cfg: RegisterConfig) -> RegisterResu
         "promoted": float(decision.promoted),
         "parity_passed": float(bool(parity["passed"])),
     }
-    return RegisterResult(str(version), decision.alias, decision.promoted, decision.reason, metrics)
+    summary = f"{cfg.model_name} v{version} → {decision.alias}: {decision.reason}"
+    if decision_path is not None:
+        outcome = {"version": str(version), "alias": decision.alias,
+                   "promoted": decision.promoted, "reason": decision.reason}  # fmt: skip
+        write_json(decision_path, outcome)
+    return RegisterResult(str(version), decision.alias, decision.promoted, decision.reason,
+                          metrics=metrics, summary=summary)  # fmt: skip
 
 
 def gate(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
@@ -312,5 +332,5 @@ def _active_run(cfg: RegisterConfig) -> Iterator[str]:
     if active is not None:
         yield active.info.run_id
         return
-    with tracking.step_run("register", cfg, uri=cfg.tracking_uri) as step:
+    with tracking.step_run("register", cfg) as step:
         yield step.run_id

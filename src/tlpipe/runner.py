@@ -1,0 +1,98 @@
+"""The one step runner: every wrapper (CLI, DVC through the CLI, Kubeflow pods) calls a step here.
+
+    result = run_step("pretrain", cfg, prepared_dir=..., out_model=..., checkpoint_dir=...)
+
+runs `tlpipe.steps.pretrain.run(**inputs, cfg=cfg)` inside a tracked child run (params,
+lineage tags, then the result's metrics, history and artifacts), and owns the failures around
+the step, in one place:
+
+- the step fails → the run ends FAILED with the error (`tlpipe.error` tag), the error goes on;
+- SIGINT/SIGTERM → the step unwinds (temporary outputs removed), the run ends KILLED;
+- the tracking server dies or hangs → the watchdog stops the step within one deadline, in one
+  line, and nothing more waits on the server (`tracking.Watchdog`);
+- resume files are deleted only after the run is safely closed, so a step that any of the
+  above stopped continues from its last epoch when run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tlpipe.errors import Terminated, TlpipeError
+from tlpipe.steps import StepResult
+
+NO_TRACK_ENV = "TLPIPE_NO_TRACK"  # `tlpipe run --no-track` passes it to the stages
+
+
+def run_step(
+    step: str, cfg: Any, *, track: bool = True, tags: dict[str, str] | None = None, **inputs: Any
+) -> StepResult:
+    """Run step `step` with `cfg` and `inputs` (its `run()` keyword arguments), tracked.
+
+    Args:
+        step: a module of `tlpipe.steps` (fetch, prepare, pretrain, match, finetune, …).
+        cfg: the step's config (`tlpipe.params`).
+        track: False (or env TLPIPE_NO_TRACK) runs the step without MLflow.
+        tags: extra tags for the run (lineage the inputs do not carry).
+    """
+    run = importlib.import_module(f"tlpipe.steps.{step}").run
+    name = f"{step}:{cfg.strategy}" if step == "finetune" else step
+    with _signals_unwind():
+        if not track or os.environ.get(NO_TRACK_ENV):
+            result = run(**inputs, cfg=cfg)
+        else:
+            result = _tracked(run, name, cfg, {**_lineage(inputs), **(tags or {})}, inputs)
+    for path in result.resume_files:
+        Path(path).unlink(missing_ok=True)
+    return result
+
+
+def _tracked(run: Any, name: str, cfg: Any, tags: dict[str, str], inputs: dict) -> StepResult:
+    from mlflow.exceptions import MlflowException
+
+    from tlpipe import tracking
+
+    try:
+        with tracking.step_run(name, cfg, tags=tags) as t:
+            result = run(**inputs, cfg=cfg)
+            t.log_result(result)
+    except MlflowException as e:  # the server answered, with an error: say so in one line
+        message = str(e).strip().splitlines()[0][:300]
+        raise TlpipeError(
+            f"MLflow at {tracking.tracking_uri()} failed in `{name}`: {message}"
+        ) from e
+    return result
+
+
+def _lineage(inputs: dict[str, Any]) -> dict[str, str]:
+    """`tlpipe.dataset_sha256` of the prepared data the step reads, if it reads any."""
+    prepared = inputs.get("prepared_dir")
+    if prepared is None or not (Path(prepared) / "manifest.json").is_file():
+        return {}
+    from tlpipe.data import load_manifest
+
+    return {"tlpipe.dataset_sha256": str(load_manifest(prepared).get("dataset_sha256", ""))}
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the step, as Ctrl-C does for SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(*_: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

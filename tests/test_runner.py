@@ -1,0 +1,191 @@
+"""The runner owns the failures around a step: tried against real MLflow servers and real DVC.
+
+A tracking server killed or frozen mid-step, SIGTERM to `tlpipe run`, two first runs creating
+the tracking database at once, a step killed with SIGKILL leaving temporary outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_idx_dataset
+from mlflow_server import start_server, stop_server
+
+from tlpipe import config, fsio, runner, tracking
+from tlpipe.errors import TlpipeError
+
+REPO = Path(__file__).resolve().parents[1]
+# A pretrain on the tiny data that lasts ~20-30 s on 2 busy cores: long enough to lose the
+# server in the middle of it, short enough to resume.
+LONG_PRETRAIN = ["pretrain.train.epochs=40", "pretrain.train.steps_per_epoch=40",
+                 "pretrain.train.batch_size=32"]  # fmt: skip
+
+
+def _env(uri: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TLPIPE_")}
+    bin_dir = str(Path(sys.executable).parent)
+    return {**env, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + env["PATH"],
+            "TLPIPE_EXPERIMENT": f"runner-{uuid.uuid4().hex[:8]}", **extra}  # fmt: skip
+
+
+def _pretrain(prepared: Path, work: Path, env: dict[str, str]) -> subprocess.Popen:
+    sets = [a for s in LONG_PRETRAIN for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "tlpipe.cli", "pretrain", "--prepared", str(prepared),
+           "--out", "source.pt", "--checkpoints", "ck", *sets]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
+    failure: str, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    server, uri = start_server(tmp_path / "server")
+    try:
+        proc = _pretrain(tiny_prepared, tmp_path, _env(uri))
+        resume = tmp_path / "ck/pretrain.resume.pt"
+        _wait_for(resume, proc)
+        lost_at = time.monotonic()
+        os.killpg(server.pid, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - lost_at
+    finally:
+        stop_server(server)
+    lines = [line for line in err.splitlines() if "epoch" not in line]
+    assert proc.returncode == 1, err
+    assert lines == [lines[-1]] and lines[-1].startswith("error: MLflow tracking server"), err
+    assert "stopped answering during `pretrain`" in err and "Traceback" not in err
+    assert stopped_after < 30, stopped_after
+    assert resume.exists() and not (tmp_path / "source.pt").exists()
+
+    if failure == "killed":  # the server is back: the same command continues where it stopped
+        server, uri = start_server(tmp_path / "server2")
+        try:
+            again = _pretrain(tiny_prepared, tmp_path, _env(uri))
+            _, err = again.communicate(timeout=300)
+        finally:
+            stop_server(server)
+        assert again.returncode == 0, err
+        assert "pretrain: resuming after epoch" in err
+        assert (tmp_path / "source.pt").exists() and not resume.exists()
+
+
+def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    work = _dvc_project(tmp_path)
+    env = _env(mlflow_server)
+    proc = subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(work / "checkpoints/pretrain/pretrain.resume.pt", proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): run the same command again to resume" in err
+    assert not _processes_in(work), "processes left running"
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(env["TLPIPE_EXPERIMENT"]).experiment_id
+    runs = {r.data.tags["mlflow.runName"]: r.info.status for r in client.search_runs([experiment])}
+    assert runs["pipeline"] == "KILLED" and runs["pretrain"] == "KILLED", runs
+    assert runs["prepare"] == "FINISHED", runs
+    assert (work / "checkpoints/pretrain/pretrain.resume.pt").exists()
+
+
+def _dvc_project(tmp_path: Path) -> Path:
+    """A git + DVC project running the repository's dvc.yaml on a tiny synthetic dataset."""
+    work = tmp_path / "project"
+    work.mkdir()
+    raw = write_idx_dataset(tmp_path / "raw", 30, 10)
+    (work / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    params = {
+        "fetch": {"dataset": "synthetic", "sources": [str(raw)]},
+        "prepare": {"dataset": "synthetic"},
+        "pretrain": {"train": {"epochs": 400, "batch_size": 32}},
+        **{s: {} for s in ("match", "finetune", "evaluate", "export", "register")},
+        "strategies": ["full"],
+    }
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    return work
+
+
+def _processes_in(work: Path) -> list[str]:
+    """Command lines of live processes whose working directory is `work`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == work:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+def test_a_failing_step_leaves_a_failed_run_with_its_error(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    for key, value in _env(mlflow_server).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    (tmp_path / "raw").mkdir()
+    cfg = config.resolve({})["prepare"]
+    with pytest.raises(TlpipeError):
+        runner.run_step("prepare", cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(os.environ["TLPIPE_EXPERIMENT"]).experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FAILED" and run.data.tags["tlpipe.step"] == "prepare"
+    assert run.data.tags["tlpipe.error"].startswith("TlpipeError: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_first_runs_create_the_sqlite_store_safely(tmp_path: Path) -> None:
+    code = "from tlpipe import tracking; print(tracking.start_pipeline_run('p'))"
+    for i in range(3):  # a fresh database each time: the race is in its creation
+        env = _env(f"sqlite:///{tmp_path / f'mlflow{i}.db'}", TLPIPE_EXPERIMENT="tlpipe")
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]  # fmt: skip
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+
+
+def test_temporary_outputs_of_a_killed_step_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    code = ("import time; from tlpipe import fsio\n"
+            "with fsio.atomic_path('export') as tmp:\n"
+            "    tmp.mkdir(); print(tmp, flush=True); time.sleep(60)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    orphan = tmp_path / Path(proc.stdout.readline().strip()).name
+    assert orphan.is_dir() and orphan.name.startswith(f".export.{proc.pid}.")
+    proc.kill()  # SIGKILL: no `finally` runs
+    proc.wait()
+    with fsio.atomic_path(tmp_path / "export") as tmp:
+        tmp.mkdir()
+    assert not orphan.exists() and (tmp_path / "export").is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
