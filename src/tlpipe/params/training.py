@@ -1,0 +1,240 @@
+"""`pretrain:`, `match:`, `finetune:`: the training steps' settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tlpipe.errors import TlpipeError
+
+STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "full", "lp_ft", "joint", "specialist")
+MATCHER_NAMES = ("discriminator", "knn", "class", "uniform")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every trainer (one sub-section each)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    steps_per_epoch: int = 0  # 0: one pass over the training data; few-shot sets want more
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_frac: float = 0.15
+    label_smoothing: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def _few_shot(**changes: Any) -> TrainConfig:
+    """The fine-tune recipe: 10 steps an epoch over the few labelled images, cosine LR."""
+    base = TrainConfig(epochs=30, batch_size=64, steps_per_epoch=10, lr=0.03, weight_decay=1e-4,
+                       schedule="cosine", augment=True)  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`pretrain:`.
+
+    Attributes:
+        model: small_cnn (CPU-friendly), resnet18 or mobilenet_v3_small (`tlpipe.models`).
+        pretrained: A local torchvision weights file (nothing is downloaded at run time).
+        train: The optimisation settings.
+    """
+
+    model: str = "small_cnn"
+    pretrained: str | None = None
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=128, lr=0.1, augment=True)
+    )
+
+
+# ---------------------------------------------------------------------------- match
+
+
+@dataclass(frozen=True)
+class DiscriminatorSettings:
+    """The domain classifier (L2 logistic regression, class-balanced).
+
+    Attributes:
+        C: Inverse regularisation strength; None picks it from a grid by k-fold balanced
+            log-loss (the target is tiny, so regularisation matters more than anything).
+        folds: Stratified folds for choosing C, the Platt calibration and held-out accuracy.
+        max_fit_source: Source samples the classifier is fitted on (a class-stratified random
+            subset; every source sample is still scored). Keeps fitting time flat in n.
+    """
+
+    C: float | None = None
+    folds: int = 5
+    max_fit_source: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.C is not None and not self.C > 0:
+            raise TlpipeError(f"match.discriminator.C must be > 0 (or null for CV), got {self.C}")
+        if self.folds < 2:
+            raise TlpipeError(f"match.discriminator.folds must be >= 2, got {self.folds}")
+        if self.max_fit_source < 10:
+            raise TlpipeError("match.discriminator.max_fit_source must be >= 10")
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """k-nearest-target cosine similarity.
+
+    Attributes:
+        k: Target neighbours averaged per source sample.
+        temperature: Softmax temperature on the similarity's source z-score: w ∝ exp(z / T).
+    """
+
+    k: int = 5
+    temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or not self.temperature > 0:
+            raise TlpipeError("match.knn needs k >= 1 and temperature > 0")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """`match:`: which source samples look like the target domain (`tlpipe.matching`).
+
+    Attributes:
+        matcher: discriminator, knn, class or uniform (`tlpipe.matching.MATCHERS`).
+        top_fraction: Share of the source, by weight, written to selected.npy.
+        clip: Largest weight as a multiple of the mean (caps the influence of one sample).
+        features: ``blocks`` (per-stage activation statistics) or ``backbone`` (final features).
+        dims: Principal components the matchers work in.
+        class_neutral: Remove the source-class directions first (see `tlpipe.matching`).
+        use_target_val: Use the target_val images too (not their labels) as target samples.
+        discriminator: C (null = cross-validated), folds, max_fit_source.
+        knn: k, temperature.
+        batch_size: Embedding batch size.
+        plots: Write plots/weights_hist.png and plots/extremes.png.
+        seed: Subsampling, folds and tie-breaking.
+    """
+
+    matcher: str = "discriminator"
+    top_fraction: float = 0.5
+    clip: float = 10.0
+    features: Literal["blocks", "backbone"] = "blocks"
+    dims: int = 32
+    class_neutral: bool = True
+    use_target_val: bool = True
+    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    batch_size: int = 512
+    plots: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.matcher not in MATCHER_NAMES:
+            raise TlpipeError(
+                f"unknown matcher {self.matcher!r}; choose one of: {', '.join(MATCHER_NAMES)}"
+            )
+        if not 0 < self.top_fraction <= 1:
+            raise TlpipeError(f"match.top_fraction must be in (0, 1], got {self.top_fraction}")
+        if not self.clip >= 1:
+            raise TlpipeError(f"match.clip must be >= 1 (max weight / mean), got {self.clip}")
+        if self.dims < 1 or self.batch_size < 1:
+            raise TlpipeError("match.dims and match.batch_size must be >= 1")
+
+
+# ---------------------------------------------------------------------------- finetune
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """`finetune.joint:`, strategy `joint` (`tlpipe.joint`).
+
+    Attributes:
+        source_weight: λ, the source loss's weight relative to the target loss.
+        sampling: selected (top_fraction, w-weighted loss) | weighted (∝ w) | all.
+        source_batch_size: Source images per step (0 = the target batch size).
+    """
+
+    source_weight: float = 1.0
+    sampling: Literal["selected", "weighted", "all"] = "selected"
+    source_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source_weight < 0 or self.source_batch_size < 0:
+            raise TlpipeError("finetune.joint: source_weight and source_batch_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`finetune:`; `per_strategy.<name>` overrides any field for one strategy.
+
+    Attributes:
+        strategy: What `tlpipe finetune` trains without --strategy.
+        model: The scratch baseline's architecture (the others keep the source model's).
+        train: Same step budget for every strategy and the scratch baseline (30 × 10 steps).
+        probe: The linear-probe phase of linear_probe and lp_ft.
+        backbone_lr_scale: Discriminative LR: the backbone learns this much slower (chosen on
+            target validation accuracy at k = 5 and 20, never on test).
+        layer_decay: And each earlier block this much slower again (1 = off).
+        partial_blocks: `partial`: how many of the last backbone blocks train.
+        l2sp: L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone.
+        joint: Strategy `joint`: co-training on the match-weighted source.
+        specialist: Strategy `specialist`: its phase on the matched source alone.
+        per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``.
+    """
+
+    strategy: str = "lp_ft"
+    model: str = "small_cnn"
+    train: TrainConfig = field(default_factory=_few_shot)
+    probe: TrainConfig = field(default_factory=lambda: _few_shot(epochs=10, lr=0.05))
+    backbone_lr_scale: float = 0.3
+    layer_decay: float = 1.0
+    partial_blocks: int = 2
+    l2sp: float = 0.0
+    joint: JointConfig = field(default_factory=JointConfig)
+    specialist: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=4, batch_size=128, lr=0.03, schedule="cosine", augment=True
+        )  # fmt: skip
+    )
+    per_strategy: dict[str, Any] = field(
+        default_factory=lambda: {"scratch": {"train": {"lr": 0.05}}}
+    )
+
+    def __post_init__(self) -> None:
+        check_strategies([self.strategy, *self.per_strategy])
+
+    def for_strategy(self, name: str) -> FinetuneConfig:
+        """This config with `per_strategy[name]` applied (and `strategy` set to `name`)."""
+        from tlpipe.config import build, to_dict
+
+        merged = _merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
+        merged["strategy"] = name
+        return build(FinetuneConfig, merged, where="finetune.")
+
+
+def check_strategies(names: Any) -> None:
+    """Raise a TlpipeError naming any unknown strategy."""
+    unknown = [n for n in names if n not in STRATEGY_NAMES]
+    if unknown:
+        raise TlpipeError(f"unknown strategy {unknown[0]!r}; choose: {', '.join(STRATEGY_NAMES)}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
