@@ -64,8 +64,18 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     assert best_tuned > scratch + 0.05, metrics["gain_over_scratch"]
     assert (work / "eval/plots/confusion_scratch.png").exists()
 
-    again = sh(sys.executable, "-m", "dvc", "repro")
-    assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+    # a scheduled re-run on the same data: fetch runs (it checks the data), nothing else does;
+    # two started together: one runs, the other says so in one line and exits non-zero
+    both = [subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    outs = [(p.wait(timeout=600), *p.communicate()) for p in both]
+    assert sorted(code for code, _, _ in outs) == [0, 1], outs
+    (_, again, log), (_, _, refused) = sorted(outs)
+    assert "another `tlpipe run` is running in this project" in refused
+    assert refused.strip().count("\n") == 0, refused
+    assert "nothing retrained" in log and "selected (by val)" in again
+    assert again.count("Running stage") == 1 and "Running stage 'fetch'" in again, again
 
     import mlflow
 
@@ -73,7 +83,8 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("tlpipe")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
-    assert len(parents) == 1
+    parents.sort(key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and parents[1].data.tags["tlpipe.changed_stages"] == "-"
     children = {r.data.tags["tlpipe.step"] for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}  # fmt: skip
     steps = {"prepare", "pretrain", "match", "finetune:scratch", "finetune:lp_ft", "evaluate"}

@@ -10,7 +10,7 @@ import torch
 
 from tlpipe.config import build
 from tlpipe.errors import TlpipeError
-from tlpipe.models import MODELS, build_model, load_checkpoint, save_checkpoint
+from tlpipe.models import MODELS, build_model, load_checkpoint, save_checkpoint, seeded
 from tlpipe.steps import evaluate, finetune, pretrain
 
 TINY_TRAIN = {"epochs": 2, "batch_size": 32, "steps_per_epoch": 3, "lr": 0.05}
@@ -216,3 +216,23 @@ def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
     a, b = (report["models"][n] for n in names)
     assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] != b["val_loss"]
     assert report["selected"] == min(names, key=lambda n: report["models"][n]["val_loss"])
+
+
+def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tmp_path) -> None:
+    from tlpipe.fsio import read_json
+    from tlpipe.models import build_model, load_checkpoint, save_checkpoint
+
+    models = {"scratch": tmp_path / "scratch.pt", "full": tmp_path / "full.pt"}
+    longer = {**TINY_TRAIN, "epochs": 15, "steps_per_epoch": 5}
+    finetune.run(tiny_prepared, None, models["scratch"], _cfg("scratch", train=longer))
+    _, meta = load_checkpoint(models["scratch"])
+    with seeded(123):  # an untrained "transfer" model: worse than scratch on validation
+        untrained = build_model("small_cnn", meta["num_classes"], meta["in_chans"])
+    save_checkpoint(models["full"], untrained, meta)
+    res = evaluate.run(tiny_prepared, models, tmp_path / "eval", evaluate.EvaluateConfig())
+    report = read_json(res.metrics_path)
+    assert report["models"]["scratch"]["val_accuracy"] > report["models"]["full"]["val_accuracy"]
+    assert res.selected == report["selected"] == "scratch" and not report["transfer_helped"]
+    assert "transfer did NOT help" in res.summary and "scratch ships" in report["verdict"]
+    assert (tmp_path / "eval/selected.txt").read_text().strip() == "scratch"
+    assert "transfer did NOT help" in evaluate.format_table(report)

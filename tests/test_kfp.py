@@ -335,6 +335,7 @@ def _check_artifacts(run_dir: Path, selected: str) -> None:
             loop / "finetune/model"
         )
     assert set(tuned) == set(STRATEGIES)
+    tuned["scratch"] = run_dir / "baseline/model"  # a candidate too: it ships if nothing beats it
     assert (run_dir / "match/matching/weights.npy").is_file()
     metrics = json.loads((run_dir / "evaluate/evaluation/metrics.json").read_text())
     assert metrics["dataset_sha256"] == manifest["dataset_sha256"]

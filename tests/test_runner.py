@@ -75,16 +75,16 @@ def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
     assert stopped_after < 30, stopped_after
     assert resume.exists() and not (tmp_path / "source.pt").exists()
 
-    if failure == "killed":  # the server is back: the same command continues where it stopped
-        server, uri = start_server(tmp_path / "server2")
-        try:
-            again = _pretrain(tiny_prepared, tmp_path, _env(uri))
-            _, err = again.communicate(timeout=300)
-        finally:
-            stop_server(server)
-        assert again.returncode == 0, err
-        assert "pretrain: resuming after epoch" in err
-        assert (tmp_path / "source.pt").exists() and not resume.exists()
+    # a server is back: the same command continues where it stopped
+    server, uri = start_server(tmp_path / "server2")
+    try:
+        again = _pretrain(tiny_prepared, tmp_path, _env(uri))
+        _, err = again.communicate(timeout=300)
+    finally:
+        stop_server(server)
+    assert again.returncode == 0, err
+    assert "pretrain: resuming after epoch" in err
+    assert (tmp_path / "source.pt").exists() and not resume.exists()
 
 
 def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(

@@ -8,9 +8,6 @@ run (`--no-track` to skip). A user error prints one line and exits 1, without a 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,17 +149,17 @@ def finetune(
 @app.command()
 def evaluate(
     prepared: Path = PREPARED,
-    baseline: Path = typer.Option(Path("models/scratch.pt"), help="The from-scratch model."),
     finetuned: Path = FINETUNED,
     out: Path = typer.Option(Path("eval"), help="metrics.json, selected.txt, plots/."),
     params: Path = PARAMS,
     set_: list[str] = SET,
     track: bool = TRACK,
 ) -> None:
-    """Score the `strategies` models and the baseline on the target test split; pick by val."""
+    """Score the baseline and the `strategies` models (in --finetuned) on the target test
+    split; select the one to ship by validation, the baseline included."""
     resolved = _resolve(params, set_)
-    models = {name: finetuned / f"{name}.pt" for name in resolved.strategies}
-    models[resolved["evaluate"].baseline] = baseline
+    names = [resolved["evaluate"].baseline, *resolved.strategies]
+    models = {name: finetuned / f"{name}.pt" for name in names}
     _step("evaluate", params, set_, track, prepared_dir=prepared, models=models, out_dir=out)
     report(out / "metrics.json")
 
@@ -234,65 +231,18 @@ def run(
 ) -> None:
     """Run the whole pipeline with `dvc repro` under one MLflow parent run, then the table.
 
-    DVC re-runs only the stages whose code, data or params.yaml section changed. Ctrl-C or
-    SIGTERM stops the stage that is running (its run ends KILLED; run again to resume).
+    DVC re-runs only the stages whose code, data or params.yaml section changed; with nothing
+    changed it is a quick no-op (exit 0), so it is safe to call from cron. A second `tlpipe run`
+    in the same project exits 1 while one is running. Ctrl-C or SIGTERM stops the running stage
+    (its run ends KILLED; run again to resume).
     """
-    from tlpipe import config, runner, tracking
+    from tlpipe import local_run
 
-    resolved = _resolve(Path("params.yaml"), None)  # a bad params.yaml fails before any stage
-    env, parent = dict(os.environ), None
-    if track and not env.get(runner.NO_TRACK_ENV):
-        tags = {"tlpipe.params_hash": config.params_hash(resolved.as_dict())}
-        parent = env[tracking.PARENT_ENV] = tracking.start_pipeline_run("pipeline", tags)
-    else:
-        env[runner.NO_TRACK_ENV] = "1"
-    status = "KILLED"
-    try:
-        with _stopped_by_signal():
-            code = _run_stages([sys.executable, "-m", "dvc", "repro", *(["--force"] * force)], env)
-        status = "FINISHED" if code == 0 else "FAILED"
-    finally:
-        if parent:
-            _end_quietly(parent, status)
-    if code != 0:
-        raise TlpipeError(f"`dvc repro` failed (exit {code}); the stage's error is printed above")
-    report(Path("eval/metrics.json"))
-
-
-def _run_stages(cmd: list[str], env: dict[str, str]) -> int:
-    """Run `cmd` in its own process group; on SIGINT/SIGTERM stop the whole group, then raise.
-
-    The group holds dvc and the stage it runs: both get SIGTERM, so the stage's run ends
-    KILLED and nothing goes on running after `tlpipe run` has returned.
-    """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def terminate(*_: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _end_quietly(run_id: str, status: str) -> None:
-    from tlpipe import tracking
-
-    try:
-        tracking.end_pipeline_run(run_id, status)
-    except Exception as e:  # noqa: BLE001 — the stages' outcome matters more than this tag
-        typer.echo(f"warning: could not mark the pipeline run {status}: {e}", err=True)
+    with _stopped_by_signal():
+        changed = local_run.run(force, track)
+    typer.echo(local_run.describe(changed), err=True)
+    if Path("eval/metrics.json").exists():
+        report(Path("eval/metrics.json"))
 
 
 def _resolve(params: Path, set_: list[str] | None) -> Any:

@@ -1,7 +1,8 @@
 """Step 5: score every model on the target test split, against the from-scratch baseline.
 
 The test split is read here and nowhere else before this step. Which model ships is chosen
-by target *validation* accuracy (`selected`), never by test accuracy.
+by target *validation* accuracy (`selected`), never by test accuracy, with the baseline as a
+candidate like any strategy: a transfer that loses to training from scratch is not shipped.
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ def run(
     """Evaluate `models` (name → checkpoint) and write metrics.json, plots and curves.csv."""
     from tlpipe.data import load_manifest, load_split
     from tlpipe.fsio import atomic_path, write_json
-    from tlpipe.models import load_checkpoint
-    from tlpipe.training import predict
 
     if cfg.baseline not in models:
         raise TlpipeError(f"baseline model {cfg.baseline!r} missing: train it (finetune scratch)")
@@ -62,30 +61,16 @@ def run(
     manifest = load_manifest(prepared_dir)
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = manifest["target_classes"]
-    report: dict[str, Any] = {}
-    nan = float("nan")
-    preds: dict[str, np.ndarray] = {}
-    histories: dict[str, list] = {}
-    for name, path in sorted(models.items()):
-        model, meta = load_checkpoint(path)
-        if meta["classes"] != classes:
-            raise TlpipeError(f"{path} predicts {meta['classes']}, not the target classes")
-        preds[name] = predict(model, test.x, meta["mean"], meta["std"]).argmax(1)
-        val_logits = predict(model, val.x, meta["mean"], meta["std"])
-        m = classification_metrics(test.y, preds[name], classes)
-        m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
-        m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
-        report[name] = m
-        histories[name] = meta.get("history", [])
-    candidates = {n: m for n, m in report.items() if n != cfg.baseline}
-    # 25 validation images tie often: the lower validation loss breaks a tie, never a name
-    selected = max(candidates, key=lambda n: (candidates[n]["val_accuracy"],
-                                              -candidates[n]["val_loss"]))  # fmt: skip
+    report, preds, histories = _score(models, test, val, classes)
+    selected, verdict = select(report, cfg.baseline)
     base = report[cfg.baseline]["accuracy"]
-    gain = {n: round(100 * (m["accuracy"] - base), 2) for n, m in candidates.items()}
+    gain = {n: round(100 * (m["accuracy"] - base), 2) for n, m in report.items()
+            if n != cfg.baseline}  # fmt: skip
     out = {
         "selected": selected,
-        "selected_by": "target validation accuracy (ties: validation loss)",
+        "selected_by": "target validation accuracy (ties: validation loss); the baseline too",
+        "transfer_helped": selected != cfg.baseline,
+        "verdict": verdict,
         "baseline": cfg.baseline,
         "test_sha256": manifest["splits"]["target_test"]["sha256"],
         "dataset_sha256": manifest.get("dataset_sha256", ""),
@@ -104,19 +89,69 @@ def run(
                 plot_confusion(tmp / "plots" / f"confusion_{name}.png", m["confusion"],
                                classes, f"{name}: accuracy {m['accuracy']:.3f}")  # fmt: skip
     summary = {"selected_accuracy": report[selected]["accuracy"], "baseline_accuracy": base,
-               "gain_points": gain[selected]}  # fmt: skip
-    line = (f"selected {selected} by validation: test accuracy {report[selected]['accuracy']:.4f}, "
-            f"{gain[selected]:+.1f} points over {cfg.baseline}")  # fmt: skip
+               "gain_points": gain.get(selected, 0.0),
+               "transfer_helped": float(selected != cfg.baseline)}  # fmt: skip
+    line = f"selected {selected} (test accuracy {report[selected]['accuracy']:.4f}); {verdict}"
     return EvaluateResult(Path(out_dir) / "metrics.json", selected, metrics=summary,
                           artifacts=(Path(out_dir),), summary=line)  # fmt: skip
 
 
+def select(report: dict[str, dict[str, Any]], baseline: str) -> tuple[str, str]:
+    """The model to ship, and a sentence saying whether transfer helped.
+
+    The best target validation accuracy wins; 25 validation images tie often, and a tie goes
+    to the lower validation loss, never to a name. The baseline is a candidate like any
+    strategy: when no strategy beats it, the baseline ships.
+    """
+
+    def key(name: str) -> tuple[float, float]:
+        return report[name]["val_accuracy"], -report[name]["val_loss"]
+
+    selected = max(report, key=key)
+    best = max((n for n in report if n != baseline), key=key)
+    a, b = report[best]["val_accuracy"], report[baseline]["val_accuracy"]
+    if selected != baseline:
+        return (
+            selected,
+            f"transfer helped: {selected} beats {baseline} on validation ({a:.3f} vs {b:.3f})",
+        )
+    return selected, (
+        f"transfer did NOT help: no strategy beats {baseline} on validation (best: "
+        f"{best}, {a:.3f} vs {b:.3f}), so {baseline} ships"
+    )
+
+
 def selected_model(eval_dir: Path, finetuned: Path) -> Path:
-    """The checkpoint in `finetuned` of the strategy an evaluate run in `eval_dir` selected."""
+    """The checkpoint in `finetuned` of the model an evaluate run in `eval_dir` selected."""
     selected = Path(eval_dir) / "selected.txt"
     if not selected.exists():
         raise TlpipeError(f"{selected} not found: run `tlpipe evaluate` first, or pass --model")
     return Path(finetuned) / f"{selected.read_text().strip()}.pt"
+
+
+def _score(
+    models: dict[str, Path], test: Any, val: Any, classes: list[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list]]:
+    """Test metrics + validation accuracy and loss of every model; test predictions; histories."""
+    from tlpipe.models import load_checkpoint
+    from tlpipe.training import predict
+
+    report: dict[str, Any] = {}
+    preds: dict[str, np.ndarray] = {}
+    histories: dict[str, list] = {}
+    nan = float("nan")
+    for name, path in sorted(models.items()):
+        model, meta = load_checkpoint(path)
+        if meta["classes"] != classes:
+            raise TlpipeError(f"{path} predicts {meta['classes']}, not the target classes")
+        preds[name] = predict(model, test.x, meta["mean"], meta["std"]).argmax(1)
+        val_logits = predict(model, val.x, meta["mean"], meta["std"])
+        m = classification_metrics(test.y, preds[name], classes)
+        m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
+        m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
+        report[name] = m
+        histories[name] = meta.get("history", [])
+    return report, preds, histories
 
 
 def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -185,4 +220,6 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} "
             f"{m['val_accuracy']:>8.3f} {gain:>11}{mark}"
         )
+    if "verdict" in metrics:
+        lines.append(metrics["verdict"])
     return "\n".join(lines)
