@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import shutil
 import socket
+import sys
 import tarfile
 import threading
 import zipfile
@@ -314,3 +316,64 @@ def test_fetch_fashion_mnist_download_fallback(http_server, tmp_path: Path) -> N
     result = fetch.run(cfg, tmp_path / "raw")
     assert result.source == url + "/"
     assert sorted(p.name for p in result.files) == sorted(DATASETS["fashion-mnist"].files)
+
+
+# ---------------------------------------------------------------------------- labels, folders
+
+
+@pytest.mark.parametrize(
+    ("split", "label", "match"),
+    [("train", 200, "train labels go up to 200 but none is 10 \\(190 missing\\)"),
+     ("t10k", 12, "test label 12 is not a train label \\(0..9\\)")],
+)  # fmt: skip
+def test_unnamed_labels_must_run_without_gaps(idx_dir: Path, split, label, match) -> None:
+    """With no class names there is no list to check against: a stray label must not add classes."""
+    path = idx_dir / f"{split}-labels-idx1-ubyte.gz"
+    y = np.tile(np.arange(10), 8 if split == "train" else 4).astype(np.uint8)
+    y[3] = label
+    write_idx(path, y)
+    with pytest.raises(TlpipeError, match=match):
+        read_raw(idx_dir, "idx", "my-data")
+
+
+def test_unnamed_npz_labels_must_run_without_gaps(tmp_path: Path) -> None:
+    for name, n in (("train", 4), ("test", 2)):
+        x, y = make_patterns(n, n_classes=3)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=np.where(y == 2, 7, y))  # 0, 1, 7
+    with pytest.raises(TlpipeError, match="train labels go up to 7 but none is 2"):
+        read_raw(tmp_path, "npz")
+
+
+def test_an_empty_class_folder_is_refused(imagefolder_dir: Path, tmp_path: Path) -> None:
+    """DVC stores no empty folders: `train/bat` would vanish on restore, renumbering cat, dog…"""
+    (imagefolder_dir / "train" / "bat").mkdir()
+    with pytest.raises(TlpipeError, match=r"train/bat is an empty class folder: DVC drops"):
+        read_raw(imagefolder_dir, "imagefolder", size=16)
+    (imagefolder_dir / "train" / "bat" / ".DS_Store").write_bytes(b"junk")  # no image either
+    with pytest.raises(TlpipeError, match=r"train/bat is an empty class folder"):
+        read_raw(imagefolder_dir, "imagefolder", size=16)
+    (imagefolder_dir / "train" / "bat" / ".DS_Store").unlink()
+    out = tmp_path / "raw"
+    cfg = fetch.FetchConfig(dataset="mine", sources=(str(imagefolder_dir),))
+    with pytest.raises(TlpipeError, match="folder train/bat is empty; DVC does not store empty"):
+        fetch.run(cfg, out)  # refused at fetch already, before it reaches data/raw
+    assert not out.exists()
+    (imagefolder_dir / "test" / "owl").mkdir()  # empty too, and not a train class: same rule
+    (imagefolder_dir / "train" / "bat").rmdir()
+    with pytest.raises(TlpipeError, match="folder test/owl is empty"):
+        fetch.run(cfg, out)
+
+
+def test_reading_images_reports_progress(imagefolder_dir: Path, capsys, monkeypatch) -> None:
+    read_raw(imagefolder_dir, "imagefolder", size=16)  # stderr is not a terminal under pytest
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "read 18 images from" in err and "images/s)" in err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    read_raw(imagefolder_dir, "imagefolder", size=16)
+    bar = sys.stderr.getvalue()
+    assert "18/18" in bar and " images/s" in bar and "read 18 images" not in bar

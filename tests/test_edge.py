@@ -26,7 +26,7 @@ from tlpipe.errors import TlpipeError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_model(path: Path, channels: int = 1, size: int = 8) -> Path:
+def write_model(path: Path, channels: int = 1, size: int = 8, version: str = "test") -> Path:
     """A Flatten → Gemm classifier: class 1 ("bright") when the mean normalised pixel is > 0."""
     n = channels * size * size
     w = np.stack([-np.ones(n), np.ones(n)], axis=1).astype(np.float32) * 4 / n
@@ -44,7 +44,7 @@ def write_model(path: Path, channels: int = 1, size: int = 8) -> Path:
     helper.set_model_props(model, {
         "classes": json.dumps(["dark", "bright"]), "input_shape": json.dumps(shape),
         "mean": json.dumps([0.5] * channels), "std": json.dumps([0.25] * channels),
-        "model_version": "test", "precision": "fp32",
+        "model_version": version, "precision": "fp32",
     })  # fmt: skip
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -102,10 +102,14 @@ def test_cli_bad_model_file_is_one_line_no_traceback(tmp_path):
     [
         (["info", "{tmp}/missing.onnx"], "not found"),
         (["info", "{tmp}/plain.onnx"], "lacks tlpipe metadata"),
-        (["predict", "{model}", "{images}/notes.txt"], "not a readable image"),
+        (["predict", "{model}", "{tmp}/nothing.png"], "not found"),
+        (["predict", "--model-dir", "{tmp}/none", "{images}"], "no model installed"),
+        (["predict", "{model}", "{images}", "--max-pixels", "0"], "--max-pixels"),
+        (["info", "models:/tlpipe@champion"], "tlpipe-edge pull"),
+        (["rollback", "--model-dir", "{tmp}/none"], "nothing to roll back"),
+        (["pull", "--model-dir", "{tmp}/d", "--tracking-uri", "sqlite:///x.db"], "http(s)://"),
         (["predict", "{model}", "{tmp}"], "holds no images"),
         (["bench", "{model}", "--runs", "0"], "--runs"),
-        (["info", "models:/tlpipe", "--tracking-uri", "sqlite:///x.db"], "cannot parse"),
     ],
 )
 def test_cli_user_errors(args, message, model_file, images, tmp_path, capsys):
@@ -130,12 +134,13 @@ def test_info_and_bench(model_file, capsys):
     assert "p50" in out and "p99" in out and "images/s" in out
 
 
-def test_importing_and_predicting_never_imports_torch(model_file, images):
+def test_importing_and_predicting_never_imports_torch_or_mlflow(model_file, images):
     code = (
         "import sys, tlpipe.edge as e\n"
         f"m = e.EdgeModel({str(model_file)!r})\n"
         f"assert m.predict([{str(images / 'white.png')!r}])[0][0] == 'bright'\n"
-        "bad = [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]\n"
+        "import tlpipe.edge.cli, tlpipe.edge.pull, tlpipe.edge.registry, tlpipe.edge.store\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlflow')]\n"
         "assert not bad, bad\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -184,14 +189,6 @@ def test_providers():
             edge.select_providers("cuda")
 
 
-def test_parse_model_uri():
-    assert edge.parse_model_uri("models:/tlpipe@champion") == ("tlpipe", "champion", None)
-    assert edge.parse_model_uri("models:/tlpipe/3") == ("tlpipe", None, "3")
-    for bad in ("models:/", "models:/tlpipe", "models:/tlpipe@", "runs:/abc/onnx", "models:/a/b"):
-        with pytest.raises(TlpipeError):
-            edge.parse_model_uri(bad)
-
-
 def test_base_and_edge_dependencies_have_no_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + project["optional-dependencies"]["edge"]
@@ -201,22 +198,53 @@ def test_base_and_edge_dependencies_have_no_torch():
     assert not {n for n in names if "torch" in n}, names
 
 
-@pytest.mark.slow
-def test_loads_from_a_local_mlflow_registry(model_file, images, tmp_path, monkeypatch):
-    """Register a run whose artifacts hold onnx/model.onnx, then load it by alias."""
-    import mlflow
+def _bomb(path: Path, side: int) -> Path:
+    """A valid grey PNG of side² pixels that compresses to almost nothing (a decompression bomb)."""
+    import struct
+    import zlib
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.create_experiment("edge", artifact_location=(tmp_path / "artifacts").as_uri())
-    run = client.create_run(exp)
-    client.log_artifact(run.info.run_id, str(model_file), artifact_path="onnx")
-    client.create_registered_model("tlpipe")
-    mv = client.create_model_version("tlpipe", f"runs:/{run.info.run_id}/onnx", run.info.run_id)
-    client.set_registered_model_alias("tlpipe", "champion", mv.version)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    m = edge.EdgeModel("models:/tlpipe@champion")
-    assert m.predict([images / "white.png"])[0][0] == "bright"
-    assert edge.main(["info", "models:/tlpipe/1"]) == 0
-    assert edge.main(["info", "models:/tlpipe@nope"]) == 1
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    z, row = zlib.compressobj(9), b"\0" * (side + 1)  # filter byte + a row of black
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+    return path
+
+
+def test_predict_reports_bad_files_and_classifies_the_rest(model_file, tmp_path):
+    """A truncated PNG, a non-image and a 9 000² PNG bomb sit in one batch among good images."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for i in range(6):
+        Image.new("L", (12, 12), 255 if i % 2 else 0).save(batch / f"good{i}.png")
+    good = (batch / "good0.png").read_bytes()
+    (batch / "cut.png").write_bytes(good[: len(good) // 2])
+    (batch / "text.jpg").write_text("not an image")
+    _bomb(batch / "bomb.png", 9_000)  # 81 MP in a few KB; its header alone says no
+    assert (batch / "bomb.png").stat().st_size < 200_000
+
+    proc = _cli("predict", str(model_file), str(batch))  # default --max-pixels: 40 MP
+    assert proc.returncode == 1
+    got = {Path(line.split("\t")[0]).name: line.split("\t")[1] for line in proc.stdout.splitlines()}
+    assert got == {f"good{i}.png": "bright" if i % 2 else "dark" for i in range(6)}
+    errors = proc.stderr.splitlines()
+    assert len(errors) == 4 and "Traceback" not in proc.stderr
+    assert all(e.startswith("tlpipe-edge: error:") for e in errors)
+    assert any("cut.png" in e and "not a readable image" in e for e in errors)
+    assert any("text.jpg" in e and "not a readable image" in e for e in errors)
+    assert any("bomb.png" in e and "9000×9000" in e and "not decoded" in e for e in errors)
+    assert errors[-1].endswith("3 of 9 images could not be classified (see above)")
+
+
+def test_pixel_limit_is_checked_before_decoding(model_file, tmp_path):
+    """The limit holds for files only; PIL's own bomb guard does not get a say below it."""
+    m = edge.EdgeModel(model_file, max_pixels=100)
+    Image.new("L", (10, 10), 255).save(tmp_path / "ok.png")
+    Image.new("L", (10, 11), 255).save(tmp_path / "big.png")
+    assert m.predict([tmp_path / "ok.png"])[0][0] == "bright"
+    with pytest.raises(TlpipeError, match="10×11 = 110 pixels is over the limit of 100"):
+        m.predict([tmp_path / "big.png"])

@@ -290,3 +290,29 @@ def test_make_prepared_factory(make_prepared) -> None:
     out = make_prepared(shift=[], source_shift_fraction=0.0, k=3)
     assert load_manifest(out)["splits"]["target_train"]["count"] == 15
     assert not load_split(out, "target_test").shifted.any()
+
+
+# ---------------------------------------------------------------------------- errors up front
+
+
+def test_unnamed_data_with_a_stray_label_leaves_no_output(tmp_path: Path) -> None:
+    """Not a known dataset, so no class list: label 200 would have made 191 classes silently."""
+    raw = write_idx_dataset(tmp_path / "raw")
+    y = np.tile(np.arange(10), 8).astype(np.uint8)
+    y[0] = 200
+    write_idx(raw / "train-labels-idx1-ubyte.gz", y)
+    with pytest.raises(TlpipeError, match="train labels go up to 200 but none is 10"):
+        _run(raw, tmp_path / "out", dataset="my-scans", k=2, val_per_class=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_class_folder_leaves_no_output(tmp_path: Path, capsys) -> None:
+    raw = write_imagefolder(tmp_path / "raw", classes=("a", "b", "c", "d"), per_class=4)
+    values = {"dataset": "pets", "format": "imagefolder", "source_classes": [0, 1],
+              "target_classes": [2, 3], "k": 2, "val_per_class": 1, "input_size": 16}  # fmt: skip
+    _run(raw, tmp_path / "p", **values)
+    assert "read 32 images from" in capsys.readouterr().err  # off a terminal: one summary line
+    (raw / "train" / "a0").mkdir()  # would sort between a and b: b, c, d would change ids
+    with pytest.raises(TlpipeError, match="train/a0 is an empty class folder"):
+        _run(raw, tmp_path / "q", **values)
+    assert not (tmp_path / "q").exists()

@@ -186,17 +186,20 @@ def export(
 def register(
     export_dir: Path = typer.Option(Path("export"), "--export", help="Output of `export`."),
     model: Path = typer.Option(None, help="Checkpoint to log; default: the selected one."),
+    prepared: Path = PREPARED,
     finetuned: Path = FINETUNED,
     eval_dir: Path = EVAL,
     out: Path = typer.Option(Path("registry.json"), help="The decision, as JSON."),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
-    """Register the model in MLflow; alias `champion` only if the gate passes."""
+    """Register the model in MLflow; alias `champion` only if it beats the champion, which is
+    re-scored on this run's test split (--prepared) for a paired comparison."""
     from tlpipe.steps.evaluate import selected_model
 
     _step("register", params, set_, True, export_dir=export_dir, decision_path=out,
-          model_path=model or selected_model(eval_dir, finetuned))  # fmt: skip
+          model_path=model or selected_model(eval_dir, finetuned),
+          prepared_dir=prepared)  # fmt: skip
 
 
 @app.command("params")

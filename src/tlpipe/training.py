@@ -10,7 +10,10 @@ resumed run see exactly the batches the killed one would have.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import math
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -297,6 +300,11 @@ def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int)
     return opt, sched
 
 
+# A resume file: "<magic><sha256 of the bytes>\n" then torch.save's bytes, loaded with
+# weights_only=True (tensors, dicts, lists, numbers, strings: unpickling runs no code).
+_RESUME_MAGIC = b"tlpipe-resume-v1 sha256="
+
+
 def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, desc, key):
     state = {
         "desc": desc,
@@ -306,18 +314,48 @@ def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, d
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "history": result.history,
-        "best": (result.best_epoch, result.best_val_accuracy),
+        "best": [result.best_epoch, result.best_val_accuracy],
         "best_state": best_state,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_RESUME_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
+
+
+def _load_resume(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The state saved in `path`; None if it is not in the checked format (an older tlpipe's).
+
+    A hash mismatch is an error, not a silent restart: writes are atomic, so no kill causes
+    one; the file was damaged or altered after it was written, which the user should hear.
+    """
+    data = path.read_bytes()
+    end = data.find(b"\n")
+    if not data.startswith(_RESUME_MAGIC) or end < 0:
+        return None
+    payload = memoryview(data)[end + 1 :]
+    if hashlib.sha256(payload).hexdigest().encode() != data[len(_RESUME_MAGIC) : end]:
+        raise TlpipeError(
+            f"checkpoint {path} fails its sha256 check: it was damaged or altered after it was "
+            "written; delete it to start over"
+        )
+    try:
+        return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch's weights-only message is a page long)
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, pickle.UnpicklingError):
+            why = "it holds more than tensors, numbers and strings"
+        raise TlpipeError(f"checkpoint {path} is refused ({why}); delete it to start over") from e
 
 
 def _resume(path, model, optimizer, scheduler, result, desc, key):
-    try:
-        state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise TlpipeError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
+    state = _load_resume(path, next(model.parameters()).device)
+    if state is None:
+        print(f"{path} is not a checked resume file (an older tlpipe's?): not resuming from it, "
+              "training from the start", file=sys.stderr)  # fmt: skip
+        return 0, None
     if state.get("desc") != desc:
         raise TlpipeError(f"checkpoint {path} belongs to {state.get('desc')!r}, not {desc!r}")
     if state.get("key") != key:

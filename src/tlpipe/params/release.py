@@ -75,13 +75,19 @@ class RegisterConfig:
     Attributes:
         model_name: The registered model.
         accuracy_floor: Never promote below this target test accuracy.
-        min_improvement: Must beat the champion (same test data) by more than this (a
+        min_improvement: Must beat the champion (same test images) by more than this (a
             fraction: 0.005 = half a point).
+        significance: ...and significantly: one-sided McNemar p-value below this.
+        max_class_recall_drop: ...and no class may lose more recall than this (a fraction)
+            against the champion: a model that wins on average but loses one class badly
+            stays challenger.
     """
 
     model_name: str = "tlpipe"
     accuracy_floor: float = 0.5
     min_improvement: float = 0.0
+    significance: float = 0.05
+    max_class_recall_drop: float = 0.05
 
 
 # params.yaml section → its config class, in pipeline order

@@ -25,13 +25,23 @@ class FetchConfig:
         sources: Local paths or http(s) URLs, tried in order; empty = the known dataset's
             defaults (for fashion-mnist: the Debian package dir, then the official URL).
         sha256: Expected sha256 of a single-file custom source, as downloaded (optional).
-        timeout: Seconds to wait for a server.
+            Without it, a download that has no Content-Length must be a format whose
+            completeness can be checked (zip, npz, gzip, tar).
+        timeout: Seconds to wait for a server on each read (connect, headers, each block).
+        deadline: Seconds one download may take from request to last byte. A server that
+            trickles bytes never trips `timeout`; the default, an hour, fetches a few GB on
+            a slow link yet keeps a scheduled run from hanging for ever.
     """
 
     dataset: str = "fashion-mnist"
     sources: tuple[str, ...] = ()
     sha256: str | None = None
     timeout: float = 60.0
+    deadline: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not (self.timeout > 0 and self.deadline > 0):
+            raise TlpipeError("bad fetch parameters: timeout and deadline must be > 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class PrepareConfig:
         source_shift_fraction: Fraction of source images (random, seeded) also shifted.
         channels: Output channels, 1 or 3 (None = as stored; imagefolder: 3).
         input_size: Output side length in pixels (None = as stored; imagefolder needs it).
+        max_image_pixels: Larger images (width x height, read from the file's header) are
+            refused before decoding: a 500 KB PNG can declare 13 300² pixels and take ~1 GB to
+            decode. 50 MP passes full-size photos of 48 MP phones and 45 MP cameras while one
+            decoded RGB image stays under 150 MB; raise it per dataset if yours are larger.
         seed: Seed of every random choice.
     """
 
@@ -107,6 +121,7 @@ class PrepareConfig:
     source_shift_fraction: float = 0.0
     channels: int | None = None
     input_size: int | None = None
+    max_image_pixels: int = 50_000_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,6 +134,7 @@ class PrepareConfig:
             "max_test_per_class must be >= 1": (self.max_test_per_class or 1) >= 1,
             "channels must be 1 or 3": self.channels in (None, 1, 3),
             "input_size must be >= 8": (self.input_size or 8) >= 8,
+            "max_image_pixels must be >= 1": self.max_image_pixels >= 1,
             "seed must be >= 0": self.seed >= 0,
         }
         bad = [msg for msg, ok in checks.items() if not ok]

@@ -31,7 +31,9 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
     temporary sibling and renamed, so a failure never leaves a partial `out_dir`.
     """
     start = time.perf_counter()
-    raw = read_raw(Path(raw_dir), cfg.format, cfg.dataset, cfg.channels, cfg.input_size)
+    raw = read_raw(
+        Path(raw_dir), cfg.format, cfg.dataset, cfg.channels, cfg.input_size, cfg.max_image_pixels
+    )
     splits = build_splits(raw, cfg)
     manifest = _manifest(splits, raw.classes, cfg)
     out_dir = Path(out_dir)

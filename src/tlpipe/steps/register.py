@@ -1,11 +1,14 @@
 """register: log the exported model to MLflow, create a registry version, gate `champion`.
 
 The gate (`decide`) moves alias `champion` to the new version only if ONNX parity passed,
-its accuracy is at least `accuracy_floor`, and it beats the current champion's accuracy on the
-*same test data* (tag `test_sha256`) by at least `min_improvement` (a tie never promotes).
-A champion measured on different test data cannot be compared, so the new version is not
-promoted automatically: re-evaluate, or move the alias by hand. Otherwise the version gets
-alias `challenger`. Tags `gate_decision` and `gate_reason` on the version say what happened.
+its accuracy is at least `accuracy_floor`, and it beats the current champion. With this run's
+prepared data, `run` scores the champion's own ONNX file on this run's test split next to the
+new one (`tlpipe.paired`): the new model must gain more than `min_improvement` on the same
+images, the gain must be significant (McNemar p < `significance`) and no class may lose more
+than `max_class_recall_drop` recall. Without a paired comparison, accuracies measured on the
+*same test data* (tag `test_sha256`) are compared; a champion measured on other data cannot
+be, so the new version stays challenger. Tags `gate_decision`, `gate_reason` and
+`paired_comparison` on the version say what happened.
 
 Race safety: two registers running at once must never leave the worse model as champion.
 Each version is created tagged `gate_decision=pending`; `gate` then replays, in version-number
@@ -29,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.errors import TlpipeError
-from tlpipe.fsio import read_json, write_json
+from tlpipe.fsio import read_json, sha256_file, write_json
+from tlpipe.paired import Paired
 from tlpipe.params import RegisterConfig
 from tlpipe.steps import StepResult
 
@@ -55,6 +59,7 @@ class Candidate:
     accuracy: float
     test_sha256: str
     parity_passed: bool
+    paired: Paired | None = None  # against the champion of its time, on its test split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,8 @@ def decide(new: Candidate, champion: Candidate | None, cfg: RegisterConfig) -> D
         )
     if champion.version == new.version:
         return Decision(CHAMPION, f"v{new.version} is already the champion")
+    if new.paired is not None and new.paired.champion == champion.version:
+        return _decide_paired(new.paired, cfg)
     if champion.test_sha256 != new.test_sha256:
         return Decision(
             CHALLENGER,
@@ -111,6 +118,11 @@ def decide(new: Candidate, champion: Candidate | None, cfg: RegisterConfig) -> D
     )
 
 
+def _decide_paired(p: Paired, cfg: RegisterConfig) -> Decision:
+    promote, reason = p.verdict(cfg.min_improvement, cfg.significance, cfg.max_class_recall_drop)
+    return Decision(CHAMPION if promote else CHALLENGER, reason)
+
+
 def precheck(export_dir: Path, cfg: RegisterConfig) -> Decision:
     """The part of the gate that needs no registry: ONNX parity passed, accuracy ≥ the floor.
 
@@ -128,11 +140,17 @@ def precheck(export_dir: Path, cfg: RegisterConfig) -> Decision:
 
 
 def run(
-    export_dir: Path, model_path: Path, cfg: RegisterConfig, decision_path: Path | None = None
+    export_dir: Path,
+    model_path: Path,
+    cfg: RegisterConfig,
+    prepared_dir: Path | None = None,
+    decision_path: Path | None = None,
 ) -> RegisterResult:
     """Log model + ONNX files, register a version, run the gate; returns the alias given.
 
-    `decision_path`, if given, gets the outcome as JSON (version, alias, promoted, reason).
+    Args:
+        prepared_dir: this run's prepared data: the champion is scored on its test split.
+        decision_path: gets the outcome as JSON (version, alias, promoted, reason).
     """
     export_dir = Path(export_dir)
     parity = _read_parity(export_dir)
@@ -147,6 +165,7 @@ def run(
             mlflow.log_artifact(str(path), "onnx")
         mlflow.log_artifact(str(export_dir / "parity.json"))
         model_uri, dataset_sha = _log_pytorch(Path(model_path))
+        paired = _score_champion(cfg.model_name, export_dir, prepared_dir) if prepared_dir else None
         tags = {
             "accuracy": repr(parity["fp32"]["accuracy"]),
             "int8_accuracy": repr(parity.get("int8", {}).get("accuracy", float("nan"))),
@@ -154,7 +173,10 @@ def run(
             "dataset_sha256": dataset_sha,
             "parity_passed": str(bool(parity["passed"])).lower(),
             "onnx_uri": f"runs:/{run_id}/onnx/model.onnx",
+            "onnx_sha256": sha256_file(onnx_files[0]),
+            "onnx_int8_sha256": sha256_file(onnx_files[1]),
             "gate_decision": PENDING,
+            **(paired.tags() if paired else {}),
         }
         version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
         decision = gate(cfg.model_name, str(version), cfg)
@@ -170,6 +192,10 @@ def run(
         "promoted": float(decision.promoted),
         "parity_passed": float(bool(parity["passed"])),
     }
+    if paired is not None:
+        metrics |= {"champion_accuracy_same_images": paired.champion_accuracy,
+                    "paired_gain_points": 100 * paired.gain, "mcnemar_p": paired.p_value,
+                    "worst_class_recall_drop_points": 100 * paired.worst_recall_drop}  # fmt: skip
     summary = f"{cfg.model_name} v{version} → {decision.alias}: {decision.reason}"
     if decision_path is not None:
         outcome = {"version": str(version), "alias": decision.alias,
@@ -223,6 +249,13 @@ def gate(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
     decision = _final(version, target, decisions, versions)
     client.set_model_version_tag(model_name, version, "gate_decision", decision.alias)
     client.set_model_version_tag(model_name, version, "gate_reason", decision.reason)
+    for other in in_flight:  # gate a racer now: if its register died, nobody else will
+        if versions[other].tags.get("gate_decision") == PENDING and other in decisions:
+            late = _final(other, target, decisions, versions)
+            client.set_model_version_tag(model_name, other, "gate_decision", late.alias)
+            client.set_model_version_tag(
+                model_name, other, "gate_reason", f"{late.reason} (gated by v{version}'s register)"
+            )
     if not decision.promoted:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
     return decision
@@ -279,9 +312,8 @@ def _candidate(v: Any) -> Candidate | None:
     """Candidate from a version's tags; None if tlpipe did not register it."""
     try:
         accuracy = float(v.tags["accuracy"])
-        return Candidate(
-            str(v.version), accuracy, v.tags["test_sha256"], v.tags["parity_passed"] == "true"
-        )
+        return Candidate(str(v.version), accuracy, v.tags["test_sha256"],
+                         v.tags["parity_passed"] == "true", Paired.from_tags(v.tags))  # fmt: skip
     except (KeyError, ValueError):
         return None
 
@@ -298,6 +330,25 @@ def _read_parity(export_dir: Path) -> dict[str, Any]:
             f"{path} lacks passed / fp32.accuracy / test_sha256: re-run `tlpipe export`"
         ) from e
     return parity
+
+
+def _score_champion(name: str, export_dir: Path, prepared_dir: Path) -> Paired | None:
+    """The new model against the current champion on this run's test split (None: none)."""
+    import tempfile
+
+    import mlflow
+
+    from tlpipe import paired
+
+    client = mlflow.MlflowClient()
+    champion = _champion(client, name)
+    uri = champion and _versions(client, name)[champion.version].tags.get("onnx_uri")
+    if not uri:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        return paired.compare_files(Path(export_dir) / "model.onnx", theirs, prepared_dir,
+                                    champion.version)  # fmt: skip
 
 
 def _log_pytorch(model_path: Path) -> tuple[str, str]:

@@ -1,0 +1,5 @@
+import sys
+
+from tlpipe.edge.cli import main
+
+sys.exit(main())
