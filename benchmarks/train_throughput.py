@@ -29,7 +29,7 @@ MEAN, STD = [0.286], [0.353]
 
 def load_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     if (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        from tlpipe.data import read_idx
+        from tlpipe.readers import read_idx
 
         x = read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:n, None].copy()  # writable
         y = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:n].astype(np.int64)

@@ -19,13 +19,9 @@ import numpy as np
 import pytest
 from conftest import make_patterns, write_idx, write_idx_dataset
 
-from tlpipe.data import (
-    DATASETS,
-    load_manifest,
-    load_split,
-    read_idx,
-    read_raw,
-)
+from tlpipe import download
+from tlpipe.data import DATASETS, load_manifest, load_split
+from tlpipe.readers import read_idx, read_raw
 from tlpipe.errors import TlpipeError
 from tlpipe.steps import fetch
 
@@ -180,8 +176,8 @@ def test_content_sha256_ignores_compression(tmp_path: Path) -> None:
     x = make_patterns(1)[0]
     a, b = write_idx(tmp_path / "a.gz", x, gz=True), write_idx(tmp_path / "b", x, gz=False)
     assert (
-        fetch.content_sha256(a)
-        == fetch.content_sha256(b)
+        download.content_sha256(a)
+        == download.content_sha256(b)
         == hashlib.sha256(b.read_bytes()).hexdigest()
     )
 

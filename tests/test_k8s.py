@@ -25,13 +25,15 @@ K8S_VERSION = "1.30.0"
 NAMESPACE = "tlpipe"
 PIPELINE_SECRET_KEYS = {
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "MLFLOW_S3_ENDPOINT_URL",
 }
 PLACEHOLDER = "CHANGE_ME"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
-NON_SECRET_KEY = re.compile(r"_(URI|URL|USER|DB|REGION)$")
+NON_SECRET_KEY = re.compile(r"_(URI|URL|USER|USERNAME|DB|REGION)$")
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s/]+)@")
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 SERVERS = {"Deployment", "StatefulSet", "DaemonSet"}
@@ -64,10 +66,10 @@ def _overlay(name: str) -> tuple[dict, ...]:
 
 
 def _secret_templates(tmp_path: Path) -> list[dict]:
-    """Render k8s/secrets with each *.env.example copied to the *.env it documents."""
+    """Render k8s/secrets with each *.example copied to the file it documents."""
     work = tmp_path / "secrets"
     shutil.copytree(K8S / "secrets", work)
-    for example in work.glob("*.env.example"):
+    for example in work.glob("*.example"):
         shutil.copy(example, work / example.name.removesuffix(".example"))
     return render(work)
 
@@ -198,7 +200,9 @@ def test_overlay_renders_the_stack_in_one_namespace(overlay: str) -> None:
     expected = (
         "Namespace/tlpipe Service/mlflow Deployment/mlflow StatefulSet/postgres Deployment/minio "
         "Job/minio-buckets ConfigMap/tlpipe-config ServiceAccount/tlpipe-pipeline "
-        "Role/tlpipe-pipeline RoleBinding/tlpipe-pipeline"
+        "Role/tlpipe-pipeline RoleBinding/tlpipe-pipeline Job/mlflow-users "
+        "NetworkPolicy/default-deny NetworkPolicy/postgres NetworkPolicy/mlflow "
+        "NetworkPolicy/minio NetworkPolicy/pipeline-pods"
     )
     assert {tuple(e.split("/")) for e in expected.split()} <= names
     assert not any(o["kind"] == "Secret" for o in objects), "secrets live in k8s/secrets"
@@ -311,16 +315,22 @@ def test_gpu_overlay_caps_gpus_and_keeps_the_stack_off_gpu_nodes() -> None:
 def test_secret_env_files_are_git_ignored() -> None:
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for name in ("tlpipe-secrets.env", "tlpipe-infra-secrets.env"):
+    for name in ("tlpipe-secrets.env", "tlpipe-infra-secrets.env", "basic_auth.ini"):
         path = f"k8s/secrets/{name}"
         proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
-        assert proc.returncode == 0, f"{path} must be git-ignored (add k8s/secrets/*.env)"
+        assert proc.returncode == 0, f"{path} must be git-ignored (add it to .gitignore)"
 
 
 # --------------------------------------------------------------------------- Dockerfile
 def dockerfile_stages(text: str) -> list[list[tuple[str, str]]]:
-    """(INSTRUCTION, arguments) per build stage, continuation lines joined."""
+    """(INSTRUCTION, arguments) per build stage, continuation lines joined; a FROM's
+    `${ARG}` is replaced by the default of the ARG declared before the first FROM."""
     joined = re.sub(r"\\\n(\s*#.*\n)*", " ", text)
+    head = joined.split("\nFROM ", 1)[0]
+    globals_ = dict(re.findall(r"^ARG (\w+)=(\S+)", head, re.M))
+    joined = re.sub(
+        r"^FROM \$\{(\w+)\}", lambda m: f"FROM {globals_.get(m[1], m[0])}", joined, flags=re.M
+    )
     stages: list[list[tuple[str, str]]] = [[]]
     for line in joined.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
@@ -394,3 +404,75 @@ def test_dockerignore_keeps_state_out_and_sources_in() -> None:
     assert set(patterns) >= MUST_IGNORE
     for needed in ("pyproject.toml", "README.md", "src", "src/tlpipe/__init__.py"):
         assert not any(fnmatch.fnmatch(needed, p) for p in patterns), needed
+
+
+# --------------------------------------------------------------------------- issue 13
+def test_namespace_enforces_restricted_and_policies_deny_by_default() -> None:
+    objects = _overlay("local")
+    (ns,) = [o for o in objects if o["kind"] == "Namespace"]
+    labels = ns["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+
+    def ingress_from(app: str) -> set[str]:
+        spec = next(p for p in policies.values() if p["podSelector"].get("matchLabels") == {
+            "app.kubernetes.io/name": app} and "ingress" in p)  # fmt: skip
+        return {
+            json_label
+            for rule in spec["ingress"]
+            for peer in rule["from"]
+            for json_label in (
+                f"{k}={v}" for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items()
+            )
+        }
+
+    kfp = "pipelines.kubeflow.org/v2_component=true"
+    assert ingress_from("postgres") == {"app.kubernetes.io/name=mlflow"}
+    assert ingress_from("mlflow") == {kfp, "app.kubernetes.io/name=mlflow-users"}
+    assert kfp in ingress_from("minio") and "app.kubernetes.io/name=mlflow" in ingress_from("minio")
+
+
+def test_mlflow_requires_auth_and_the_pipeline_user_comes_from_the_secret() -> None:
+    objects = _overlay("local")
+    deploy = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"
+    )
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "tlpipe-infra-secrets"
+    )
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/etc/mlflow-auth/basic_auth.ini"
+    job = next(o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "mlflow-users")
+    (u,) = job["spec"]["template"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"] for e in u["env"]}
+    assert refs["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["name"] == "tlpipe-secrets"
+
+
+def test_compiled_pods_run_non_root() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "pipelines/transfer_learning.yaml").read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    spec_executors = docs[0]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec_executors)
+    for name, cfg in executors.items():
+        sc = cfg["securityContext"]
+        assert sc["runAsNonRoot"] is True and str(sc["runAsUser"]) == "10001", name
+
+
+def test_dockerfile_builds_without_docker_hub_or_baked_pip_config() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M), "a # syntax= line pulls from Docker Hub"
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim-bookworm$", text, re.M)
+    assert text.count("FROM ${BASE_IMAGE} AS") == 3
+    pip_runs = [r for op, r in (x for s in dockerfile_stages(text) for x in s) if op == "RUN"]
+    pip_runs = [r for r in pip_runs if "pip install" in r and "--no-deps" not in r]
+    assert pip_runs and all("id=pip.conf,target=/etc/pip.conf" in r for r in pip_runs)
+    assert "COPY" not in " ".join(
+        a for s in dockerfile_stages(text) for op, a in s if op == "COPY" and "pip" in a
+    )
+    assert "psycopg[binary]" in text and "psycopg2-binary" not in text

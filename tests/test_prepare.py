@@ -11,8 +11,9 @@ import pytest
 from conftest import make_patterns, write_idx, write_idx_dataset, write_imagefolder
 
 from tlpipe import config
-from tlpipe.data import SPLITS, dataset_sha256, load_manifest, load_split, read_raw, split_sha256
+from tlpipe.data import SPLITS, dataset_sha256, load_manifest, load_split, split_sha256
 from tlpipe.errors import TlpipeError
+from tlpipe.readers import read_raw
 from tlpipe.scenario import ShiftOp, apply_shift, conform_images
 from tlpipe.steps import fetch, prepare
 

@@ -24,9 +24,10 @@ import torch
 from conftest import make_patterns, write_idx_dataset, write_imagefolder
 
 from tlpipe import config
-from tlpipe.data import load_manifest, load_split, read_raw
+from tlpipe.data import load_manifest, load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.models import build_model
+from tlpipe.readers import read_raw
 from tlpipe.steps import fetch, prepare
 from tlpipe.training import ArrayBatches, TrainConfig, fit
 
@@ -350,7 +351,7 @@ class _Payload:
 
 
 def test_a_resume_file_runs_no_code(tiny_prepared: Path, tmp_path: Path) -> None:
-    from tlpipe.training import _RESUME_MAGIC
+    from tlpipe.resume import _RESUME_MAGIC
 
     marker, ckpt = tmp_path / "pwned", tmp_path / "ck.pt"
     buf = io.BytesIO()

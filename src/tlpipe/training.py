@@ -10,10 +10,7 @@ resumed run see exactly the batches the killed one would have.
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import math
-import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlpipe import resume
 from tlpipe.errors import TlpipeError
-from tlpipe.fsio import atomic_path
 from tlpipe.params import TrainConfig
 
 Batch = dict[str, torch.Tensor]
@@ -187,7 +184,9 @@ def fit(
     result, best_state, start = FitResult(), None, 0
     key = f"{cfg!r}|{resume_key}"
     if checkpoint is not None and checkpoint.exists():
-        start, best_state = _resume(checkpoint, model, optimizer, scheduler, result, desc, key)
+        start, best_state = resume.restore(
+            checkpoint, model, optimizer, scheduler, result, desc, key
+        )
         if start:
             print(f"{desc}: resuming after epoch {start}/{cfg.epochs} from {checkpoint}",
                   file=sys.stderr)  # fmt: skip
@@ -210,7 +209,7 @@ def fit(
             result.best_epoch, result.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
             best_state = copy.deepcopy(model.state_dict())
         if checkpoint is not None:
-            _save_resume(checkpoint, model, optimizer, scheduler, result, best_state, epoch,
+            resume.save(checkpoint, model, optimizer, scheduler, result, best_state, epoch,
                          desc, key)  # fmt: skip
     result.seconds = time.perf_counter() - t0
     if best_state is not None:
@@ -298,77 +297,6 @@ def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
-
-
-# A resume file: "<magic><sha256 of the bytes>\n" then torch.save's bytes, loaded with
-# weights_only=True (tensors, dicts, lists, numbers, strings: unpickling runs no code).
-_RESUME_MAGIC = b"tlpipe-resume-v1 sha256="
-
-
-def _save_resume(path, model, optimizer, scheduler, result, best_state, epoch, desc, key):
-    state = {
-        "desc": desc,
-        "key": key,
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "history": result.history,
-        "best": [result.best_epoch, result.best_val_accuracy],
-        "best_state": best_state,
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getbuffer()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(_RESUME_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-        f.write(payload)
-
-
-def _load_resume(path: Path, device: torch.device) -> dict[str, Any] | None:
-    """The state saved in `path`; None if it is not in the checked format (an older tlpipe's).
-
-    A hash mismatch is an error, not a silent restart: writes are atomic, so no kill causes
-    one; the file was damaged or altered after it was written, which the user should hear.
-    """
-    data = path.read_bytes()
-    end = data.find(b"\n")
-    if not data.startswith(_RESUME_MAGIC) or end < 0:
-        return None
-    payload = memoryview(data)[end + 1 :]
-    if hashlib.sha256(payload).hexdigest().encode() != data[len(_RESUME_MAGIC) : end]:
-        raise TlpipeError(
-            f"checkpoint {path} fails its sha256 check: it was damaged or altered after it was "
-            "written; delete it to start over"
-        )
-    try:
-        return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch's weights-only message is a page long)
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        if isinstance(e, pickle.UnpicklingError):
-            why = "it holds more than tensors, numbers and strings"
-        raise TlpipeError(f"checkpoint {path} is refused ({why}); delete it to start over") from e
-
-
-def _resume(path, model, optimizer, scheduler, result, desc, key):
-    state = _load_resume(path, next(model.parameters()).device)
-    if state is None:
-        print(f"{path} is not a checked resume file (an older tlpipe's?): not resuming from it, "
-              "training from the start", file=sys.stderr)  # fmt: skip
-        return 0, None
-    if state.get("desc") != desc:
-        raise TlpipeError(f"checkpoint {path} belongs to {state.get('desc')!r}, not {desc!r}")
-    if state.get("key") != key:
-        print(f"{path} was written with other settings, data or starting model: "
-              "not resuming from it, training from the start", file=sys.stderr)  # fmt: skip
-        return 0, None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    result.history = state["history"]
-    result.best_epoch, result.best_val_accuracy = state["best"]
-    result.resumed_from = state["epoch"] + 1
-    return state["epoch"] + 1, state["best_state"]
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlpipe import config, fsio
-from tlpipe.data import SPLITS, dataset_sha256, read_raw, save_split, split_sha256
+from tlpipe.data import SPLITS, dataset_sha256, save_split, split_sha256
 from tlpipe.params import PrepareConfig
+from tlpipe.readers import read_raw
 from tlpipe.scenario import build_splits, channel_stats, per_class_counts
 from tlpipe.steps import StepResult
 

@@ -1,0 +1,264 @@
+"""The real stack in containers: the tlpipe image (non-root, read-only root filesystem), the
+whole compiled DAG with every step in that image (kfp.local.DockerRunner), tracking into the
+project's mlflow-server image with basic auth on Postgres, artifacts in S3.
+
+Run by `make test-containers` (containers/test.sh), which installs the engine, builds the
+images and starts a private dockerd; marked `containers`, so the default suite skips it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from containers_stack import (
+    ROOT,
+    SECRETS,
+    TLPIPE_IMAGE,
+    create_users,
+    docker,
+    kfp_reports_exit_status,
+    manifest,
+    mlflow_server,
+    postgres,
+    s3_server,
+)
+from test_kfp import ALL_TASKS, FMNIST, STEP_RUNS, STRATEGIES, _check_artifacts, _steps_run
+
+pytestmark = pytest.mark.containers
+RUN_AS = "10001:10001"
+PIPELINE = SECRETS["tlpipe-secrets"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine() -> None:
+    if not os.environ.get("DOCKER_HOST") or docker("info", check=False).returncode != 0:
+        pytest.fail("no Docker engine: run `make test-containers` (containers/test.sh)")
+    if not FMNIST.is_dir():
+        pytest.fail(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> dict[str, str]:
+    """Postgres + S3 + the MLflow server (auth on) + the pipeline's user; the settings a
+    pipeline pod gets from Secret tlpipe-secrets, with this machine's addresses."""
+    tmp = tmp_path_factory.mktemp("stack")
+    with contextlib.ExitStack() as stack:
+        pg_port = stack.enter_context(postgres())
+        s3_url = stack.enter_context(s3_server(tmp))
+        url = stack.enter_context(mlflow_server(tmp, pg_port, s3_url))
+        assert "ready" in create_users(tmp, url)
+        assert "ready" in create_users(tmp, url)  # idempotent: a re-run resets the password
+        yield {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_S3_ENDPOINT_URL": s3_url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **PIPELINE,
+        }
+
+
+def _tlpipe(*args: str, mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the tlpipe image as its non-root user with a read-only root filesystem."""
+    opts = ["--rm", "--user", RUN_AS, "--read-only", "--tmpfs", "/tmp:rw,mode=1777"]
+    opts += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    for m in mounts:
+        opts += ["-v", m]
+    return docker("run", *opts, TLPIPE_IMAGE, *args)
+
+
+def test_image_runs_a_step_non_root_on_a_read_only_root(tmp_path: Path) -> None:
+    assert "prepare" in _tlpipe("tlpipe", "--help").stdout
+    assert _tlpipe("id", "-u").stdout.strip() == "10001"
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, 10001, 10001)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"fetch": {"sources": [str(FMNIST)]}}))
+    _tlpipe(
+        "tlpipe", "fetch", "--no-track", "--params", "/in/params.yaml", "--out", "/out/raw",
+        mounts=(f"{FMNIST}:{FMNIST}:ro", f"{params}:/in/params.yaml:ro", f"{out}:/out"),
+    )  # fmt: skip
+    assert any((out / "raw").rglob("*ubyte*")), list((out / "raw").rglob("*"))
+    # the image holds what the steps import, and no pip config or credentials from the build
+    probe = "import tlpipe, kfp, torch, onnxruntime, mlflow; print(torch.__version__)"
+    print("torch in the image:", _tlpipe("python3", "-c", probe).stdout.strip())
+    assert (
+        _tlpipe("sh", "-c", "ls /etc/pip.conf /run/secrets 2>&1 || true").stdout.count(
+            "No such file"
+        )
+        == 2
+    )
+
+
+def test_the_mlflow_server_runs_as_k8s_runs_it_and_needs_a_user(stack) -> None:
+    url = stack["MLFLOW_TRACKING_URI"]
+    # /health stays open (probes, tlpipe.tracking.check_server and the step watchdog)
+    with urllib.request.urlopen(url + "/health", timeout=5) as reply:
+        assert reply.status == 200
+    from tlpipe import tracking
+
+    tracking.check_server(url)
+    # everything else needs a user
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(url + "/api/2.0/mlflow/experiments/search?max_results=1")
+    assert anonymous.value.code == 401
+    assert _api(url, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", PIPELINE) == 200
+    wrong = {**PIPELINE, "MLFLOW_TRACKING_PASSWORD": "wrong"}
+    assert _api(url, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", wrong) == 401
+    # the Deployment the test ran is the one in k8s/ (a renamed flag would break both)
+    args = manifest("mlflow", "Deployment", "mlflow.yaml")["spec"]["template"]["spec"]
+    assert "--app-name=basic-auth" in args["containers"][0]["args"]
+
+
+def _api(url: str, method: str, path: str, creds: dict | None, body: dict | None = None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if creds:
+        pair = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# ---------------------------------------------------------------------------- the DAG
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """The DAG compiled with the image under test for every step (CPU and GPU)."""
+    out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    env = {**os.environ, "TLPIPE_IMAGE": TLPIPE_IMAGE, "TLPIPE_GPU_IMAGE": TLPIPE_IMAGE}
+    cmd = [sys.executable, "-m", "pipelines.transfer_learning", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    assert f"image: {TLPIPE_IMAGE}" in out.read_text()
+    return out
+
+
+def _scenario(**overrides) -> dict:
+    """test_kfp's tiny scenario on Fashion-MNIST."""
+    short = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "augment": False}
+    return {
+        "fetch": {"sources": [str(FMNIST)]},
+        "prepare": {"max_source_per_class": 100, "max_test_per_class": 30, "seed": 0},
+        "pretrain": {"train": {"epochs": 1, "batch_size": 64}},
+        "finetune": {"train": short, "probe": short},
+        "match": {"plots": False},
+        "evaluate": {"plots": True},
+        "export": {"calibration_images": 32},
+        "register": {"accuracy_floor": 0.0},
+        "strategies": STRATEGIES,
+    } | overrides
+
+
+def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> Path:
+    """kfp_client.run_local's recipe with DockerRunner: every step in the tlpipe image as uid
+    10001 with a read-only root, host network (the services are on 127.0.0.1), the settings
+    of Secret tlpipe-secrets as environment. The run's folder under `root`."""
+    import docker as docker_sdk
+    from kfp import components, local
+
+    from tlpipe import kfp_client, kfp_runtime
+    from tlpipe.tracking import RUN_KEY_ENV
+
+    arguments = kfp_runtime.arguments(scenario)
+    kfp_client.check_arguments(kfp_client.read_package(package), arguments)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chown(root, 10001, 10001)  # the steps write their outputs as uid 10001
+    local_package = kfp_client._without_retries(package, root.parent / f"{root.name}.yaml")
+    runner = local.DockerRunner(
+        network_mode="host",
+        user=RUN_AS,
+        read_only=True,
+        tmpfs={"/tmp": "rw,mode=1777"},
+        shm_size="2g",  # the pods' /dev/shm emptyDir
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        environment={**env, RUN_KEY_ENV: f"containers-{uuid.uuid4().hex[:12]}"},
+        mounts=[docker_sdk.types.Mount(str(FMNIST), str(FMNIST), type="bind", read_only=True)],
+    )
+    local.init(runner=runner, pipeline_root=str(root))
+    with kfp_reports_exit_status():
+        components.load_component_from_file(str(local_package))(**arguments)
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_the_dag_runs_in_containers_against_the_real_server(
+    stack, package, tmp_path: Path, monkeypatch
+) -> None:
+    import boto3
+    import mlflow
+
+    run_dir = run_in_containers(package, _scenario(), tmp_path / "root", stack)
+    assert _steps_run(run_dir) == ALL_TASKS
+    selected = json.loads((run_dir / "evaluate/executor_output.json").read_text())
+    _check_artifacts(run_dir, selected["parameterValues"]["selected"])
+    assert "→ `champion`" in (run_dir / "register/report").read_text()
+
+    # the run tree and the registry, read back as the pipeline's user
+    for key, value in stack.items():
+        monkeypatch.setenv(key, value)
+    client = mlflow.MlflowClient()
+    experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
+    (parent,) = client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(experiment, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["tlpipe.step"] for r in children) == sorted(STEP_RUNS)
+    assert {r.info.status for r in children} == {"FINISHED"}
+    (version,) = client.search_model_versions("name = 'tlpipe'")
+    assert client.get_model_version_by_alias("tlpipe", "champion").version == version.version
+
+    # the artifacts went through the server into S3
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack["MLFLOW_S3_ENDPOINT_URL"],
+        aws_access_key_id=PIPELINE["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=PIPELINE["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+            for o in p.get("Contents", [])]  # fmt: skip
+    assert any(k.endswith("model.onnx") for k in keys), keys[:20]
+
+    # who may move `champion`: not an anonymous client, not another user; the pipeline may
+    url = stack["MLFLOW_TRACKING_URI"]
+    move = {"name": "tlpipe", "alias": "champion", "version": version.version}
+    path = "/api/2.0/mlflow/registered-models/alias"
+    assert _api(url, "POST", path, None, move) == 401
+    admin = SECRETS["tlpipe-infra-secrets"]
+    other = {"MLFLOW_TRACKING_USERNAME": "someone", "MLFLOW_TRACKING_PASSWORD": "someone-pw-1"}
+    admin_creds = {
+        "MLFLOW_TRACKING_USERNAME": admin["MLFLOW_ADMIN_USERNAME"],
+        "MLFLOW_TRACKING_PASSWORD": admin["MLFLOW_ADMIN_PASSWORD"],
+    }
+    body = {"username": "someone", "password": "someone-pw-1"}
+    assert _api(url, "POST", "/api/2.0/mlflow/users/create", admin_creds, body) == 200
+    assert _api(url, "POST", path, other, move) == 403
+    assert _api(url, "POST", path, PIPELINE, move) == 200
+
+
+def test_a_failing_step_is_reported_failed(stack, package, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    missing = {"sources": ["/nonexistent/dataset"]}
+    with pytest.raises(RuntimeError, match="fetch"):
+        run_in_containers(package, _scenario(fetch=missing), tmp_path / "root", stack)
+    for key, value in stack.items():
+        monkeypatch.setenv(key, value)
+    client = mlflow.MlflowClient()
+    experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
+    runs = client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'", max_results=1)
+    assert runs and runs[0].info.status == "FAILED"  # finish-run closed the parent as failed
