@@ -14,6 +14,8 @@ import torch
 
 from tlpipe import paired
 from tlpipe.config import build
+from tlpipe.edge.pull import sign
+from tlpipe.fsio import sha256_file
 from tlpipe.models import build_model, load_checkpoint, save_checkpoint
 from tlpipe.params import ExportConfig, FinetuneConfig, RegisterConfig
 from tlpipe.steps import export, finetune, register
@@ -101,7 +103,9 @@ def _export(model: Path, prepared: Path, tmp: Path) -> Path:
     return export.run(model, prepared, tmp / f"export-{model.stem}", cfg).onnx_path.parent
 
 
-def test_champion_is_rescored_on_this_runs_test_images(server, tiny_prepared, trained, tmp_path):
+def test_champion_is_rescored_on_this_runs_test_images(
+    server, tiny_prepared, trained, tmp_path, monkeypatch
+):
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -129,9 +133,15 @@ def test_champion_is_rescored_on_this_runs_test_images(server, tiny_prepared, tr
     v3 = reg(trained)
     assert v3.promoted and "McNemar p" in v3.reason and f"v{v1.version}" in v3.reason
     assert v3.metrics["mcnemar_p"] < 0.05 and v3.metrics["paired_gain_points"] > 20
-    # v4: the same model again: no gain on the same images → stays challenger
+    # v4: the same model again: no gain on the same images → stays challenger; with a signing
+    # key the published hashes are signed for the devices (tlpipe-edge pull checks both)
+    monkeypatch.setenv("TLPIPE_SIGNING_KEY", "s3cret")
     v4 = reg(trained)
     assert not v4.promoted and "does not beat champion v" + v3.version in v4.reason
+    tags = client.get_model_version(cfg.model_name, v4.version).tags
+    onnx_file = tmp_path / f"export-{trained.stem}" / "model.onnx"
+    assert tags["onnx_sha256"] == sha256_file(onnx_file)
+    assert tags["onnx_sha256_hmac"] == sign(tags["onnx_sha256"], "s3cret")
 
 
 def test_a_champion_that_cannot_read_the_data_is_not_compared(

@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import read_json, sha256_file, write_json
 from tlpipe.paired import Paired
@@ -178,6 +180,9 @@ def run(
             "gate_decision": PENDING,
             **(paired.tags() if paired else {}),
         }
+        if key := os.environ.get("TLPIPE_SIGNING_KEY"):  # devices with the key check these
+            for name in ("onnx_sha256", "onnx_int8_sha256"):
+                tags[f"{name}_hmac"] = sign(tags[name], key)
         version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
         decision = gate(cfg.model_name, str(version), cfg)
         mlflow.set_tags(
