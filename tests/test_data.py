@@ -21,8 +21,8 @@ from conftest import make_patterns, write_idx, write_idx_dataset
 
 from tlpipe import download
 from tlpipe.data import DATASETS, load_manifest, load_split
-from tlpipe.readers import read_idx, read_raw
 from tlpipe.errors import TlpipeError
+from tlpipe.readers import read_idx, read_raw
 from tlpipe.steps import fetch
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

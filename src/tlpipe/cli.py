@@ -94,6 +94,19 @@ def prepare(
 
 
 @app.command()
+def check(
+    prepared: Path = PREPARED,
+    out: Path = typer.Option(Path("checks"), help="report.json: what changed, what failed."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+    track: bool = TRACK,
+) -> None:
+    """Compare the prepared data with the data the current champion was trained on."""
+    model_name = _resolve(params, set_)["register"].model_name
+    _step("check", params, set_, track, prepared_dir=prepared, out_dir=out, model_name=model_name)
+
+
+@app.command()
 def pretrain(
     prepared: Path = PREPARED,
     out: Path = typer.Option(Path("models/source.pt"), help="Source model checkpoint."),

@@ -5,8 +5,10 @@ Safe to call from cron or a systemd timer:
 - a lock (`.tlpipe/run.lock`, held with flock for the whole run): a second `tlpipe run` in the
   same project says in one line which run holds it and exits non-zero; a crashed run's lock
   goes with its process;
-- `fetch` always runs (`always_changed` in dvc.yaml) and hashes the data; when data, code and
-  params are what the last run saw, DVC skips every later stage: a quick no-op, exit 0;
+- `fetch` always runs (`always_changed` in dvc.yaml) and hashes the data, then `check`
+  compares it with the champion's data (`tlpipe.steps.check`) before anything trains; when
+  data, code and params are what the last run saw, DVC skips every other stage: a quick
+  no-op, exit 0;
 - one log line per run saying what changed: the stages whose inputs or outputs differ from
   the last run (dvc.lock before and after).
 
@@ -44,8 +46,9 @@ def run(force: bool = False, track: bool = True) -> list[str]:
         else:
             env[runner.NO_TRACK_ENV] = "1"
         status, code = "KILLED", -1
-        try:
-            code = _run_stages([sys.executable, "-m", "dvc", "repro", *(["--force"] * force)], env)
+        repro = [sys.executable, "-m", "dvc", "repro", *(["--force"] * force)]
+        try:  # fetch, prepare and the data check first: bad data stops before any training
+            code = _run_stages([*repro, "check"], env) or _run_stages(repro, env)
             status = "FINISHED" if code == 0 else "FAILED"
         finally:
             after = _lock_entries()

@@ -131,7 +131,10 @@ def onnx_labels(path: Path, x: np.ndarray, classes: list[str], batch_size: int =
 
     from tlpipe.errors import TlpipeError
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own, unrelated types)
+        raise TlpipeError(f"{path} is not a loadable ONNX model ({e})") from e
     meta = sess.get_modelmeta().custom_metadata_map
     try:
         mean = np.asarray(json.loads(meta["mean"]), np.float32).reshape(1, -1, 1, 1)

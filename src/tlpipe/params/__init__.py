@@ -18,7 +18,14 @@ from tlpipe.params.release import (
     ExportConfig,
     RegisterConfig,
 )
-from tlpipe.params.scenario import SHIFT_PARAMS, FetchConfig, PrepareConfig, ShiftOp
+from tlpipe.params.scenario import (
+    CHECK_FINDINGS,
+    SHIFT_PARAMS,
+    CheckConfig,
+    FetchConfig,
+    PrepareConfig,
+    ShiftOp,
+)
 from tlpipe.params.training import (
     MATCHER_NAMES,
     STRATEGY_NAMES,
@@ -39,6 +46,7 @@ DEFAULT_STRATEGIES = ("linear_probe", "partial", "full", "lp_ft", "joint")
 SECTIONS: dict[str, type] = {
     "fetch": FetchConfig,
     "prepare": PrepareConfig,
+    "check": CheckConfig,
     "pretrain": PretrainConfig,
     "match": MatchConfig,
     "finetune": FinetuneConfig,
@@ -48,9 +56,9 @@ SECTIONS: dict[str, type] = {
 }
 
 __all__ = [
-    "CALIBRATION_SPLITS", "DEFAULT_STRATEGIES", "MATCHER_NAMES", "SECTIONS", "SHIFT_PARAMS",
-    "STRATEGY_NAMES", "Calibration", "DiscriminatorSettings", "EvaluateConfig", "ExportConfig",
-    "FetchConfig", "FinetuneConfig", "JointConfig", "KnnSettings", "MatchConfig",
-    "PrepareConfig", "PretrainConfig", "RegisterConfig", "ShiftOp", "TrainConfig",
-    "check_strategies",
+    "CALIBRATION_SPLITS", "CHECK_FINDINGS", "DEFAULT_STRATEGIES", "MATCHER_NAMES", "SECTIONS",
+    "SHIFT_PARAMS", "STRATEGY_NAMES", "Calibration", "CheckConfig", "DiscriminatorSettings",
+    "EvaluateConfig", "ExportConfig", "FetchConfig", "FinetuneConfig", "JointConfig",
+    "KnnSettings", "MatchConfig", "PrepareConfig", "PretrainConfig", "RegisterConfig", "ShiftOp",
+    "TrainConfig", "check_strategies",
 ]  # fmt: skip

@@ -140,3 +140,24 @@ class PrepareConfig:
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
             raise TlpipeError(f"bad prepare parameters: {'; '.join(bad)}")
+
+
+CHECK_FINDINGS = ("vanished_class", "label_set_changed", "input_shape_changed",
+                  "duplicates_across_splits")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """`check:`, this run's data against the champion's, before training (`tlpipe.steps.check`).
+
+    Attributes:
+        fail_on: The findings that stop the run (the others are only reported): any of
+            vanished_class, label_set_changed, input_shape_changed, duplicates_across_splits.
+    """
+
+    fail_on: tuple[str, ...] = ("vanished_class", "label_set_changed", "input_shape_changed")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fail_on) - set(CHECK_FINDINGS))
+        if unknown:
+            raise TlpipeError(f"check.fail_on: unknown {unknown}; known: {list(CHECK_FINDINGS)}")

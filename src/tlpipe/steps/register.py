@@ -166,6 +166,8 @@ def run(
         for path in onnx_files:
             mlflow.log_artifact(str(path), "onnx")
         mlflow.log_artifact(str(export_dir / "parity.json"))
+        if prepared_dir is not None:  # what `tlpipe check` compares the next run's data with
+            mlflow.log_artifact(str(Path(prepared_dir) / "manifest.json"), "data")
         model_uri, dataset_sha = _log_pytorch(Path(model_path))
         paired = _score_champion(cfg.model_name, export_dir, prepared_dir) if prepared_dir else None
         tags = {

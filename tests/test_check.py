@@ -1,0 +1,100 @@
+"""The data check before training: this run's data against the champion's (real registry)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlpipe.data import Split, load_manifest, load_split, save_split
+from tlpipe.errors import TlpipeError
+from tlpipe.params import CheckConfig, RegisterConfig
+from tlpipe.steps import check, register
+
+
+def test_compare_names_vanished_new_and_relabelled_classes(tiny_prepared: Path) -> None:
+    old = load_manifest(tiny_prepared)
+    same = check.compare(old, copy.deepcopy(old))
+    assert not any(same["findings"].values()) and same["same_scenario_settings"]
+
+    fewer = copy.deepcopy(old)  # the data lost a class the settings still ask for
+    fewer["target_classes"] = old["target_classes"][:-1]
+    found = check.compare(old, fewer)["findings"]
+    assert found["vanished_class"] == [old["target_classes"][-1]]
+    assert found["label_set_changed"]
+
+    chosen = copy.deepcopy(fewer)  # the user changed the target classes on purpose
+    chosen["scenario"]["target_classes"] = chosen["scenario"]["target_classes"][:-1]
+    found = check.compare(old, chosen)["findings"]
+    assert not found["vanished_class"] and not found["label_set_changed"]
+
+    grey = copy.deepcopy(old)
+    grey["input_shape"] = [3, 28, 28]
+    assert check.compare(old, grey)["findings"]["input_shape_changed"]
+
+
+def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    leaky = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, leaky)
+    assert check.duplicates_across_splits(leaky) == []
+    test, train = load_split(leaky, "target_test"), load_split(leaky, "target_train")
+    x = np.array(test.x)
+    x[3] = train.x[0]  # a training image slipped into the test split
+    leak = Split(x=x, y=np.array(test.y), shifted=np.array(test.shifted))
+    save_split(leaky / "target_test.npz", leak)
+    assert check.duplicates_across_splits(leaky) == [
+        {"image": "target_test[3]", "same_as": "target_train[0]"}
+    ]
+
+
+@pytest.fixture
+def server(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("TLPIPE_EXPERIMENT", f"check-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv("TLPIPE_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return mlflow_server
+
+
+def test_check_against_the_champion_stops_on_a_vanished_class(
+    server, tiny_prepared: Path, make_prepared, tmp_path: Path
+) -> None:
+    from test_register import make_export
+
+    from tlpipe.models import build_model, save_checkpoint
+
+    meta = {"arch": "small_cnn", "num_classes": 5, "in_chans": 1, "input_size": 28,
+            "classes": load_manifest(tiny_prepared)["target_classes"], "mean": [0.3],
+            "std": [0.35]}  # fmt: skip
+    model = save_checkpoint(tmp_path / "m.pt", build_model("small_cnn", 5), meta)
+
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    first = check.run(tiny_prepared, tmp_path / "c0", CheckConfig(), name)
+    assert first.failures == () and "no champion" in first.summary
+    # a champion registered with its data's manifest
+    cfg = RegisterConfig(model_name=name, accuracy_floor=0.0)
+    result = register.run(make_export(tmp_path / "export", 0.9), model, cfg, tiny_prepared)
+    assert result.promoted
+    same = check.run(tiny_prepared, tmp_path / "c1", CheckConfig(), name)
+    assert same.failures == () and f"champion v{result.version}" in same.summary
+    # the same settings, but the data now lacks class 9: the run stops before training
+    lost = make_prepared(target_classes=[5, 6, 7, 8])
+    manifest = load_manifest(lost)
+    manifest["scenario"]["target_classes"] = load_manifest(tiny_prepared)["scenario"][
+        "target_classes"
+    ]
+    (lost / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        TlpipeError, match=r"data check failed against champion v\d+ .*vanished_class"
+    ):
+        check.run(lost, tmp_path / "c2", CheckConfig(), name)
+    assert json.loads((tmp_path / "c2/report.json").read_text())["failures"]
+    # reported only, when the config does not list it
+    relaxed = check.run(lost, tmp_path / "c3", CheckConfig(fail_on=()), name)
+    assert relaxed.failures == () and "vanished_class" in relaxed.summary
