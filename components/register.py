@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Input, Markdown, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
 from components import TLPIPE_IMAGE
 
@@ -25,11 +25,13 @@ def gate(onnx: Input[Model], register_params: str, verdict: Output[Markdown]) ->
 def register(
     onnx: Input[Model],
     model: Input[Model],
+    prepared: Input[Dataset],
     dataset_sha256: str,
     register_params: str,
     report: Output[Markdown],
 ) -> NamedTuple("Outputs", [("version", str), ("alias", str)]):
-    """Register the selected model in MLflow; alias champion only if it beats the champion."""
+    """Register the selected model in MLflow; alias champion only if it beats the champion
+    on this run's test images (the champion is re-scored on them: a paired comparison)."""
     from tlpipe import kfp_runtime
 
-    return kfp_runtime.register(onnx, model, dataset_sha256, register_params, report)
+    return kfp_runtime.register(onnx, model, prepared, dataset_sha256, register_params, report)

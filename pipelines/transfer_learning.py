@@ -1,7 +1,7 @@
 """The Kubeflow (KFP v2) DAG of tlpipe: the same job as `dvc repro` (dvc.yaml).
 
-    start-run ─ fetch → prepare ─┬─ pretrain ─ match ─ ParallelFor(strategies): finetune ─┐
-                                 └─ baseline (scratch) ─────────────────────────────────────┤
+    start-run ─ fetch → prepare ─ check ─┬─ pretrain ─ match ─ ParallelFor(strategies): finetune
+                                         └─ baseline (scratch) ──────────────────────────────────┤
                        evaluate (Collected models; selects by target validation) ◄───────────┘
                          └─ export(selected) ─ gate ─ if gate == "pass": register(selected)
     finish-run: exit handler, closes the MLflow parent run whatever happened
@@ -43,6 +43,7 @@ from pathlib import Path
 
 from kfp import dsl, kubernetes
 
+from components.check import check
 from components.evaluate import evaluate
 from components.export import export
 from components.fetch import fetch
@@ -62,6 +63,8 @@ DEFAULTS = default_arguments()
 SECRET = "tlpipe-secrets"  # k8s/secrets: one key per env var of the same name
 SECRET_ENV = (
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",  # the pipeline's user on the authenticated tracking server
+    "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -71,6 +74,7 @@ SECRET_ENV = (
 RUN_KEY_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
+RUN_AS = 10001  # the image's `tlpipe` user and group
 
 
 # ---------------------------------------------------------------------------- task settings
@@ -83,6 +87,7 @@ def _cpu(
     task.set_cpu_request("1").set_cpu_limit("2")
     task.set_memory_request(memory)
     task.set_memory_limit(f"{2 * int(memory.removesuffix('Gi'))}Gi")
+    _non_root(task)
     return _retry(_tracked(task) if tracked else task, retries)
 
 
@@ -99,8 +104,20 @@ def _gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.empty_dir_mount(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="2Gi"
     )
+    _non_root(task)
     # GPU nodes are often spot/preemptible: wait longer between attempts.
     return _retry(_tracked(task), retries=2, backoff="60s")
+
+
+def _non_root(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Run as the image's non-root user whatever the image says (Pod Security `restricted`).
+
+    kfp-kubernetes sets the identity fields; the KFP compiler/backend adds the rest of
+    `restricted` (no privilege escalation, all capabilities dropped, RuntimeDefault seccomp).
+    """
+    return kubernetes.set_security_context(
+        task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True
+    )
 
 
 def _tracked(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -135,6 +152,7 @@ def _retry(task: dsl.PipelineTask, retries: int = 2, backoff: str = "30s") -> ds
 def transfer_learning(
     fetch_params: str = DEFAULTS["fetch_params"],
     prepare_params: str = DEFAULTS["prepare_params"],
+    check_params: str = DEFAULTS["check_params"],
     pretrain_params: str = DEFAULTS["pretrain_params"],
     match_params: str = DEFAULTS["match_params"],
     finetune_params: str = DEFAULTS["finetune_params"],
@@ -169,8 +187,12 @@ def transfer_learning(
             "prepared": prepared.outputs["prepared"],
             "dataset_sha256": prepared.outputs["dataset_sha256"],
         }
-        source = _gpu(pretrain(**data, pretrain_params=pretrain_params))
-        scratch = _gpu(baseline(**data, finetune_params=finetune_params))
+        # The data check against the champion's data comes before any training. Never cached:
+        # the champion changes without its inputs changing (the tasks after it still are).
+        checked = _cpu(check(**data, check_params=check_params, register_params=register_params))
+        checked.set_caching_options(False)
+        source = _gpu(pretrain(**data, pretrain_params=pretrain_params)).after(checked)
+        scratch = _gpu(baseline(**data, finetune_params=finetune_params)).after(checked)
         matched = _cpu(
             match(**data, source_model=source.outputs["model"], match_params=match_params)
         )
@@ -207,6 +229,7 @@ def transfer_learning(
                 register(
                     onnx=exported.outputs["onnx"],
                     model=selected,
+                    prepared=data["prepared"],
                     dataset_sha256=data["dataset_sha256"],
                     register_params=register_params,
                 )

@@ -47,7 +47,7 @@ def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: P
     x = np.array(test.x)
     x[3] = train.x[0]  # a training image slipped into the test split
     leak = Split(x=x, y=np.array(test.y), shifted=np.array(test.shifted))
-    save_split(leaky / "target_test.npz", leak)
+    save_split(leaky, "target_test", leak)
     assert check.duplicates_across_splits(leaky) == [
         {"image": "target_test[3]", "same_as": "target_train[0]"}
     ]

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,8 @@ from containers_stack import (
     s3_server,
 )
 from test_kfp import ALL_TASKS, FMNIST, STEP_RUNS, STRATEGIES, _check_artifacts, _steps_run
+
+from tlpipe.errors import TlpipeError
 
 pytestmark = pytest.mark.containers
 RUN_AS = "10001:10001"
@@ -164,36 +165,33 @@ def _scenario(**overrides) -> dict:
 
 
 def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> Path:
-    """kfp_client.run_local's recipe with DockerRunner: every step in the tlpipe image as uid
-    10001 with a read-only root, host network (the services are on 127.0.0.1), the settings
-    of Secret tlpipe-secrets as environment. The run's folder under `root`."""
+    """`kfp_client.run_local` with a DockerRunner: every step in the tlpipe image as uid 10001
+    with a read-only root, host network (the services are on 127.0.0.1), the settings of
+    Secret tlpipe-secrets and the run key as environment. The run's folder under `root`."""
     import docker as docker_sdk
-    from kfp import components, local
+    from kfp import local
 
     from tlpipe import kfp_client, kfp_runtime
     from tlpipe.tracking import RUN_KEY_ENV
 
-    arguments = kfp_runtime.arguments(scenario)
-    kfp_client.check_arguments(kfp_client.read_package(package), arguments)
+    def runner(run_key: str) -> local.DockerRunner:
+        return local.DockerRunner(
+            network_mode="host",
+            user=RUN_AS,
+            read_only=True,
+            tmpfs={"/tmp": "rw,mode=1777"},
+            shm_size="2g",  # the pods' /dev/shm emptyDir
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            environment={**env, RUN_KEY_ENV: run_key},
+            mounts=[docker_sdk.types.Mount(str(FMNIST), str(FMNIST), type="bind", read_only=True)],
+        )
+
     root.mkdir(parents=True, exist_ok=True)
     os.chown(root, 10001, 10001)  # the steps write their outputs as uid 10001
-    local_package = kfp_client._without_retries(package, root.parent / f"{root.name}.yaml")
-    runner = local.DockerRunner(
-        network_mode="host",
-        user=RUN_AS,
-        read_only=True,
-        tmpfs={"/tmp": "rw,mode=1777"},
-        shm_size="2g",  # the pods' /dev/shm emptyDir
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        environment={**env, RUN_KEY_ENV: f"containers-{uuid.uuid4().hex[:12]}"},
-        mounts=[docker_sdk.types.Mount(str(FMNIST), str(FMNIST), type="bind", read_only=True)],
-    )
-    local.init(runner=runner, pipeline_root=str(root))
     with kfp_reports_exit_status():
-        components.load_component_from_file(str(local_package))(**arguments)
-    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
-    return run_dir
+        done = kfp_client.run_local(package, kfp_runtime.arguments(scenario), root, runner=runner)
+    return done.run_dir
 
 
 def test_the_dag_runs_in_containers_against_the_real_server(
@@ -211,7 +209,7 @@ def test_the_dag_runs_in_containers_against_the_real_server(
     # the run tree and the registry, read back as the pipeline's user
     for key, value in stack.items():
         monkeypatch.setenv(key, value)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"])
     experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
     (parent,) = client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'")
     assert parent.info.status == "FINISHED"
@@ -254,11 +252,11 @@ def test_a_failing_step_is_reported_failed(stack, package, tmp_path: Path, monke
     import mlflow
 
     missing = {"sources": ["/nonexistent/dataset"]}
-    with pytest.raises(RuntimeError, match="fetch"):
+    with pytest.raises(TlpipeError, match="fetch"):
         run_in_containers(package, _scenario(fetch=missing), tmp_path / "root", stack)
     for key, value in stack.items():
         monkeypatch.setenv(key, value)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"])
     experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
     runs = client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'", max_results=1)
     assert runs and runs[0].info.status == "FAILED"  # finish-run closed the parent as failed

@@ -85,7 +85,7 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
     parents.sort(key=lambda r: r.info.start_time)
-    assert len(parents) == 2 and parents[1].data.tags["tlpipe.changed_stages"] == "-"
+    assert len(parents) == 2 and parents[1].data.tags["tlpipe.changed_stages"] == "check"
     children = {r.data.tags["tlpipe.step"] for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}  # fmt: skip
     steps = {

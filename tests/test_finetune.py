@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tlpipe import resume
 from tlpipe.config import build
 from tlpipe.errors import TlpipeError
 from tlpipe.models import MODELS, build_model, load_checkpoint, save_checkpoint, seeded
@@ -139,7 +140,7 @@ def test_lp_ft_probe_phase_leaves_the_backbone_and_its_batchnorm_alone(
         finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", diverging,
                      checkpoint_dir=tmp_path / "ck")  # fmt: skip
     assert not (tmp_path / "lpft.pt").exists()  # ...and a failed step keeps its resume files
-    after_probe = torch.load(tmp_path / "ck/probe.pt", weights_only=False)["best_state"]
+    after_probe = resume.load_state(tmp_path / "ck/probe.pt", torch.device("cpu"))["best_state"]
     src, _ = load_checkpoint(source_model)
     for key, value in src.backbone.state_dict().items():
         assert torch.equal(value, after_probe[f"backbone.{key}"]), key

@@ -108,7 +108,7 @@ def test_champion_is_rescored_on_this_runs_test_images(
 ):
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(server)
     cfg = RegisterConfig(model_name=f"m-{uuid.uuid4().hex[:8]}", accuracy_floor=0.0)
 
     def reg(model: Path) -> register.RegisterResult:

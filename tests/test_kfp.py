@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 GPU_STEPS = ("pretrain", "baseline", "finetune")
 PARAMETERS = {f"{s}_params" for s in SECTIONS} | {"strategies"}
-TRACKED = ("start-run", "fetch", "prepare", *GPU_STEPS, "match", "evaluate", "export")
+TRACKED = ("start-run", "fetch", "prepare", "check", *GPU_STEPS, "match", "evaluate", "export")
 TRACKED += ("register", "finish-run")
 
 
@@ -122,6 +122,8 @@ def test_secrets_come_from_the_cluster_not_parameters(compiled) -> None:
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
             "MLFLOW_S3_ENDPOINT_URL",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
         }
         assert platform[f"exec-{step}"]["fieldPathAsEnv"][0]["name"] == "TLPIPE_KFP_RUN"
     assert "secretAsEnv" not in platform.get("exec-gate", {})  # reads a file, talks to no one
@@ -137,7 +139,7 @@ def test_retries_caching_and_the_gate(compiled) -> None:
         assert task["retryPolicy"]["maxRetryCount"] >= 2, name
         assert task["retryPolicy"]["backoffFactor"] == 2.0, name
         cached = task["cachingOptions"].get("enableCache", False)
-        assert cached == (name not in ("start-run", "fetch", "finish-run")), name
+        assert cached == (name not in ("start-run", "fetch", "check", "finish-run")), name
     # downstream steps are keyed on the dataset version
     for name in ("pretrain", "baseline", "match", "evaluate", "export", "register"):
         assert "dataset_sha256" in tasks[name]["inputs"]["parameters"], name
@@ -271,10 +273,11 @@ def _steps_run(run_dir: Path) -> set[str]:
     }
 
 
-STEP_RUNS = {"fetch", "prepare", "pretrain", "match", "evaluate", "export", "register"}
+STEP_RUNS = {"fetch", "prepare", "check", "pretrain", "match", "evaluate", "export", "register"}
 STEP_RUNS |= {f"finetune:{s}" for s in ("scratch", *STRATEGIES)}
 # kfp.local's task folders; finetune[i]: the task in loop iteration i
-ALL_TASKS = {"start-run", "fetch", "prepare", "pretrain", "baseline", "match", "finetune[0]"}
+ALL_TASKS = {"start-run", "fetch", "prepare", "check", "pretrain", "baseline", "match"}
+ALL_TASKS |= {"finetune[0]"}
 ALL_TASKS |= {"finetune[1]", "evaluate", "export", "gate", "register", "finish-run"}
 
 
@@ -302,7 +305,7 @@ def test_run_local_whole_dag_and_the_gate(package, tmp_path: Path, monkeypatch) 
     assert _steps_run(first) == ALL_TASKS
     _check_artifacts(first, selected)
     assert "→ `champion`" in (first / "register/report").read_text()
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
     (version,) = client.search_model_versions("name = 'tlpipe'")
     assert client.get_model_version_by_alias("tlpipe", "champion").version == version.version
@@ -315,7 +318,7 @@ def test_run_local_whole_dag_and_the_gate(package, tmp_path: Path, monkeypatch) 
     # 2) same data, a floor no model reaches: fetch re-checks the data, prepare … export hit the
     #    cache (keyed on the data version), the gate fails and register does not run
     second, again = run_local("--set", "register.accuracy_floor=1.01")
-    assert _steps_run(second) == {"start-run", "fetch", "gate", "finish-run"}
+    assert _steps_run(second) == {"start-run", "fetch", "check", "gate", "finish-run"}
     assert again == "unchanged (cached)"
     gate = json.loads((second / "gate/executor_output.json").read_text())
     assert gate["parameterValues"] == {"Output": "fail"}

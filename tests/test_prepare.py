@@ -34,7 +34,7 @@ def _image_set(x: np.ndarray) -> set[bytes]:
 
 def test_tiny_prepared_matches_contract(tiny_prepared: Path) -> None:
     assert sorted(p.name for p in tiny_prepared.iterdir()) == sorted(
-        [f"{s}.npz" for s in SPLITS] + ["manifest.json"]
+        [f"{s}.{a}.npy" for s in SPLITS for a in ("x", "y", "shifted")] + ["manifest.json"]
     )
     m = load_manifest(tiny_prepared)
     assert m["version"] == 1 and m["dataset"] == "fashion-mnist"

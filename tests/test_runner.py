@@ -121,7 +121,7 @@ def _dvc_project(tmp_path: Path) -> Path:
         "fetch": {"dataset": "synthetic", "sources": [str(raw)]},
         "prepare": {"dataset": "synthetic"},
         "pretrain": {"train": {"epochs": 400, "batch_size": 32}},
-        **{s: {} for s in ("match", "finetune", "evaluate", "export", "register")},
+        **{s: {} for s in ("check", "match", "finetune", "evaluate", "export", "register")},
         "strategies": ["full"],
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))

@@ -95,7 +95,7 @@ KILLER = textwrap.dedent(
     from tlpipe.training import ArrayBatches, TrainConfig, fit
 
     prepared, ckpt, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    die_at = int(sys.argv[4])
+    die_at, limit = int(sys.argv[4]), float(sys.argv[5])
     m = load_manifest(prepared)
     src, val = load_split(prepared, "source"), load_split(prepared, "source_val")
     torch.manual_seed(0)
@@ -108,7 +108,8 @@ KILLER = textwrap.dedent(
             os._exit(9)
         return torch.zeros(())
 
-    cfg = TrainConfig(epochs=4, batch_size=32, steps_per_epoch=5, augment=True, seed=1)
+    cfg = TrainConfig(epochs=4, batch_size=32, steps_per_epoch=5, augment=True, seed=1,
+                      max_in_memory_mb=limit, num_workers=2)
     res = fit(model, ArrayBatches(src.x, src.y, 32, seed=1, steps_per_epoch=5), cfg,
               mean=m["mean"], std=m["std"], val=(val.x, val.y), penalty=die_midway,
               checkpoint=ckpt)
@@ -118,13 +119,16 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("limit_mb", [1024.0, 0.0], ids=["in_memory", "streamed"])
+def test_resume_after_kill_matches_uninterrupted_run(
+    tiny_prepared: Path, tmp_path: Path, limit_mb: float
+) -> None:
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
 
     def go(ckpt: str, out: str, die_at: int) -> int:
         args = [sys.executable, str(script), str(tiny_prepared), str(tmp_path / ckpt),
-                str(tmp_path / out), str(die_at)]  # fmt: skip
+                str(tmp_path / out), str(die_at), str(limit_mb)]  # fmt: skip
         return subprocess.run(args, capture_output=True, timeout=120).returncode
 
     assert go("a.pt", "never.pt", die_at=13) == 9  # killed during epoch 3 of 4
@@ -135,7 +139,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_prepared: Path, tmp_pa
     straight = torch.load(tmp_path / "straight.pt")
     assert resumed["resumed_from"] == 2 and resumed["epochs"] == 4
     for k, v in straight["state"].items():
-        torch.testing.assert_close(resumed["state"][k], v, msg=k)
+        assert torch.equal(resumed["state"][k], v), k  # bit-identical
 
 
 def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(

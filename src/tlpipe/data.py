@@ -1,13 +1,16 @@
 """The data layer: known datasets, the raw and prepared data types, prepared splits.
 
-The raw readers are in `tlpipe.readers`. Prepared splits (written by `tlpipe.steps.prepare`)
-are read back with `load_split` and `load_manifest`.
+The raw readers are in `tlpipe.readers`. Prepared splits (written by `tlpipe.steps.prepare`
+with `save_split`) are read back with `load_split` (images memory-mapped) and `load_manifest`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
+import mmap
+import os
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +99,35 @@ class Split:
 
 
 # ---------------------------------------------------------------------------- prepared splits
+#
+# A split is three uncompressed .npy files, ``<name>.x.npy`` (uint8 images), ``<name>.y.npy`` and
+# ``<name>.shifted.npy``. `load_split` memory-maps the images, so a split larger than RAM opens
+# instantly; readers that walk a whole split use `read_rows` / `take_rows`, which read through
+# the file (pread) instead of touching the mapping: the pages land in the OS page cache (a cache
+# the kernel can drop) rather than in the process's resident set, which stays flat.
+
+ARRAYS = ("x", "y", "shifted")
+CHUNK_BYTES = 32 << 20  # rows per read/write chunk when walking a whole split
+
+
+def split_paths(prepared_dir: str | Path, name: str) -> dict[str, Path]:
+    """The files of split `name`: {"x": …/name.x.npy, "y": …, "shifted": …}."""
+    return {a: Path(prepared_dir) / f"{name}.{a}.npy" for a in ARRAYS}
 
 
 def split_sha256(split: Split) -> str:
     """sha256 identifying a split's content (images, labels and shift flags)."""
-    parts = (fsio.sha256_array(a) for a in (split.x, split.y, split.shifted))
+    parts = (_sha256_array(a) for a in (split.x, split.y, split.shifted))
     return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    """`fsio.sha256_array`, read chunk by chunk (no whole-split copy)."""
+    h = hashlib.sha256()
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    for start, stop in chunks(a):
+        h.update(read_rows(a, start, stop).tobytes())
+    return h.hexdigest()
 
 
 def dataset_sha256(split_hashes: dict[str, str]) -> str:
@@ -110,23 +136,160 @@ def dataset_sha256(split_hashes: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def save_split(path: Path, split: Split) -> Path:
-    """Write a split as an uncompressed npz (atomically)."""
-    return fsio.save_npz(path, x=split.x, y=split.y, shifted=split.shifted)
+class ArrayWriter:
+    """Write a .npy file of known shape row chunk by row chunk (plain writes, no mapping).
+
+    Use as a context manager; `write` appends rows; closing checks that every row was written.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: Any):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed in __exit__)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}  # fmt: skip
+        np.lib.format.write_array_header_2_0(self._f, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, self.dtype)  # one chunk: a bounded copy at most
+        if rows.shape[1:] != self.shape[1:]:
+            raise TlpipeError(f"{self.path}: rows of shape {rows.shape[1:]}, want {self.shape[1:]}")
+        self._f.write(rows.data)
+        self.rows += len(rows)
+
+    def __enter__(self) -> ArrayWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._f.close()
+        if exc_type is None and self.rows != self.shape[0]:
+            raise TlpipeError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}")
+
+
+def save_split(prepared_dir: str | Path, name: str, split: Split) -> dict[str, Path]:
+    """Write `split` as `name`.{x,y,shifted}.npy in `prepared_dir`, the images chunk by chunk.
+
+    `split.x` may be memory-mapped (or any array): it is read `CHUNK_BYTES` at a time. The
+    caller writes into a temporary directory and renames it (prepare does), so no partial split
+    is ever visible.
+    """
+    paths = split_paths(prepared_dir, name)
+    with ArrayWriter(paths["x"], split.x.shape, np.uint8) as w:
+        for start, stop in chunks(split.x):
+            w.write(read_rows(split.x, start, stop))
+    np.save(paths["y"], np.asarray(split.y, np.int64))
+    np.save(paths["shifted"], np.asarray(split.shifted, bool))
+    return paths
 
 
 def load_split(prepared_dir: str | Path, name: str) -> Split:
-    """Load prepared split `name` (one of `SPLITS`) from `prepared_dir`."""
+    """Open prepared split `name` (one of `SPLITS`): images memory-mapped, labels in memory."""
     if name not in SPLITS:
         raise TlpipeError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
-    path = Path(prepared_dir) / f"{name}.npz"
-    if not path.is_file():
-        raise TlpipeError(f"{path} not found: run `tlpipe prepare` first")
+    paths = split_paths(prepared_dir, name)
+    for path in paths.values():
+        if not path.is_file():
+            raise TlpipeError(f"{path} not found: run `tlpipe prepare` first")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return Split(x=z["x"], y=z["y"], shifted=z["shifted"])
-    except (OSError, ValueError, KeyError, zlib.error) as e:
-        raise TlpipeError(f"{path} is damaged ({e}); run `tlpipe prepare` again") from e
+        x = open_array(paths["x"])
+        y = np.load(paths["y"], allow_pickle=False)
+        shifted = np.load(paths["shifted"], allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise TlpipeError(f"{paths['x']} is damaged ({e}); run `tlpipe prepare` again") from e
+    if x.dtype != np.uint8 or x.ndim != 4 or not len(x) == len(y) == len(shifted):
+        raise TlpipeError(f"{prepared_dir}: split {name} is inconsistent ({x.dtype} {x.shape}, "
+                          f"{len(y)} labels); run `tlpipe prepare` again")  # fmt: skip
+    return Split(x=x, y=y.astype(np.int64, copy=False), shifted=shifted.astype(bool, copy=False))
+
+
+# ---------------------------------------------------------------------------- reading rows
+
+
+def chunks(x: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about `chunk_bytes` each, covering `x`."""
+    row = max(1, x[:1].nbytes) if len(x) else 1
+    step = max(1, chunk_bytes // row)
+    for start in range(0, len(x), step):
+        yield start, min(start + step, len(x))
+
+
+def read_rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows `start:stop` of `x` as an in-memory array (one pread when `x` is file-backed)."""
+    where = file_view(x)
+    if where is None:
+        return np.asarray(x[start:stop])
+    fd, offset = where
+    start, stop, _ = slice(start, stop).indices(len(x))
+    out = np.empty((max(0, stop - start), *x.shape[1:]), x.dtype)
+    row = out[:1].nbytes if len(out) else 0
+    _pread_into(fd, offset + start * row, memoryview(out).cast("B"))
+    return out
+
+
+def take_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """`x[idx]` for a 1-d index array, read row by row through the file when file-backed."""
+    where = file_view(x)
+    if where is None:
+        return np.asarray(x[idx])
+    fd, offset = where
+    out = np.empty((len(idx), *x.shape[1:]), x.dtype)
+    if len(out) == 0:
+        return out
+    row, n = out[:1].nbytes, len(x)
+    for k, i in enumerate(np.asarray(idx, np.int64).tolist()):
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} rows")
+        got = os.preadv(fd, [memoryview(out[k]).cast("B")], offset + (i % n) * row)
+        if got != row:
+            raise TlpipeError("short read from a prepared split (file truncated?); "
+                              "run `tlpipe prepare` again")  # fmt: skip
+    return out
+
+
+def open_array(path: str | Path) -> np.ndarray:
+    """Memory-map the .npy file `path` read-only, and keep a descriptor of the same file.
+
+    `read_rows` / `take_rows` read the rows of the returned array (and of its row slices)
+    through that descriptor, so a file replaced at the same path later is never mixed in.
+    """
+    x = np.load(path, mmap_mode="r", allow_pickle=False)
+    if isinstance(x, np.memmap) and isinstance(x.base, mmap.mmap):
+        fd = os.open(path, os.O_RDONLY)
+        _FDS[id(x)] = fd
+        weakref.finalize(x, _close, id(x), fd)
+    return x
+
+
+def file_view(x: np.ndarray) -> tuple[int, int] | None:
+    """(descriptor, byte offset of row 0) when `x` is a C-contiguous view of `open_array`'s."""
+    if not isinstance(x, np.memmap) or not x.flags.c_contiguous or x.ndim == 0:
+        return None
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    fd = _FDS.get(id(root))
+    if fd is None or not isinstance(root, np.memmap):
+        return None
+    return fd, root.offset + (x.ctypes.data - root.ctypes.data)
+
+
+_FDS: dict[int, int] = {}  # id(root memmap) → its descriptor (workers inherit it: pread is safe)
+
+
+def _close(key: int, fd: int) -> None:
+    if _FDS.get(key) == fd:
+        del _FDS[key]
+    os.close(fd)
+
+
+def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            raise TlpipeError("short read from a prepared split (file truncated?); "
+                              "run `tlpipe prepare` again")  # fmt: skip
+        done += got
 
 
 def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:

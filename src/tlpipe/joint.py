@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlpipe.errors import TlpipeError
+from tlpipe.loader import ArrayBatches, Batch, Images, step_seed, take, to_device
 from tlpipe.params import JointConfig
-from tlpipe.training import ArrayBatches, Batch, LossFn
+from tlpipe.training import LossFn
 
 SOURCE_HEAD = "source_head"
 
@@ -108,39 +109,51 @@ def detach_extra_heads(model: nn.Module) -> None:
 
 
 class JointBatches:
-    """Each step: the target batch and a source batch, concatenated (domain 0 / 1)."""
+    """Each step: the target batch and a source batch, concatenated (domain 0 / 1).
+
+    The source images stay where they are (memory-mapped on the streaming path): a step reads
+    only the rows it draws. Step `s` of epoch `e` draws from its own generator, so any step can
+    be built on its own (in a DataLoader worker, or after a resume).
+    """
 
     def __init__(self, target: ArrayBatches, stream: SourceStream, cfg: JointConfig, seed: int):
         self.target, self.cfg, self.seed = target, cfg, seed
-        self.x = torch.from_numpy(np.ascontiguousarray(stream.x))
-        self.y = torch.from_numpy(stream.y.astype(np.int64))
-        self.w = torch.from_numpy(stream.weights)
+        self.x: Images = stream.x
+        self.y = torch.tensor(np.asarray(stream.y), dtype=torch.int64)
+        self.w = torch.tensor(np.asarray(stream.weights), dtype=torch.float32)
         self.probs = self.w.clone()  # stays on the CPU, for torch.multinomial's generator
         pool = stream.selected if cfg.sampling == "selected" else np.arange(len(stream.y))
-        self.pool = torch.from_numpy(pool)
+        self.pool = torch.from_numpy(np.asarray(pool, np.int64))
         self.batch_size = min(cfg.source_batch_size or target.batch_size, len(pool))
 
     def __len__(self) -> int:
         return len(self.target)
 
+    @property
+    def nbytes(self) -> int:
+        return self.target.nbytes + int(self.x.nbytes)
+
     def to(self, device: torch.device) -> JointBatches:
         self.target.to(device)
-        self.x, self.y, self.w = self.x.to(device), self.y.to(device), self.w.to(device)
+        self.x, self.y, self.w = to_device(self.x, device), self.y.to(device), self.w.to(device)
         return self
 
+    def batch(self, epoch: int, step: int) -> Batch:
+        batch = self.target.batch(epoch, step)
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, step, salt=7_777))
+        idx = self._draw(g).to(self.y.device)
+        w = self.w[idx] if self.cfg.sampling != "weighted" else torch.ones(len(idx))
+        return {
+            "x": torch.cat([batch["x"], take(self.x, idx)]),
+            "y": torch.cat([batch["y"], self.y[idx]]),
+            "w": torch.cat(
+                [torch.ones_like(batch["y"], dtype=torch.float32), w.to(self.y.device)]
+            ),  # fmt: skip
+            "domain": torch.cat([torch.zeros_like(batch["y"]), torch.ones_like(idx)]),
+        }
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_777)
-        for batch in self.target.epoch(epoch):
-            idx = self._draw(g).to(self.x.device)
-            w = torch.ones(len(idx), device=self.x.device)
-            if self.cfg.sampling != "weighted":
-                w = self.w[idx]
-            yield {
-                "x": torch.cat([batch["x"], self.x[idx]]),
-                "y": torch.cat([batch["y"], self.y[idx]]),
-                "w": torch.cat([torch.ones_like(batch["y"], dtype=torch.float32), w]),
-                "domain": torch.cat([torch.zeros_like(batch["y"]), torch.ones_like(idx)]),
-            }
+        return (self.batch(epoch, step) for step in range(len(self)))
 
     def _draw(self, g: torch.Generator) -> torch.Tensor:
         if self.cfg.sampling == "weighted":

@@ -68,14 +68,23 @@ def check_arguments(spec: dict[str, Any], arguments: dict[str, Any]) -> None:
 
 
 def run_local(
-    package: str | Path, arguments: dict[str, Any], root: str | Path, cache: bool = False
+    package: str | Path,
+    arguments: dict[str, Any],
+    root: str | Path,
+    cache: bool = False,
+    runner: Any = None,
 ) -> LocalRun:
     """Run the compiled pipeline here with kfp.local (minus its retries).
 
-    `SubprocessRunner(use_venv=False)` starts each component as `sys.executable -m
+    By default `SubprocessRunner(use_venv=False)` starts each component as `sys.executable -m
     kfp.dsl.executor_main …` with this process's environment, so the components import the
     installed tlpipe, and MLflow settings (MLFLOW_TRACKING_URI, TLPIPE_EXPERIMENT) come from
     here, not from the Kubernetes Secret.
+
+    Args:
+        runner: `run_key -> kfp.local runner`, e.g. a `DockerRunner` running every component in
+            the tlpipe image: the run key (`tracking.RUN_KEY_ENV`) must reach the containers'
+            environment, as a pod label does on a cluster.
     """
     from kfp import components, local
 
@@ -91,7 +100,7 @@ def run_local(
         local_package = _without_retries(Path(package), Path(tmp) / "pipeline.yaml")
         pipeline = components.load_component_from_file(str(local_package))
         local.init(
-            runner=local.SubprocessRunner(use_venv=False),
+            runner=runner(run_key) if runner else local.SubprocessRunner(use_venv=False),
             pipeline_root=str(root),
             enable_caching=cache,
             cache_root=str(root / ".kfp_cache"),

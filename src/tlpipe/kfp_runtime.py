@@ -137,10 +137,8 @@ def _run(
 
 
 def _path(value: Any) -> Any:
-    """A KFP artifact → its local path; paths, dicts and None pass through."""
-    if hasattr(value, "path"):
-        return Path(value.path)
-    return Path(value) if isinstance(value, str) else value
+    """A KFP artifact → its local path; anything else passes through."""
+    return Path(value.path) if hasattr(value, "path") else value
 
 
 def check_dataset(prepared_dir: Path, dataset_sha256: str) -> None:
@@ -253,12 +251,24 @@ def gate(onnx: Any, register_params: str, verdict: Any) -> str:
     return outcome
 
 
+def check(
+    prepared: Any, dataset_sha256: str, check_params: str, register_params: str, report: Any,
+    metrics: Any,
+) -> None:  # fmt: skip
+    """The data check against the champion of `register.model_name` (`tlpipe.steps.check`)."""
+    model_name = config_for("register", register_params).model_name
+    run("check", check_params, dataset_sha256, metrics=metrics, prepared_dir=prepared,
+        out_dir=report, model_name=model_name)  # fmt: skip
+
+
 def register(
-    onnx: Any, model: Any, dataset_sha256: str, register_params: str, report: Any
+    onnx: Any, model: Any, prepared: Any, dataset_sha256: str, register_params: str, report: Any
 ) -> tuple[str, str]:
-    """Register the selected model; (version, alias). The report says why that alias."""
+    """Register the selected model; (version, alias). The champion is re-scored on this run's
+    test split (`prepared`) for the paired comparison; the report says why that alias."""
     cfg = config_for("register", register_params)
-    result = _run("register", cfg, dataset_sha256, export_dir=onnx, model_path=model)
+    result = _run("register", cfg, dataset_sha256, export_dir=onnx, model_path=model,
+                  prepared_dir=prepared)  # fmt: skip
     Path(report.path).write_text(
         f"**{cfg.model_name} v{result.version}** → `{result.alias}`\n\n{result.reason}\n"
     )

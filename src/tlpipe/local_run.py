@@ -61,8 +61,8 @@ def run(force: bool = False, track: bool = True) -> list[str]:
 
 
 def describe(changed: list[str]) -> str:
-    """The run's log line."""
-    if not changed:
+    """The run's log line (fetch and check run every time: they alone mean no retraining)."""
+    if not set(changed) - {"fetch", "check"}:
         return "tlpipe run: data, code and params unchanged since the last run: nothing retrained"
     line = f"tlpipe run: re-ran {', '.join(changed)}"
     decision = Path("registry.json")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -159,15 +161,33 @@ def _list_images(raw_dir: Path, split: str, classes: tuple[str, ...]) -> list[tu
 def _load_images(
     paths: list[Path], channels: int, size: int, max_pixels: int | None, raw_dir: Path
 ) -> np.ndarray:
-    """Decode `paths` into one uint8 array: a progress bar on a terminal, else a summary line."""
+    """Decode `paths` into one uint8 array on disk (memory-mapped), written chunk by chunk.
+
+    The decoded images go to a temporary .npy file under ``$TMPDIR`` whose name is removed as
+    soon as it is mapped (the mapping keeps the data until the array is freed, and a killed
+    prepare leaves nothing behind), so reading a folder larger than RAM keeps memory flat. A
+    progress bar on a terminal, else one summary line.
+    """
     from tqdm import tqdm
+
+    from tlpipe.data import ArrayWriter, open_array
 
     tty = sys.stderr.isatty()
     start = time.perf_counter()
-    x = np.empty((len(paths), channels, size, size), np.uint8)
-    bar = tqdm(paths, desc=f"reading {raw_dir}", unit=" images", disable=not tty)
-    for i, path in enumerate(bar):
-        x[i] = load_image(path, channels, size, max_pixels)
+    tmp = Path(tempfile.mkdtemp(prefix="tlpipe-decoded-"))
+    try:
+        path = tmp / "x.npy"
+        rows = max(1, (16 << 20) // (channels * size * size))  # a 16 MB buffer of images
+        buf = np.empty((rows, channels, size, size), np.uint8)
+        with ArrayWriter(path, (len(paths), channels, size, size), np.uint8) as out:
+            bar = tqdm(paths, desc=f"reading {raw_dir}", unit=" images", disable=not tty)
+            for i, image in enumerate(bar):
+                buf[i % rows] = load_image(image, channels, size, max_pixels)
+                if i % rows == rows - 1 or i == len(paths) - 1:
+                    out.write(buf[: i % rows + 1])
+        x = open_array(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not tty and paths:  # CI, pod logs, DVC stages: one line instead of a bar
         seconds = max(time.perf_counter() - start, 1e-9)
         print(f"read {len(paths)} images from {raw_dir} in {seconds:.1f} s "

@@ -2,18 +2,19 @@
 
 Strategies differ only in what they pass in: which parameters train with which learning rate
 (`param_groups`), an optional `penalty` (L2-SP), and an optional `loss_fn` (joint training).
-Data lives in memory as uint8 tensors and is normalised per batch on the device, so the loop
-has no DataLoader workers to tune; batch order depends only on (seed, epoch), which makes a
-resumed run see exactly the batches the killed one would have.
+Batches come through `tlpipe.loader.Feed`: small data lives on the device as uint8 and is
+augmented and normalised there; larger data streams from the memory-mapped split through a
+DataLoader with workers. Either way batch order and augmentation depend only on (seed, epoch,
+step), which makes a resumed run see exactly the batches the killed one would have, and a
+streamed run the same batches as an in-memory one.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlpipe import resume
+from tlpipe.data import chunks, read_rows
 from tlpipe.errors import TlpipeError
+from tlpipe.loader import ArrayBatches, Batch, Batches, Feed, Transform, augment_batch, to_input
 from tlpipe.params import TrainConfig
 
-Batch = dict[str, torch.Tensor]
+__all__ = ["ArrayBatches", "Batch", "TrainConfig", "augment_batch", "fit", "predict", "to_input"]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -50,85 +53,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def to_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N,C,H,W) → normalised float32 `(x/255 - mean)/std`."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
-
-
-class ArrayBatches:
-    """Shuffled mini-batches over in-memory arrays.
-
-    Args:
-        x: uint8 images (N, C, H, W).
-        y: int labels (N,).
-        weights: optional per-sample loss weights (N,).
-        steps_per_epoch: batches per epoch; 0 means one pass (the last short batch kept).
-        domain: constant tagged onto every batch (joint training tells target from source).
-    """
-
-    def __init__(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        batch_size: int,
-        seed: int = 0,
-        weights: np.ndarray | None = None,
-        steps_per_epoch: int = 0,
-        domain: int = 0,
-    ):
-        if len(x) == 0:
-            raise TlpipeError("no training images: check the scenario's classes and k")
-        if len(x) != len(y):
-            raise TlpipeError(f"{len(x)} images but {len(y)} labels")
-        self.x = torch.from_numpy(np.ascontiguousarray(x))
-        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        self.w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        self.batch_size = min(batch_size, len(x))
-        self.seed = seed
-        self.domain = domain
-        self.steps = steps_per_epoch or math.ceil(len(x) / self.batch_size)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def to(self, device: torch.device) -> ArrayBatches:
-        """Move the whole dataset to `device` once (images stay uint8: 4× less traffic)."""
-        self.x, self.y = self.x.to(device), self.y.to(device)
-        if self.w is not None:
-            self.w = self.w.to(device)
-        return self
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n, b = len(self.x), self.batch_size
-        passes = math.ceil(self.steps * b / n)
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
-        order = order.to(self.x.device)
-        for step in range(self.steps):
-            idx = order[step * b : (step + 1) * b]
-            batch = {"x": self.x[idx], "y": self.y[idx]}
-            if self.w is not None:
-                batch["w"] = self.w[idx]
-            batch["domain"] = torch.full_like(batch["y"], self.domain)
-            yield batch
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels and horizontal flip, per image, on uint8."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
-    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
-    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
-    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     """Plain (optionally sample-weighted) cross-entropy on the model's output."""
 
@@ -145,7 +69,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 def fit(
     model: nn.Module,
-    train: ArrayBatches,
+    train: Batches,
     cfg: TrainConfig,
     *,
     mean: Sequence[float],
@@ -161,8 +85,9 @@ def fit(
     """Train `model` and leave it holding the weights of the best validation epoch.
 
     Args:
-        train: the batches (or anything with `__len__`, `to(device)` and `epoch(i)`).
-        mean, std: per-channel normalisation applied on the device.
+        train: the batches (`ArrayBatches`, `JointBatches`: see `tlpipe.loader.Batches`); kept
+            in memory on the device up to `cfg.max_in_memory_mb`, else streamed from disk.
+        mean, std: per-channel normalisation.
         val: (x, y) used for model selection; without it the last epoch is kept.
         param_groups: `[{"params": [...], "lr_scale": s}, ...]`; default all trainable params.
         loss_fn: `(model, batch) -> loss`; batch has `input` (normalised) plus the raw keys.
@@ -177,7 +102,8 @@ def fit(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    train.to(device)
+    transform = Transform(cfg.augment, cfg.seed, tuple(mean), tuple(std))
+    feed = Feed(train, transform, device, cfg.max_in_memory_mb, cfg.num_workers)
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer, scheduler = _optimizer(groups, cfg, total_steps=cfg.epochs * len(train))
@@ -190,14 +116,10 @@ def fit(
         if start:
             print(f"{desc}: resuming after epoch {start}/{cfg.epochs} from {checkpoint}",
                   file=sys.stderr)  # fmt: skip
-    aug_gen = torch.Generator()
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        aug_gen.manual_seed(cfg.seed * 7919 + epoch)  # per epoch, so a resumed run matches
-        train_loss = _train_one_epoch(
-            model, train, epoch, optimizer, scheduler, loss_fn, penalty, cfg, mean, std,
-            aug_gen, f"{desc} {epoch + 1}/{cfg.epochs}",
-        )  # fmt: skip
+        train_loss = _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty,
+                                      f"{desc} {epoch + 1}/{cfg.epochs}")  # fmt: skip
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if val is not None:
             row["val_accuracy"] = accuracy(model, *val, mean=mean, std=std)
@@ -219,20 +141,16 @@ def fit(
     return result
 
 
-def _train_one_epoch(
-    model, train, epoch, optimizer, scheduler, loss_fn, penalty, cfg, mean, std, aug_gen, desc
-) -> float:
+def _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty, desc) -> float:
     from tqdm.auto import tqdm
 
     model.train()
     _freeze_frozen_batchnorm(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=_on_cuda(model))
     total = torch.zeros((), device=next(model.parameters()).device)
-    bar = tqdm(train.epoch(epoch), total=len(train), desc=desc, leave=False,
+    bar = tqdm(feed.epoch(epoch), total=len(feed), desc=desc, leave=False,
                disable=not sys.stderr.isatty(), unit="batch")  # fmt: skip
-    for step, batch in enumerate(bar):
-        x = augment_batch(batch["x"], aug_gen) if cfg.augment else batch["x"]
-        batch["input"] = to_input(x, mean, std)
+    for step, batch in enumerate(bar):  # batch["input"]: augmented and normalised (Feed)
         if _on_cuda(model):
             batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
         with autocast:
@@ -245,9 +163,9 @@ def _train_one_epoch(
         scheduler.step()
         total += loss.detach()
         # 1) NaN/inf check every 50 steps and at the end: a per-step .item() would sync the GPU
-        if (step + 1) % 50 == 0 or step + 1 == len(train):
+        if (step + 1) % 50 == 0 or step + 1 == len(feed):
             _check_finite(total, epoch, step)
-    return total.item() / len(train)
+    return total.item() / len(feed)
 
 
 def _check_finite(total: torch.Tensor, epoch: int, step: int) -> None:
@@ -308,14 +226,16 @@ def predict(
     batch_size: int = 512,
     features: bool = False,
 ) -> np.ndarray:
-    """Logits (or backbone features with `features=True`) for uint8 images, in batches."""
+    """Logits (or backbone features with `features=True`) for uint8 images, in batches.
+
+    `x` may be memory-mapped: it is read one chunk at a time (no float copy of the split).
+    """
     model.eval()
     device = next(model.parameters()).device
     fn = model.backbone if features else model
     outs = []
-    for i in range(0, len(x), batch_size):
-        xb = to_input(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device),
-                      mean, std)  # fmt: skip
+    for start, stop in chunks(x, chunk_bytes=max(1, x[:1].nbytes) * batch_size):
+        xb = to_input(torch.from_numpy(read_rows(x, start, stop)).to(device), mean, std)
         outs.append(fn(xb).float().cpu().numpy())
     width = model.feat_dim if features else model.head.out_features
     return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)

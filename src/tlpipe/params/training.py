@@ -30,8 +30,12 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     device: str = "auto"
+    max_in_memory_mb: float = 256.0  # up to this much uint8 image data trains from the device
+    num_workers: int = 2  # DataLoader workers when the data streams from disk (above the limit)
 
     def __post_init__(self) -> None:
+        if self.max_in_memory_mb < 0 or self.num_workers < 0:
+            raise ValueError("max_in_memory_mb and num_workers must be ≥ 0")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")

@@ -41,7 +41,7 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
     with fsio.atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name in SPLITS:
-            save_split(tmp / f"{name}.npz", splits[name])
+            save_split(tmp, name, splits[name])
         fsio.write_json(tmp / "manifest.json", manifest)
     metrics: dict[str, float] = {f"n_{name}": float(len(splits[name])) for name in SPLITS}
     metrics["seconds"] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,263 @@
+"""Training batches: what a batch holds, how it is augmented, and how it reaches the device.
+
+A batches object (`ArrayBatches`, `tlpipe.joint.JointBatches`) defines batch `step` of
+`epoch` as a pure function of (seed, epoch, step) over its images, which are either in memory
+or a memory-mapped prepared split (`tlpipe.data.load_split`). `Feed` then takes one of two
+routes, chosen by size (`TrainConfig.max_in_memory_mb`):
+
+- **in memory** (small data, the fast path): the whole uint8 dataset moves to the device once;
+  each batch is gathered, augmented and normalised there. No workers to tune.
+- **streaming** (large data): a `torch.utils.data.DataLoader` whose items are whole batches
+  `(epoch, step)`: worker processes read the rows from disk (pread, see `tlpipe.data`),
+  augment and (on a CPU device) normalise them; batches come back through pinned memory.
+  Memory stays flat in the dataset's size: rows are read per batch, nothing holds the split.
+
+Both routes compute the same batches: the order comes from (seed, epoch) and the augmentation
+of batch `step` from its own generator seeded with (seed, epoch, step), so a streamed run is
+bit-identical to an in-memory one, and a resumed run to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tlpipe.data import read_rows, take_rows
+from tlpipe.errors import TlpipeError
+
+Batch = dict[str, torch.Tensor]
+Images = np.ndarray | torch.Tensor  # uint8 (N, C, H, W): in memory, memory-mapped, or on device
+
+
+class Batches(Protocol):
+    """What `tlpipe.training.fit` trains on."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def batch(self, epoch: int, step: int) -> Batch: ...
+
+
+def to_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N,C,H,W) → normalised float32 `(x/255 - mean)/std`."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels and horizontal flip, per image, on uint8."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
+    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def step_seed(seed: int, epoch: int, step: int, salt: int = 0) -> int:
+    """A generator seed for one (seed, epoch, step): any batch can be drawn on its own."""
+    return ((((seed * 1_000_003 + epoch) * 1_000_033 + step) * 7919) + salt) % (1 << 63)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Augmentation (optional) then normalisation of a uint8 batch."""
+
+    augment: bool
+    seed: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def augmented(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        if not self.augment:
+            return x
+        return augment_batch(x, torch.Generator().manual_seed(step_seed(self.seed, epoch, step)))
+
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        return to_input(x, self.mean, self.std)
+
+
+def take(images: Images, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of `images`: indexed on its device, or read from disk / memory."""
+    if isinstance(images, torch.Tensor):
+        return images[idx.to(images.device)]
+    return torch.from_numpy(take_rows(images, idx.cpu().numpy()))
+
+
+def to_device(images: Images, device: torch.device) -> torch.Tensor:
+    """The whole uint8 array on `device` (the in-memory fast path; read in chunks)."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device)
+    rows = read_rows(images, 0, len(images))
+    return torch.from_numpy(rows if rows.flags.writeable else rows.copy()).to(device)
+
+
+class ArrayBatches:
+    """Shuffled mini-batches over uint8 images in memory or memory-mapped; nothing is copied.
+
+    Args:
+        x: uint8 images (N, C, H, W), e.g. `load_split(...).x`.
+        y: int labels (N,).
+        weights: optional per-sample loss weights (N,).
+        steps_per_epoch: batches per epoch; 0 means one pass (the last short batch kept).
+        domain: constant tagged onto every batch (joint training tells target from source).
+    """
+
+    def __init__(
+        self,
+        x: Images,
+        y: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        weights: np.ndarray | None = None,
+        steps_per_epoch: int = 0,
+        domain: int = 0,
+    ):
+        if len(x) == 0:
+            raise TlpipeError("no training images: check the scenario's classes and k")
+        if len(x) != len(y):
+            raise TlpipeError(f"{len(x)} images but {len(y)} labels")
+        self.x = x
+        self.y = torch.tensor(np.asarray(y), dtype=torch.int64)  # labels: 8 bytes an image
+        self.w = None if weights is None else torch.tensor(np.asarray(weights), dtype=torch.float32)
+        self.batch_size = min(batch_size, len(x))
+        self.seed = seed
+        self.domain = domain
+        self.steps = steps_per_epoch or math.ceil(len(x) / self.batch_size)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.x.nbytes)
+
+    def to(self, device: torch.device) -> ArrayBatches:
+        """Move the whole dataset to `device` once (images stay uint8: 4× less traffic)."""
+        self.x, self.y = to_device(self.x, device), self.y.to(device)
+        if self.w is not None:
+            self.w = self.w.to(device)
+        self._order = None
+        return self
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This epoch's sample order: reshuffled passes over the data, from (seed, epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            n, b = len(self.x), self.batch_size
+            passes = math.ceil(self.steps * b / n)
+            order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
+            self._order = (epoch, order.to(self.y.device))
+        return self._order[1]
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        idx = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        batch = {"x": take(self.x, idx), "y": self.y[idx]}
+        if self.w is not None:
+            batch["w"] = self.w[idx]
+        batch["domain"] = torch.full_like(batch["y"], self.domain)
+        return batch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        return (self.batch(epoch, step) for step in range(self.steps))
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Item (epoch, step) = that batch, read and augmented (and normalised) in a worker."""
+
+    def __init__(self, train: Batches, transform: Transform, normalise: bool):
+        self.train, self.transform, self.normalise = train, transform, normalise
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        epoch, step = key
+        batch = self.train.batch(epoch, step)
+        x = self.transform.augmented(batch.pop("x"), epoch, step)
+        if self.normalise:
+            batch["input"] = self.transform.normalised(x)
+        else:  # on a GPU: uint8 over the bus, normalised on the device (4× less traffic)
+            batch["x"] = x
+        return batch
+
+
+class _EpochSteps(torch.utils.data.Sampler):
+    """Yields (epoch, 0), (epoch, 1), …; `epoch` is set before each pass."""
+
+    def __init__(self, steps: int):
+        self.steps, self.epoch = steps, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, step) for step in range(self.steps))
+
+
+class Feed:
+    """Batches of `train` on `device`, each with a normalised "input": in memory or streamed.
+
+    Args:
+        max_in_memory_mb: data up to this size (uint8 images) takes the in-memory fast path.
+        num_workers: DataLoader worker processes on the streaming path (0: read in-process).
+    """
+
+    def __init__(
+        self,
+        train: Batches,
+        transform: Transform,
+        device: torch.device,
+        max_in_memory_mb: float,
+        num_workers: int = 2,
+    ):
+        self.train, self.transform, self.device = train, transform, device
+        self.streaming = train.nbytes > max_in_memory_mb * (1 << 20)
+        if not self.streaming:
+            train.to(device)
+            return
+        self.sampler = _EpochSteps(len(train))
+        self.loader = torch.utils.data.DataLoader(
+            _Steps(train, transform, normalise=device.type == "cpu"),
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+            generator=torch.Generator(),  # the loader's seed draw leaves the global RNG alone
+        )
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if not self.streaming:
+            for step in range(len(self.train)):
+                batch = self.train.batch(epoch, step)
+                x = self.transform.augmented(batch["x"], epoch, step)
+                batch["input"] = self.transform.normalised(x)
+                yield batch
+            return
+        self.sampler.epoch = epoch
+        for batch in self.loader:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if "input" not in batch:
+                batch["input"] = self.transform.normalised(batch["x"])
+            yield batch

@@ -1,0 +1,208 @@
+"""Splits on disk and the streaming loader: same batches as in memory, no whole-split copies."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlpipe import fsio, joint
+from tlpipe.data import (
+    ArrayWriter,
+    Split,
+    file_view,
+    load_manifest,
+    load_split,
+    read_rows,
+    save_split,
+    split_sha256,
+    take_rows,
+)
+from tlpipe.errors import TlpipeError
+from tlpipe.loader import ArrayBatches, Feed, Transform
+from tlpipe.models import build_model
+from tlpipe.training import TrainConfig, fit, predict
+
+CPU = torch.device("cpu")
+
+
+def _split(n: int, seed: int = 0, size: int = 16) -> Split:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8)
+    return Split(x=x, y=np.arange(n) % 5, shifted=np.arange(n) % 3 == 0)
+
+
+def _on_disk(tmp_path: Path, n: int, size: int = 16) -> Split:
+    save_split(tmp_path, "source", _split(n, size=size))
+    return load_split(tmp_path, "source")
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def test_split_round_trips_memory_mapped_with_the_same_hash(tmp_path: Path) -> None:
+    split = _split(50)
+    paths = save_split(tmp_path, "target_test", split)
+    assert sorted(p.name for p in paths.values()) == [
+        "target_test.shifted.npy", "target_test.x.npy", "target_test.y.npy"
+    ]  # fmt: skip
+    back = load_split(tmp_path, "target_test")
+    assert isinstance(back.x, np.memmap) and file_view(back.x) is not None
+    np.testing.assert_array_equal(back.x, split.x)
+    np.testing.assert_array_equal(back.y, split.y)
+    np.testing.assert_array_equal(back.shifted, split.shifted)
+    assert split_sha256(back) == split_sha256(split)
+    old = "".join(fsio.sha256_array(a) for a in (split.x, split.y, split.shifted))  # the old rule
+    assert split_sha256(split) == hashlib.sha256(old.encode()).hexdigest()
+
+
+def test_rows_read_through_the_file_equal_indexing(tmp_path: Path) -> None:
+    x = _on_disk(tmp_path, 40).x
+    idx = np.array([39, 0, 7, 7, -1])
+    np.testing.assert_array_equal(take_rows(x, idx), np.asarray(x)[idx])
+    np.testing.assert_array_equal(read_rows(x, 5, 12), np.asarray(x)[5:12])
+    view = x[10:30]  # a row slice keeps reading through the file, at its own offset
+    assert file_view(view) is not None
+    np.testing.assert_array_equal(take_rows(view, np.array([0, 19])), np.asarray(x)[[10, 29]])
+    np.testing.assert_array_equal(read_rows(view, 18, 99), np.asarray(x)[28:30])
+    with pytest.raises(IndexError):
+        take_rows(x, np.array([40]))
+
+
+def test_a_missing_or_short_split_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TlpipeError, match="run `tlpipe prepare` first"):
+        load_split(tmp_path, "source")
+    writer = ArrayWriter(tmp_path / "a.npy", (3, 1, 2, 2), np.uint8)
+    with pytest.raises(TlpipeError, match="wrote 2 rows of 3"), writer as w:
+        w.write(np.zeros((2, 1, 2, 2), np.uint8))
+
+
+def test_prepared_splits_are_memory_mapped(tiny_prepared: Path) -> None:
+    assert isinstance(load_split(tiny_prepared, "source").x, np.memmap)
+
+
+# ---------------------------------------------------------------------------- same batches
+
+
+def _feed(batches, streaming: bool, workers: int = 0, augment: bool = True) -> Feed:
+    t = Transform(augment, seed=3, mean=(0.5,), std=(0.25,))
+    return Feed(batches, t, CPU, max_in_memory_mb=0 if streaming else 1e9, num_workers=workers)
+
+
+def test_streamed_batches_equal_in_memory_batches(tmp_path: Path) -> None:
+    x = _on_disk(tmp_path, 70).x
+    y = np.arange(70) % 5
+    memory = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), streaming=False)
+    stream = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), streaming=True, workers=2)
+    assert stream.streaming and not memory.streaming
+    for epoch in (0, 1):
+        got = list(stream.epoch(epoch))
+        want = list(memory.epoch(epoch))
+        assert len(got) == len(want) == 6
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g["input"], w["input"]) and torch.equal(g["y"], w["y"])
+
+
+def test_streamed_joint_batches_equal_in_memory_ones(tmp_path: Path) -> None:
+    src = _on_disk(tmp_path, 60)
+    w = np.linspace(0.1, 2, 60).astype(np.float32)
+    stream = joint.SourceStream(src.x, src.y, w, np.arange(0, 60, 2), num_classes=5)
+
+    def batches() -> joint.JointBatches:
+        target = ArrayBatches(np.asarray(src.x[:10]), np.arange(10) % 5, 4, steps_per_epoch=3)
+        return joint.JointBatches(target, stream, joint.JointConfig(source_batch_size=6), seed=2)
+
+    got = list(_feed(batches(), streaming=True, workers=1).epoch(1))
+    want = list(_feed(batches(), streaming=False).epoch(1))
+    for g, w_ in zip(got, want, strict=True):
+        for key in ("input", "y", "w", "domain"):
+            assert torch.equal(g[key], w_[key]), key
+
+
+def test_fit_streamed_equals_fit_in_memory(tiny_prepared: Path) -> None:
+    m = load_manifest(tiny_prepared)
+    src, val = load_split(tiny_prepared, "source"), load_split(tiny_prepared, "source_val")
+    states = []
+    for limit in (1e9, 0):  # in memory, then streamed by 2 workers
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 5)
+        cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=4, augment=True, seed=5,
+                          max_in_memory_mb=limit, num_workers=2)  # fmt: skip
+        res = fit(model, ArrayBatches(src.x, src.y, 32, seed=5, steps_per_epoch=4), cfg,
+                  mean=m["mean"], std=m["std"], val=(val.x, val.y))  # fmt: skip
+        states.append((model.state_dict(), res.history))
+    (a, hist_a), (b, hist_b) = states
+    assert hist_a == hist_b
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _traced_peak(fn) -> int:
+    """Peak bytes numpy allocated while `fn` ran (numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_streaming_fit_and_predict_copy_no_whole_split(tmp_path: Path) -> None:
+    split = _on_disk(tmp_path, 6000, size=28)  # 4.7 MB of images
+    whole = split.x.nbytes
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 5)
+    cfg = TrainConfig(epochs=1, batch_size=64, steps_per_epoch=20, augment=True,
+                      max_in_memory_mb=0, num_workers=0)  # fmt: skip
+
+    def train() -> None:
+        fit(model, ArrayBatches(split.x, split.y, 64, steps_per_epoch=20), cfg, mean=[0.5],
+            std=[0.25], val=(split.x, split.y))  # fmt: skip
+
+    def infer() -> None:
+        predict(model, split.x, [0.5], [0.25], batch_size=256)
+
+    assert _traced_peak(train) < whole / 10  # batches of 64 rows, not the split
+    logits = 6000 * 5 * 4  # the result itself
+    assert _traced_peak(infer) < logits + whole / 10
+
+
+def test_the_threshold_picks_the_route(tmp_path: Path) -> None:
+    x = _on_disk(tmp_path, 100).x  # 25.6 kB
+    small = Feed(ArrayBatches(x, np.zeros(100), 10), Transform(False, 0, (0.0,), (1.0,)), CPU, 1)
+    big = Feed(ArrayBatches(x, np.zeros(100), 10), Transform(False, 0, (0.0,), (1.0,)), CPU, 0.01)
+    assert not small.streaming and isinstance(small.train.x, torch.Tensor)
+    assert big.streaming and isinstance(big.train.x, np.memmap)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+
+def _bench(script: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / script), "--quick", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_gpu_loader_benchmark_runs_on_a_cpu_at_a_tiny_size() -> None:
+    out = _bench("gpu_loader.py", "--device", "cpu")
+    assert "loader throughput tlpipe/on-device = " in out.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_data_scale_benchmark_quick(tmp_path: Path) -> None:
+    out = _bench("data_scale.py", "--work", str(tmp_path))
+    assert out.splitlines()[-1].startswith("peak RSS ratio 100k/2k = ")
+    assert "loader throughput tlpipe/torchvision = " in out.splitlines()[-1]
