@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # One image for every tlpipe pipeline step, CPU or CUDA, plus a small MLflow
 # tracking-server image resolved from the same dependency lock.
 #
@@ -7,15 +5,24 @@
 #   docker build --build-arg VARIANT=cuda -t tlpipe:0.1.0-cuda .
 #   docker build --target mlflow-server   -t tlpipe-mlflow:0.1.0 .
 #
+# Built with BuildKit (DOCKER_BUILDKIT=1 on dockerd 20.10) and no `# syntax=` line, so no
+# frontend is fetched from a registry. Where Docker Hub is out of reach, pass another base with
+# the same layout (`python` on PATH, venv support): `--build-arg BASE_IMAGE=...`
+# (containers/base.sh makes one with debootstrap). A private package index goes in as build
+# secrets, never into a layer: `--secret id=pip.conf,src=FILE` is mounted as /etc/pip.conf for
+# the pip steps only, and `--secret id=ca.crt,src=FILE` as /run/secrets/ca.crt (for pip.conf's
+# `cert`). An empty TORCH_CPU_INDEX takes torch from that configured index instead.
+#
 # KFP lightweight components run `sh -c "... python3 -m kfp.dsl.executor_main ..."`
 # in this image, so `python3` on PATH must import tlpipe and kfp, and the image sets
 # no ENTRYPOINT (an ENTRYPOINT would swallow that command as arguments).
 # Base images are pinned by tag; pin them by digest too in your registry mirror.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # ---------------------------------------------------------------------------
 # builder: a venv with tlpipe[pipeline]; torch from the CPU index or default CUDA wheels
 # ---------------------------------------------------------------------------
-FROM python:3.11.13-slim-bookworm AS builder
+FROM ${BASE_IMAGE} AS builder
 
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.14.1
@@ -33,41 +40,57 @@ RUN python -m venv /opt/venv
 
 # 1) torch first: the largest layer, and it only changes with VARIANT or the pins.
 #    The CPU index serves torch==2.14.1+cpu, which satisfies pyproject's torch==2.14.1.
+# hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=ca.crt \
     case "${VARIANT}" in \
-      cpu)  pip install --index-url "${TORCH_CPU_INDEX}" \
+      cpu)  pip install ${TORCH_CPU_INDEX:+--index-url "${TORCH_CPU_INDEX}"} \
               "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" ;; \
       cuda) pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" ;; \
       *)    echo "VARIANT must be 'cpu' or 'cuda', got '${VARIANT}'" >&2; exit 1 ;; \
     esac
 
-# 2) tlpipe with the `pipeline` extra (torch is already satisfied, so it is kept).
-#    boto3 lets pods use the S3 credentials of Secret tlpipe-secrets directly.
-#    CUDA: swap onnxruntime for onnxruntime-gpu of the same version (both provide the
-#    `onnxruntime` module, so only one may be installed); its [cuda,cudnn] extras match
-#    the CUDA 13 wheels that torch 2.14 already pulls in.
+# 2) the dependencies of tlpipe[pipeline] (torch is already satisfied, so it is kept), from
+#    pyproject.toml alone: a change under src/ does not re-run this step (nor invalidate the
+#    lock that the mlflow-server stage reads). boto3 lets pods use the S3 credentials of Secret
+#    tlpipe-secrets directly. CUDA: swap onnxruntime for onnxruntime-gpu of the same version
+#    (both provide the `onnxruntime` module, so only one may be installed); its [cuda,cudnn]
+#    extras match the CUDA 13 wheels that torch 2.14 already pulls in.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY src ./src
 # The local project ".[pipeline]" is pinned by pyproject.toml, which hadolint cannot see.
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install ".[pipeline]" "boto3==${BOTO3_VERSION}" \
+    --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=ca.crt \
+    mkdir -p src/tlpipe && touch src/tlpipe/__init__.py \
+    && pip install ".[pipeline]" "boto3==${BOTO3_VERSION}" \
     && if [ "${VARIANT}" = "cuda" ]; then \
          ort_version="$(pip show onnxruntime | sed -n 's/^Version: //p')" \
          && pip uninstall -y onnxruntime \
          && pip install "onnxruntime-gpu[cuda,cudnn]==${ort_version}"; \
        fi \
+    && pip freeze --exclude tlpipe > /opt/venv/requirements.lock \
+    && rm -rf src build ./*.egg-info
+
+# 3) tlpipe itself: seconds, and the only step a source change re-runs.
+COPY src ./src
+# hadolint ignore=DL3013
+RUN pip install --no-deps --no-cache-dir --no-build-isolation . \
     && python -c "import tlpipe, kfp, kfp.kubernetes, torch, torchvision, onnxruntime, mlflow" \
-    && pip freeze --exclude tlpipe > /opt/venv/requirements.lock
+    && rm -rf build ./*.egg-info
 
 # ---------------------------------------------------------------------------
-# mlflow-server: tracking server with the Postgres driver and S3 client, same mlflow
-# version as the pipeline image (constrained by the builder's lock).
+# mlflow-server: tracking server with the Postgres driver, the S3 client and the basic-auth
+# app's Flask-WTF, same mlflow version as the pipeline image (constrained by the builder's
+# lock). SQLAlchemy 2.1 maps `postgresql://` to psycopg 3, so that is the driver installed
+# (with only psycopg2 the server exits at start: "No module named 'psycopg'").
 # ---------------------------------------------------------------------------
-FROM python:3.11.13-slim-bookworm AS mlflow-server
+FROM ${BASE_IMAGE} AS mlflow-server
 
-ARG PSYCOPG2_VERSION=2.9.10
+ARG PSYCOPG_VERSION=3.3.9
+ARG FLASK_WTF_VERSION=1.2.2
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -80,9 +103,12 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY --from=builder /opt/venv/requirements.lock /tmp/requirements.lock
 # mlflow and boto3 versions come from the builder's lock (--constraint).
 RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=ca.crt \
     python -m venv /opt/mlflow \
     && pip install --constraint /tmp/requirements.lock \
-         mlflow boto3 "psycopg2-binary==${PSYCOPG2_VERSION}" \
+         mlflow boto3 "psycopg[binary]==${PSYCOPG_VERSION}" "Flask-WTF==${FLASK_WTF_VERSION}" \
+    && python -c "import mlflow, boto3, psycopg, flask_wtf, sqlalchemy.dialects.postgresql" \
     && rm /tmp/requirements.lock \
     && groupadd --system --gid 10001 mlflow \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
@@ -95,7 +121,7 @@ CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
 # ---------------------------------------------------------------------------
 # runtime (default target): the pipeline image
 # ---------------------------------------------------------------------------
-FROM python:3.11.13-slim-bookworm AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 ARG VARIANT=cpu
 ARG VERSION=0.1.0

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-slow format bench clean data pipeline pipeline-local
+.PHONY: run test test-slow test-containers format bench clean data pipeline pipeline-local
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 ## test-slow: the long tests (full-size end-to-end)
 test-slow: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -m slow
+
+## test-containers: build the images, run the DAG in containers against MLflow+Postgres+S3
+test-containers: $(STAMP)
+	BIN=$(BIN) bash containers/test.sh
 
 ## pipeline: compile the Kubeflow pipeline (commit pipelines/transfer_learning.yaml)
 pipeline: $(STAMP)

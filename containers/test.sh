@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make test-containers`: the real stack in containers, on this machine.
+#   1. Debian packages: dockerd + runc, debootstrap, PostgreSQL, Fashion-MNIST
+#   2. a private dockerd (containers/dockerd.sh; stopped at the end, its data root kept as
+#      the layer cache: $TLPIPE_DOCKER_DIR, default /var/lib/tlpipe-docker)
+#   3. the base image (official, or debootstrap), the tlpipe and mlflow-server images
+#   4. pytest -m containers (tests/test_containers.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-.venv/bin}"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=""
+  for pkg in docker.io runc debootstrap postgresql dataset-fashion-mnist; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+  done
+  if [ -n "$need" ]; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null
+  fi
+fi
+"$BIN/python" -m pip install -q -e '.[containers]' 2>&1 | grep -v "is ignored" || true
+
+: "${TLPIPE_DOCKER_DIR:=/var/lib/tlpipe-docker}"
+export TLPIPE_DOCKER_DIR TLPIPE_DOCKER_SOCK="$TLPIPE_DOCKER_DIR/docker.sock"
+export DOCKER_HOST="unix://$TLPIPE_DOCKER_SOCK"
+containers/dockerd.sh start
+trap 'containers/dockerd.sh stop' EXIT
+
+start=$SECONDS
+nice -n 10 containers/build.sh
+echo "test-containers: images built in $((SECONDS - start)) s;" \
+  "engine data $(du -sh "$TLPIPE_DOCKER_DIR/root" 2>/dev/null | cut -f1)"
+PATH="$PWD/$BIN:$PATH" "$BIN/pytest" -q -m containers tests/test_containers.py
