@@ -120,14 +120,12 @@ def champion_manifest(model_name: str) -> tuple[dict[str, Any] | None, str | Non
     from mlflow.exceptions import MlflowException
 
     from tlpipe import tracking
+    from tlpipe.steps.register import champion_version
 
     client = tracking.connect()  # the registry the pipeline registers into
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException as e:
-        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-            return None, None
-        raise
+    version = champion_version(client, model_name)
+    if version is None:
+        return None, None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(

@@ -34,10 +34,11 @@ from typing import Any
 
 from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
-from tlpipe.fsio import read_json, sha256_file, write_json
+from tlpipe.fsio import sha256_file, write_json
 from tlpipe.paired import Paired
 from tlpipe.params import RegisterConfig
 from tlpipe.steps import StepResult
+from tlpipe.steps.export import read_parity
 
 CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "pending"
 _EPS = 1e-9  # accuracies are ratios of counts; float noise must not decide a tie
@@ -131,7 +132,7 @@ def precheck(export_dir: Path, cfg: RegisterConfig) -> Decision:
     The Kubeflow DAG registers only a model that passes it (`dsl.If` on the gate task); `run`
     then decides champion vs challenger against the registry.
     """
-    parity = _read_parity(Path(export_dir))
+    parity = read_parity(Path(export_dir))
     acc = float(parity["fp32"]["accuracy"])
     new = Candidate("new", acc, parity["test_sha256"], bool(parity["passed"]))
     decision = decide(new, None, cfg)
@@ -155,7 +156,7 @@ def run(
         decision_path: gets the outcome as JSON (version, alias, promoted, reason).
     """
     export_dir = Path(export_dir)
-    parity = _read_parity(export_dir)
+    parity = read_parity(export_dir)
     onnx_files = [export_dir / "model.onnx", export_dir / "model.int8.onnx"]
     for path in onnx_files:
         if not path.exists():
@@ -301,17 +302,30 @@ def _versions(client: Any, model_name: str) -> dict[str, Any]:
     return {str(v.version): v for v in found}
 
 
-def _champion(client: Any, model_name: str) -> Candidate | None:
-    """The current champion (tags it lacks read as unknown, so it compares as different)."""
+def champion_version(client: Any, model_name: str) -> Any | None:
+    """The model version alias `champion` points at; None if there is none.
+
+    The model is looked up by search first: with MLflow's auth app an alias lookup on a model
+    that does not exist yet answers 403, not "not found".
+    """
     from mlflow.exceptions import MlflowException
 
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+        return None
     try:
-        v = client.get_model_version_by_alias(model_name, CHAMPION)
+        return client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException as e:
         # "alias not found"; anything else (server trouble) must not read as "no champion"
         if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
             return None
         raise
+
+
+def _champion(client: Any, model_name: str) -> Candidate | None:
+    """The current champion (tags it lacks read as unknown, so it compares as different)."""
+    v = champion_version(client, model_name)
+    if v is None:
+        return None
     return _candidate(v) or Candidate(str(v.version), math.nan, "", False)
 
 
@@ -323,20 +337,6 @@ def _candidate(v: Any) -> Candidate | None:
                          v.tags["parity_passed"] == "true", Paired.from_tags(v.tags))  # fmt: skip
     except (KeyError, ValueError):
         return None
-
-
-def _read_parity(export_dir: Path) -> dict[str, Any]:
-    path = export_dir / "parity.json"
-    parity = read_json(path)
-    try:
-        float(parity["fp32"]["accuracy"])
-        if not isinstance(parity["passed"], bool) or not parity["test_sha256"]:
-            raise ValueError
-    except (KeyError, TypeError, ValueError) as e:
-        raise TlpipeError(
-            f"{path} lacks passed / fp32.accuracy / test_sha256: re-run `tlpipe export`"
-        ) from e
-    return parity
 
 
 def _score_champion(name: str, export_dir: Path, prepared_dir: Path) -> Paired | None:
