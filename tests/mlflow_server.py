@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         stop_server(proc)
+
+
+@pytest.fixture
+def server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """`mlflow_server`, set as this test's tracking URI, with a fresh experiment, no parent run
+    and `tmp_path` as the working directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("TLPIPE_EXPERIMENT", f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv("TLPIPE_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return mlflow_server
 
 
 def start_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:

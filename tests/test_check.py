@@ -53,15 +53,6 @@ def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: P
     ]
 
 
-@pytest.fixture
-def server(mlflow_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("TLPIPE_EXPERIMENT", f"check-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv("TLPIPE_PARENT_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return mlflow_server
-
-
 def test_check_against_the_champion_stops_on_a_vanished_class(
     server, tiny_prepared: Path, make_prepared, tmp_path: Path
 ) -> None:

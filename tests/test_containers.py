@@ -31,7 +31,7 @@ from containers_stack import (
     postgres,
     s3_server,
 )
-from test_kfp import ALL_TASKS, FMNIST, STEP_RUNS, STRATEGIES, _check_artifacts, _steps_run
+from test_kfp import ALL_TASKS, FMNIST, STEP_RUNS, _check_artifacts, _steps_run, tiny_scenario
 
 from tlpipe.errors import TlpipeError
 
@@ -150,18 +150,7 @@ def package(tmp_path_factory) -> Path:
 
 def _scenario(**overrides) -> dict:
     """test_kfp's tiny scenario on Fashion-MNIST."""
-    short = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "augment": False}
-    return {
-        "fetch": {"sources": [str(FMNIST)]},
-        "prepare": {"max_source_per_class": 100, "max_test_per_class": 30, "seed": 0},
-        "pretrain": {"train": {"epochs": 1, "batch_size": 64}},
-        "finetune": {"train": short, "probe": short},
-        "match": {"plots": False},
-        "evaluate": {"plots": True},
-        "export": {"calibration_images": 32},
-        "register": {"accuracy_floor": 0.0},
-        "strategies": STRATEGIES,
-    } | overrides
+    return tiny_scenario({"sources": [str(FMNIST)]}) | overrides
 
 
 def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> Path:

@@ -71,15 +71,6 @@ def test_a_comparison_with_another_champion_is_not_used() -> None:
 # --- the registry, for real ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(mlflow_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("TLPIPE_EXPERIMENT", f"paired-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv("TLPIPE_PARENT_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return mlflow_server
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_prepared: Path, tmp_path_factory) -> Path:
     """A scratch model that learned the tiny target task."""

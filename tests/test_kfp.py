@@ -238,19 +238,17 @@ def test_the_package_never_imports_the_repository_folders() -> None:
 STRATEGIES = ["linear_probe", "lp_ft"]
 
 
-def _scenario(tmp_path: Path) -> Path:
-    """params.yaml of a tiny scenario: real Fashion-MNIST if installed, else synthetic IDX."""
-    if FMNIST.is_dir():
-        data = {"fetch": {"sources": [str(FMNIST)]}, "prepare": {}}
-    else:
-        raw = write_idx_dataset(tmp_path / "raw_src", 30, 10)
-        data = {
-            "fetch": {"dataset": "synthetic", "sources": [str(raw)]},
-            "prepare": {"dataset": "synthetic"},
-        }
-    data["prepare"] |= {"max_source_per_class": 100, "max_test_per_class": 30, "seed": 0}
+def tiny_scenario(fetch: dict, prepare: dict | None = None) -> dict:
+    """The params of a tiny scenario (a minute of training) on the data `fetch` names."""
     short = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "augment": False}
-    data |= {
+    return {
+        "fetch": fetch,
+        "prepare": {
+            **(prepare or {}),
+            "max_source_per_class": 100,
+            "max_test_per_class": 30,
+            "seed": 0,
+        },  # fmt: skip
         "pretrain": {"train": {"epochs": 1, "batch_size": 64}},
         "finetune": {"train": short, "probe": short},
         "match": {"plots": False},
@@ -259,6 +257,16 @@ def _scenario(tmp_path: Path) -> Path:
         "register": {"accuracy_floor": 0.0},
         "strategies": STRATEGIES,
     }
+
+
+def _scenario(tmp_path: Path) -> Path:
+    """params.yaml of a tiny scenario: real Fashion-MNIST if installed, else synthetic IDX."""
+    if FMNIST.is_dir():
+        data = tiny_scenario({"sources": [str(FMNIST)]})
+    else:
+        raw = write_idx_dataset(tmp_path / "raw_src", 30, 10)
+        data = tiny_scenario({"dataset": "synthetic", "sources": [str(raw)]},
+                             {"dataset": "synthetic"})  # fmt: skip
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -67,16 +67,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(path, net, meta)
 
 
-@pytest.fixture
-def server(mlflow_server, monkeypatch, tmp_path):
-    """Point mlflow at the server, with a fresh experiment and no parent run."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("TLPIPE_EXPERIMENT", f"register-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv("TLPIPE_PARENT_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return mlflow_server
-
-
 def make_export(root: Path, accuracy: float, passed: bool = True, test_sha: str = "t1") -> Path:
     """An export/ dir: register only logs the ONNX files, so any bytes will do."""
     root.mkdir(parents=True)
