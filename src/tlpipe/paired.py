@@ -11,7 +11,7 @@ to the new model's, and the gate reads the paired result:
 - the largest drop in per-class recall, so a model that wins on average but loses one class
   badly is not promoted.
 
-numpy and onnxruntime only (no torch): the same code could run on an edge device.
+numpy and onnxruntime only (no torch): models are scored through the edge runtime.
 """
 
 from __future__ import annotations
@@ -124,30 +124,19 @@ def mcnemar_p(n01: int, n10: int) -> float:
 def onnx_labels(path: Path, x: np.ndarray, classes: list[str], batch_size: int = 256) -> np.ndarray:
     """Predicted labels of an exported tlpipe ONNX file for uint8 images (N, C, H, W).
 
-    The file's own metadata says how to normalise (mean, std) and what it reads (input
-    shape): a champion trained on older data is scored exactly as it would serve.
+    Scored through the edge runtime (`tlpipe.edge.model.EdgeModel`): the file's own metadata
+    says how to normalise and what it reads, so a champion trained on older data is scored
+    exactly as it serves on a device.
     """
-    import onnxruntime as ort
-
+    from tlpipe.edge.model import EdgeModel
     from tlpipe.errors import TlpipeError
 
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own, unrelated types)
-        raise TlpipeError(f"{path} is not a loadable ONNX model ({e})") from e
-    meta = sess.get_modelmeta().custom_metadata_map
-    try:
-        mean = np.asarray(json.loads(meta["mean"]), np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(json.loads(meta["std"]), np.float32).reshape(1, -1, 1, 1)
-    except (KeyError, ValueError) as e:
-        raise TlpipeError(f"{path} lacks tlpipe's mean/std metadata: not a tlpipe export") from e
-    if json.loads(meta.get("classes", "[]")) != list(classes):
-        raise TlpipeError(f"{path} predicts {meta.get('classes')}, not the classes {classes}")
-    expected = sess.get_inputs()[0].shape[1:]
-    if list(expected) != list(x.shape[1:]):
-        raise TlpipeError(f"{path} reads images of shape {expected}, the data is {x.shape[1:]}")
-    labels = []
-    for i in range(0, len(x), batch_size):
-        xb = (x[i : i + batch_size].astype(np.float32) / 255.0 - mean) / std
-        labels.append(sess.run(None, {sess.get_inputs()[0].name: xb})[0].argmax(1))
+    model = EdgeModel(path, provider="cpu")
+    if model.classes != list(classes):
+        raise TlpipeError(f"{path} predicts {model.classes}, not the classes {list(classes)}")
+    if model.input_shape != tuple(x.shape[1:]):
+        raise TlpipeError(f"{path} reads images of shape {model.input_shape}, the data is "
+                          f"{tuple(x.shape[1:])}")  # fmt: skip
+    labels = [model.logits(model.preprocess(np.asarray(x[i : i + batch_size]))).argmax(1)
+              for i in range(0, len(x), batch_size)]  # fmt: skip
     return np.concatenate(labels) if labels else np.zeros(0, np.int64)
