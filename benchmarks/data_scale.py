@@ -65,16 +65,24 @@ def generate(root: Path, n: int, size: int) -> Path:
 
 
 def task_prepare(raw: str, out: str, size: int) -> dict:
-    from tlpipe import config
+    from tlpipe import config, fsio
     from tlpipe.params import PrepareConfig
     from tlpipe.steps import prepare
 
-    values = {"dataset": "scale", "format": "imagefolder", "source_classes": list(range(SOURCE)),
-              "target_classes": list(range(SOURCE, N_CLASSES)), "k": 5, "val_per_class": 5,
-              "max_source_per_class": None, "channels": 3, "input_size": size}  # fmt: skip
+    values = {"source": {"classes": list(range(SOURCE)), "max_per_class": None},
+              "target": {"classes": list(range(SOURCE, N_CLASSES)), "k": 5, "val_per_class": 5},
+              "channels": 3, "input_size": size}  # fmt: skip
     cfg = config.build(PrepareConfig, values, where="prepare.")
+    # fetch's layout without copying the JPEGs (fetch is not what is measured): one dataset,
+    # split by class, data/raw/source a link to the generated folder
+    layout = Path(out).with_name(Path(out).name + "-raw")
+    if not layout.exists():
+        layout.mkdir()
+        (layout / "source").symlink_to(Path(raw).resolve())
+        fsio.write_json(layout / "source.json", {"dataset": "scale", "format": "imagefolder"})
+        fsio.write_json(layout / "target.json", {"same_as": "source"})
     start = time.perf_counter()
-    prepare.run(Path(raw), Path(out), cfg)
+    prepare.run(layout, Path(out), cfg)
     images = sum(1 for _ in Path(raw).rglob("*.jpg"))
     return {"images": images, "seconds": time.perf_counter() - start}
 

@@ -16,7 +16,7 @@ test: the presets' settings were picked on target-validation accuracy of separat
 Then, on the mixed-source embeddings (seed 0): selection precision and time of our matchers
 beside skada's reweighting estimators (`pip install skada`, the `bench` extra) on the same
 embeddings, KMM at 5 000 source samples; and the time to weight the full-size source
-(max_source_per_class: null, 28 500 images), embedding timed separately.
+(prepare.source.max_per_class: null, about 28 500 images), embedding timed separately.
 
 Everything is cached under --work (default /tmp/tlpipe-matching-bench): a re-run skips what
 is done, so scenarios and seeds can run as separate processes (`--scenarios default`,
@@ -71,7 +71,7 @@ def section(params: dict, name: str, over: dict) -> dict:
 
 def prepared_and_model(work: Path, params: dict, seed: int, args) -> tuple[Path, Path]:
     """Prepare + pretrain one (scenario, seed), cached."""
-    prep_over = {"seed": seed} | ({"max_source_per_class": 300} if args.quick else {})
+    prep_over = {"seed": seed} | ({"source": {"max_per_class": 300}} if args.quick else {})
     prepared, model = work / "prepared", work / "source.pt"
     if not prepared.exists():
         cfg = resolve(section(params, "prepare", prep_over))["prepare"]
@@ -272,7 +272,7 @@ def full_size_timing(params: dict, model: Path, args) -> str:
     work = args.work / "mixed-source-full"
     prepared = work / "prepared"
     if not prepared.exists():
-        over = {"max_source_per_class": None, "seed": 0}
+        over = {"source": {"max_per_class": None}, "seed": 0}
         cfg = resolve(section(params, "prepare", over))["prepare"]
         prepare.run(args.raw, prepared, cfg)
     mcfg = resolve(params)["match"]

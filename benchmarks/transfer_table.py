@@ -71,9 +71,9 @@ def main() -> None:
     for k in args.ks:
         for seed in args.seeds:
             prep = work / f"prep-k{k}-s{seed}"
-            prepare.run(
-                raw, prep, build(prepare.PrepareConfig, {**params["prepare"], "k": k, "seed": seed})
-            )
+            over = [f"prepare.target.k={k}", "prepare.target.val_per_class=5",
+                    f"prepare.seed={seed}"]  # fmt: skip
+            prepare.run(raw, prep, resolve(params, over)["prepare"])
             assert (
                 load_manifest(prep)["source_classes"]
                 == load_manifest(work / "prep-source")["source_classes"]

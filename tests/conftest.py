@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tlpipe import config
-from tlpipe.scenario import ShiftOp
-from tlpipe.steps import prepare
+from tlpipe.params import DataSpec, ShiftOp, TargetSplit
+from tlpipe.steps import fetch, prepare
 
 pytest_plugins = ["mlflow_server"]  # the real `mlflow server` fixture (tests/mlflow_server.py)
 
@@ -101,20 +101,48 @@ def imagefolder_dir(tmp_path: Path) -> Path:
     return write_imagefolder(tmp_path / "raw_folder")
 
 
+def fetched(
+    raw_out: Path, target: Path, fmt: str, source: Path | None | str = "same", source_fmt="idx"
+) -> Path:
+    """Run the real fetch on local data: `target` (and `source`, in `source_fmt`; "same" = one
+    dataset split by class, None = no source dataset) → `raw_out`, the layout prepare reads."""
+    tgt = {"dataset": "mine", "format": fmt, "sources": [str(target)]}
+    src = tgt if source == "same" else None
+    if isinstance(source, Path):
+        src = {"dataset": "theirs", "format": source_fmt, "sources": [str(source)]}
+    cfg = config.resolve({"fetch": {"source": src, "target": tgt}})["fetch"]
+    fetch.run(cfg, raw_out)
+    return raw_out
+
+
+def mine(sources, sha256: str | None = None, fmt: str = "npz", **kw) -> fetch.FetchConfig:
+    """fetch's config for one dataset of your own (the target; no source dataset)."""
+    spec = DataSpec("mine", fmt, tuple(sources), sha256)
+    return fetch.FetchConfig(source=None, target=spec, **kw)
+
+
+def fmnist(sources=(), sha256: str | None = None, **kw) -> fetch.FetchConfig:
+    """fetch's config for Fashion-MNIST from `sources`, split by class (the benchmark)."""
+    spec = DataSpec(sources=tuple(sources), sha256=sha256)
+    return fetch.FetchConfig(source=spec, target=spec, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session-wide tiny IDX dataset: 10 classes, 30 train and 10 test 28x28 images each."""
+    """A session-wide tiny IDX dataset, fetched: 10 classes, 30 train and 10 test 28x28 images
+    each, source and target the same dataset (split by class)."""
     root = tmp_path_factory.mktemp("tiny_raw")
-    return write_idx_dataset(root, TINY_TRAIN_PER_CLASS, TINY_TEST_PER_CLASS)
+    idx = write_idx_dataset(root / "idx", TINY_TRAIN_PER_CLASS, TINY_TEST_PER_CLASS)
+    return fetched(root / "raw", idx, "idx")
 
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared dir from the real prepare step on `tiny_raw` (do not modify it).
 
-    Source classes 0-4 (140 source + 10 source_val images), target classes 5-9 with k=5 and
-    val_per_class=5 (25 + 25 images) and 50 test images; the target is inverted and 25% of the
-    source images are too (`shifted` marks them).
+    Source classes 0-4 (about 140 source + 10 source_val images), target classes 5-9 with k=5
+    and val_per_class=5 (25 + 25 images) and 50 test images; the target is inverted and about
+    25% of the source images are too (`shifted` marks them).
     """
     cfg = _tiny_config()
     out = tmp_path_factory.mktemp("tiny_prepared") / "prepared"
@@ -127,7 +155,10 @@ def make_prepared(tiny_raw: Path, tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_prepared(**overrides)`` runs prepare on `tiny_raw` with config overrides."""
 
     def _make(**overrides) -> Path:
-        values = {**config.to_dict(_tiny_config()), **overrides}
+        base = config.to_dict(_tiny_config())
+        values = {**base, **overrides}
+        for side in ("source", "target"):  # a partial side fills in the tiny config's
+            values[side] = {**base[side], **overrides.get(side, {})}
         cfg = config.build(prepare.PrepareConfig, values)
         out = tmp_path / f"prepared_{len(list(tmp_path.glob('prepared_*')))}"
         prepare.run(tiny_raw, out, cfg)
@@ -137,4 +168,9 @@ def make_prepared(tiny_raw: Path, tmp_path: Path) -> Callable[..., Path]:
 
 
 def _tiny_config() -> prepare.PrepareConfig:
-    return prepare.PrepareConfig(shift=(ShiftOp("invert"),), source_shift_fraction=0.25, seed=0)
+    return prepare.PrepareConfig(
+        target=TargetSplit(classes=(5, 6, 7, 8, 9), k=5, val_per_class=5, val_fraction=0.5),
+        shift=(ShiftOp("invert"),),
+        source_shift_fraction=0.25,
+        seed=0,
+    )

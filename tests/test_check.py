@@ -28,13 +28,21 @@ def test_compare_names_vanished_new_and_relabelled_classes(tiny_prepared: Path) 
     assert found["label_set_changed"]
 
     chosen = copy.deepcopy(fewer)  # the user changed the target classes on purpose
-    chosen["scenario"]["target_classes"] = chosen["scenario"]["target_classes"][:-1]
+    chosen["scenario"]["target"]["classes"] = chosen["scenario"]["target"]["classes"][:-1]
     found = check.compare(old, chosen)["findings"]
     assert not found["vanished_class"] and not found["label_set_changed"]
 
     grey = copy.deepcopy(old)
     grey["input_shape"] = [3, 28, 28]
     assert check.compare(old, grey)["findings"]["input_shape_changed"]
+    assert not same["findings"]["image_size_changed"]
+    photos = copy.deepcopy(old)  # the same classes, shot with another camera
+    size = [640, 480]
+    photos["image_sizes"]["target"] = {"min": size, "median": size, "max": size,
+                                       "commonest": [["640x480", 100]]}  # fmt: skip
+    report = check.compare(old, photos)
+    assert report["findings"]["image_size_changed"]
+    assert report["drift"]["image_sizes"]["now"]["median"] == [640, 480]
 
 
 def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: Path) -> None:
@@ -75,11 +83,9 @@ def test_check_against_the_champion_stops_on_a_vanished_class(
     same = check.run(tiny_prepared, tmp_path / "c1", CheckConfig(), name)
     assert same.failures == () and f"champion v{result.version}" in same.summary
     # the same settings, but the data now lacks class 9: the run stops before training
-    lost = make_prepared(target_classes=[5, 6, 7, 8])
-    manifest = load_manifest(lost)
-    manifest["scenario"]["target_classes"] = load_manifest(tiny_prepared)["scenario"][
-        "target_classes"
-    ]
+    lost = make_prepared(target={"classes": [5, 6, 7, 8]})
+    manifest = load_manifest(lost)  # as if class 9's images were gone (the config unchanged)
+    manifest["scenario"]["target"]["classes"] = [5, 6, 7, 8, 9]
     (lost / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         TlpipeError, match=r"data check failed against champion v\d+ .*vanished_class"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_patterns, write_idx, write_idx_dataset
+from conftest import fmnist, make_patterns, mine, write_idx, write_idx_dataset
 
 from tlpipe import download
 from tlpipe.data import DATASETS, load_manifest, load_split
@@ -65,9 +65,10 @@ def test_read_idx_damaged_gzip(tmp_path: Path) -> None:
 def test_read_raw_idx_gz_and_raw_agree(tmp_path: Path) -> None:
     a = read_raw(write_idx_dataset(tmp_path / "a", gz=True), "idx", "fashion-mnist")
     b = read_raw(write_idx_dataset(tmp_path / "b", gz=False), "idx", "fashion-mnist")
-    assert a.train_x.shape == (80, 1, 28, 28) and a.test_x.shape == (40, 1, 28, 28)
-    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
-    assert a.train_y.dtype == np.int64 and a.classes == DATASETS["fashion-mnist"].classes
+    assert a.x.shape == (120, 1, 28, 28) and a.test.sum() == 40 and not a.test[:80].any()
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) and np.array_equal(a.keys, b.keys)
+    assert a.y.dtype == np.int64 and a.classes == DATASETS["fashion-mnist"].classes
+    assert len(set(a.keys.tolist())) == 120 and a.sizes.tolist()[0] == [28, 28]
 
 
 def test_read_raw_idx_count_mismatch(idx_dir: Path) -> None:
@@ -78,7 +79,7 @@ def test_read_raw_idx_count_mismatch(idx_dir: Path) -> None:
 
 def test_read_raw_idx_label_out_of_range(idx_dir: Path) -> None:
     write_idx(idx_dir / "t10k-labels-idx1-ubyte.gz", np.full(40, 10, np.uint8))
-    with pytest.raises(TlpipeError, match="test label 10 out of range.*10 classes"):
+    with pytest.raises(TlpipeError, match="label 10 out of range.*10 classes"):
         read_raw(idx_dir, "idx", "fashion-mnist")
 
 
@@ -101,10 +102,11 @@ def test_read_imagefolder(imagefolder_dir: Path, channels: int) -> None:
     (imagefolder_dir / "train" / "cat" / ".DS_Store").write_bytes(b"junk")  # hidden: skipped
     raw = read_raw(imagefolder_dir, "imagefolder", channels=channels, size=16)
     assert raw.classes == ("cat", "dog", "fox")
-    assert raw.train_x.shape == (9, channels, 16, 16) and raw.train_x.dtype == np.uint8
-    assert raw.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert raw.x.shape == (18, channels, 16, 16) and raw.x.dtype == np.uint8
+    assert raw.y[~raw.test].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and raw.test.sum() == 9
+    assert raw.sizes[:3].tolist() == [[30, 20], [30, 27], [30, 34]]  # as stored
     if channels == 3:  # the class colour survives resizing: channel c is brightest for class c
-        first_rgb = raw.train_x[0].reshape(3, -1).mean(axis=1)
+        first_rgb = raw.x[0].reshape(3, -1).mean(axis=1)
         assert first_rgb.argmax() == 0
 
 
@@ -126,7 +128,7 @@ def test_read_imagefolder_needs_size_and_known_classes(imagefolder_dir: Path) ->
     with pytest.raises(TlpipeError, match="set prepare.input_size"):
         read_raw(imagefolder_dir, "imagefolder")
     (imagefolder_dir / "test" / "owl").mkdir()
-    with pytest.raises(TlpipeError, match=r"class folder\(s\) \['owl'\] are not in train"):
+    with pytest.raises(TlpipeError, match=r"class folder\(s\) \['owl'\] are not in the train"):
         read_raw(imagefolder_dir, "imagefolder", size=16)
 
 
@@ -146,8 +148,8 @@ def _write_npz_dataset(root: Path, nhwc: bool = False, **extra) -> Path:
 def test_read_npz(tmp_path: Path, nhwc: bool) -> None:
     raw = read_raw(_write_npz_dataset(tmp_path, nhwc), "npz")
     assert raw.classes == ("a", "b", "c")
-    assert raw.train_x.shape == ((18, 3, 28, 28) if nhwc else (18, 1, 28, 28))
-    assert raw.test_y.tolist() == [0, 1, 2] * 3
+    assert raw.x.shape == ((27, 3, 28, 28) if nhwc else (27, 1, 28, 28))
+    assert raw.y[raw.test].tolist() == [0, 1, 2] * 3
 
 
 def test_read_npz_errors(tmp_path: Path) -> None:
@@ -156,7 +158,7 @@ def test_read_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(TlpipeError, match="test.npz: 3 images but 2 labels"):
         read_raw(root, "npz")
     np.savez(root / "test.npz", x=np.zeros((1, 28, 28), np.uint8), y=np.array([3]))
-    with pytest.raises(TlpipeError, match="test label 3 out of range"):
+    with pytest.raises(TlpipeError, match="label 3 out of range"):
         read_raw(root, "npz")
     np.savez(root / "test.npz", x=np.zeros((1, 28, 28), np.float32), y=np.array([0]))
     with pytest.raises(TlpipeError, match="x must be uint8"):
@@ -222,17 +224,17 @@ def test_fetch_custom_url_with_sha256(http_server, tmp_path: Path) -> None:
     www, url = http_server
     (www / "data.npz").write_bytes(b"x" * 3_000_000)
     digest = hashlib.sha256(b"x" * 3_000_000).hexdigest()
-    cfg = fetch.FetchConfig(dataset="mine", sources=(f"{url}/data.npz",), sha256=digest)
+    cfg = mine((f"{url}/data.npz",), sha256=digest)
     result = fetch.run(cfg, tmp_path / "raw")
-    assert result.files == (tmp_path / "raw" / "data.npz",)
-    assert result.metrics["bytes"] == 3_000_000 and result.source == f"{url}/data.npz"
+    assert tmp_path / "raw" / "target" / "data.npz" in result.files and len(result.files) == 3
+    assert result.sources == {"target": f"{url}/data.npz"}
 
 
 def test_fetch_sha256_mismatch_leaves_nothing(http_server, tmp_path: Path) -> None:
     www, url = http_server
     (www / "data.npz").write_bytes(b"tampered")
     out = tmp_path / "out" / "raw"
-    cfg = fetch.FetchConfig(dataset="mine", sources=(f"{url}/data.npz",), sha256="ab" * 32)
+    cfg = mine((f"{url}/data.npz",), sha256="ab" * 32)
     with pytest.raises(TlpipeError, match="checksum mismatch for http.*data.npz"):
         fetch.run(cfg, out)
     assert not out.exists() and _leftovers(out.parent) == []
@@ -244,9 +246,9 @@ def test_fetch_known_dataset_mismatch(http_server, tmp_path: Path) -> None:
     write_idx_dataset(www)
     out = tmp_path / "raw"
     with pytest.raises(TlpipeError, match="checksum mismatch for train-images.*content sha256"):
-        fetch.run(fetch.FetchConfig(sources=(url,)), out)
+        fetch.run(fmnist((url,)), out)
     with pytest.raises(TlpipeError, match="checksum mismatch"):
-        fetch.run(fetch.FetchConfig(sources=(str(www),)), out)
+        fetch.run(fmnist((str(www),)), out)
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -257,12 +259,11 @@ def test_fetch_tries_sources_in_order(http_server, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/a.bin"
     sources = (str(tmp_path / "missing"), f"{url}/nothing.bin", dead, f"{url}/b.bin")
-    result = fetch.run(
-        fetch.FetchConfig(dataset="mine", sources=sources, timeout=5), tmp_path / "r"
-    )
-    assert result.source == f"{url}/b.bin" and (tmp_path / "r" / "b.bin").read_bytes() == b"b"
-    with pytest.raises(TlpipeError, match=r"(?s)could not fetch mine.*missing: no such.*404"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=sources[:2]), tmp_path / "r2")
+    result = fetch.run(mine(sources, timeout=5), tmp_path / "r")
+    assert result.sources["target"] == f"{url}/b.bin"
+    assert (tmp_path / "r" / "target" / "b.bin").read_bytes() == b"b"
+    with pytest.raises(TlpipeError, match=r"(?s)fetch fetch.target \(mine\).*missing: no.*404"):
+        fetch.run(mine(sources[:2]), tmp_path / "r2")
 
 
 def test_fetch_custom_local_dir_and_archives(http_server, tmp_path: Path) -> None:
@@ -271,9 +272,11 @@ def test_fetch_custom_local_dir_and_archives(http_server, tmp_path: Path) -> Non
     for split in ("train", "test"):
         (tree / split / "cat").mkdir(parents=True)
         (tree / split / "cat" / "a.png").write_bytes(split.encode())
-    local = fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(tree),)), tmp_path / "r1")
+    local = fetch.run(mine((str(tree),)), tmp_path / "r1")
     names = [p.relative_to(tmp_path / "r1").as_posix() for p in local.files]
-    assert names == ["test/cat/a.png", "train/cat/a.png"]
+    assert names == ["source.json", "target/test/cat/a.png", "target/train/cat/a.png",
+                     "target.json"]  # fmt: skip
+    names = [name.removeprefix("target/") for name in names[1:3]]
     with tarfile.open(www / "d.tar.gz", "w:gz") as t:
         t.add(tree, arcname="mydata")  # one top-level folder: lifted
     with zipfile.ZipFile(www / "d.zip", "w") as z:
@@ -281,16 +284,16 @@ def test_fetch_custom_local_dir_and_archives(http_server, tmp_path: Path) -> Non
             z.write(tree / name, name)
     for name in ("d.tar.gz", "d.zip"):
         out = tmp_path / name
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(f"{url}/{name}",)), out)
-        assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
-        assert (out / "train" / "cat" / "a.png").read_bytes() == b"train"
+        fetch.run(mine((f"{url}/{name}",)), out)
+        assert sorted(p.name for p in (out / "target").iterdir()) == ["test", "train"]
+        assert (out / "target" / "train" / "cat" / "a.png").read_bytes() == b"train"
 
 
 def test_fetch_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(TlpipeError, match="set fetch.sources"):
-        fetch.run(fetch.FetchConfig(dataset="mine"), tmp_path / "r")
+    with pytest.raises(TlpipeError, match="set fetch.target.sources"):
+        fetch.run(mine(()), tmp_path / "r")
     with pytest.raises(TlpipeError, match="fashion-mnist has known checksums"):
-        fetch.run(fetch.FetchConfig(sha256="ab" * 32), tmp_path / "r")
+        fetch.run(fmnist(sha256="ab" * 32), tmp_path / "r")
 
 
 def test_fetch_failure_keeps_previous_output(tmp_path: Path) -> None:
@@ -298,7 +301,7 @@ def test_fetch_failure_keeps_previous_output(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(TlpipeError):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(tmp_path / "nope"),)), out)
+        fetch.run(mine((str(tmp_path / "nope"),)), out)
     assert (out / "keep.txt").read_text() == "old"
 
 
@@ -308,10 +311,11 @@ def test_fetch_fashion_mnist_download_fallback(http_server, tmp_path: Path) -> N
     www, url = http_server
     for f in FMNIST_DIR.iterdir():
         shutil.copyfile(f, www / f.name)
-    cfg = fetch.FetchConfig(sources=(str(tmp_path / "not-installed"), url + "/"))
+    cfg = fmnist((str(tmp_path / "not-installed"), url + "/"))
     result = fetch.run(cfg, tmp_path / "raw")
-    assert result.source == url + "/"
-    assert sorted(p.name for p in result.files) == sorted(DATASETS["fashion-mnist"].files)
+    assert result.sources == {"source": url + "/"}
+    fetched = sorted(p.name for p in result.files if p.parent.name == "source")
+    assert fetched == sorted(DATASETS["fashion-mnist"].files)
 
 
 # ---------------------------------------------------------------------------- labels, folders
@@ -350,7 +354,7 @@ def test_an_empty_class_folder_is_refused(imagefolder_dir: Path, tmp_path: Path)
         read_raw(imagefolder_dir, "imagefolder", size=16)
     (imagefolder_dir / "train" / "bat" / ".DS_Store").unlink()
     out = tmp_path / "raw"
-    cfg = fetch.FetchConfig(dataset="mine", sources=(str(imagefolder_dir),))
+    cfg = mine((str(imagefolder_dir),))
     with pytest.raises(TlpipeError, match="folder train/bat is empty; DVC does not store empty"):
         fetch.run(cfg, out)  # refused at fetch already, before it reaches data/raw
     assert not out.exists()

@@ -19,7 +19,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # torch threads, lp_ft gained +10.4 to +21.4 points (with 300 source images per class and 2
 # epochs it ranged from -0.4 to +6.5: float noise from another CPU flipped the assert in CI).
 SMALL = {
-    "prepare": {"max_source_per_class": 1000, "max_test_per_class": 200},
+    "prepare": {"source": {"max_per_class": 1000}, "target": {"max_test_per_class": 200}},
     "pretrain": {"train": {"epochs": 3, "batch_size": 64}},
     "strategies": ["lp_ft"],
     "finetune": {"train": {"epochs": 6}, "probe": {"epochs": 4},

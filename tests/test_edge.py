@@ -153,7 +153,7 @@ def test_every_input_kind_gives_the_same_pixels(model_file, images):
 
     m = edge.EdgeModel(model_file)
     path = images / "white.png"
-    ref = load_image(path, 1, 8)  # the pipeline's own image loader
+    ref, _size = load_image(path, 1, 8)  # the pipeline's own image loader
     with Image.open(path) as img:
         pil = img.copy()
     hwc = np.asarray(pil)  # (20, 30, 3)

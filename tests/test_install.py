@@ -43,9 +43,11 @@ def test_installed_package_runs_steps_and_the_kubeflow_dag_outside_a_checkout(
     assert where.startswith(purelib), where  # the installed copy, not the checkout's src/
     assert "prepare" in run(str(bin_dir / "tlpipe"), "--help").stdout
 
-    raw = write_idx_dataset(tmp_path / "raw", 30, 10)
-    run(str(bin_dir / "tlpipe"), "prepare", "--raw", str(raw), "--out", "prepared",
-        "--set", "prepare.dataset=synthetic")  # fmt: skip
+    idx = write_idx_dataset(tmp_path / "idx", 30, 10)
+    spec = f"{{dataset: synthetic, format: idx, sources: [{idx}]}}"
+    run(str(bin_dir / "tlpipe"), "fetch", "--out", "raw", "--set", f"fetch.source={spec}",
+        "--set", f"fetch.target={spec}")  # fmt: skip
+    run(str(bin_dir / "tlpipe"), "prepare", "--raw", "raw", "--out", "prepared")
     assert (work / "prepared/manifest.json").is_file() and (work / "mlflow.db").is_file()
 
     missing = run(str(bin_dir / "tlpipe"), "pipeline", "run-local", check=False)

@@ -180,10 +180,10 @@ def test_every_strategy_trains_and_the_selected_model_ships(compiled) -> None:
 
 def test_arguments_are_checked_json_per_section() -> None:
     args = kfp_runtime.arguments(
-        {"prepare": {"k": 3}}, ["pretrain.train.epochs=2", "strategies=[full,lp_ft]"]
+        {"prepare": {"target": {"k": 3}}}, ["pretrain.train.epochs=2", "strategies=[full,lp_ft]"]
     )
     assert set(args) == PARAMETERS
-    assert json.loads(args["prepare_params"])["k"] == 3
+    assert json.loads(args["prepare_params"])["target"]["k"] == 3
     assert json.loads(args["pretrain_params"])["train"]["epochs"] == 2
     assert args["strategies"] == ["full", "lp_ft"]
     with pytest.raises(TlpipeError, match="unknown parameter"):
@@ -238,15 +238,16 @@ def test_the_package_never_imports_the_repository_folders() -> None:
 STRATEGIES = ["linear_probe", "lp_ft"]
 
 
-def tiny_scenario(fetch: dict, prepare: dict | None = None) -> dict:
-    """The params of a tiny scenario (a minute of training) on the data `fetch` names."""
+def tiny_scenario(data: dict, prepare: dict | None = None) -> dict:
+    """The params of a tiny scenario (a minute of training) on one dataset split by class:
+    `data` is its spec (fetch.source = fetch.target)."""
     short = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "augment": False}
     return {
-        "fetch": fetch,
+        "fetch": {"source": data, "target": data},
         "prepare": {
             **(prepare or {}),
-            "max_source_per_class": 100,
-            "max_test_per_class": 30,
+            "source": {"max_per_class": 100},
+            "target": {"max_test_per_class": 30},
             "seed": 0,
         },  # fmt: skip
         "pretrain": {"train": {"epochs": 1, "batch_size": 64}},
@@ -265,8 +266,7 @@ def _scenario(tmp_path: Path) -> Path:
         data = tiny_scenario({"sources": [str(FMNIST)]})
     else:
         raw = write_idx_dataset(tmp_path / "raw_src", 30, 10)
-        data = tiny_scenario({"dataset": "synthetic", "sources": [str(raw)]},
-                             {"dataset": "synthetic"})  # fmt: skip
+        data = tiny_scenario({"dataset": "synthetic", "format": "idx", "sources": [str(raw)]})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -170,7 +170,7 @@ def _compiled_docs(compiled: dict) -> dict:
 def test_submit_creates_a_run_with_spec_and_parameters(
     kfp_host, package, compiled, tmp_path
 ) -> None:
-    (tmp_path / "params.yaml").write_text("prepare: {k: 3}\nstrategies: [full, joint]\n")
+    (tmp_path / "params.yaml").write_text("prepare: {target: {k: 3}}\nstrategies: [full, joint]\n")
     args = f"submit --host {kfp_host} --package {package} -p {tmp_path}/params.yaml --run-name r"
     res = CliRunner().invoke(app, [*args.split(), "--set", "pretrain.train.epochs=1"])
     assert res.exit_code == 0, res.output
@@ -181,7 +181,7 @@ def test_submit_creates_a_run_with_spec_and_parameters(
     assert run.experiment_id == "exp-1" and run.display_name == "r"
     assert run.pipeline_spec == _compiled_docs(compiled)
     params = run.runtime_config.parameters
-    assert json.loads(params["prepare_params"])["k"] == 3
+    assert json.loads(params["prepare_params"])["target"]["k"] == 3
     assert json.loads(params["pretrain_params"])["train"]["epochs"] == 1
     assert params["strategies"] == ["full", "joint"]
 

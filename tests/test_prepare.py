@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_patterns, write_idx, write_idx_dataset, write_imagefolder
+from conftest import fetched, make_patterns, write_idx, write_idx_dataset, write_imagefolder
 
 from tlpipe import config
 from tlpipe.data import SPLITS, dataset_sha256, load_manifest, load_split, split_sha256
@@ -20,8 +21,12 @@ from tlpipe.steps import fetch, prepare
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _cfg(values: dict) -> prepare.PrepareConfig:
+    return config.resolve({"prepare": values})["prepare"]
+
+
 def _run(raw: Path, out: Path, **values) -> Path:
-    prepare.run(raw, out, config.build(prepare.PrepareConfig, values))
+    prepare.run(raw, out, _cfg(values))
     return out
 
 
@@ -29,25 +34,33 @@ def _image_set(x: np.ndarray) -> set[bytes]:
     return {img.tobytes() for img in x}
 
 
+def _ids(prepared: Path) -> dict[str, set[bytes]]:
+    return {name: set(load_split(prepared, name).ids.tolist()) for name in SPLITS}
+
+
 # ---------------------------------------------------------------------------- outputs
 
 
 def test_tiny_prepared_matches_contract(tiny_prepared: Path) -> None:
-    assert sorted(p.name for p in tiny_prepared.iterdir()) == sorted(
-        [f"{s}.{a}.npy" for s in SPLITS for a in ("x", "y", "shifted")] + ["manifest.json"]
-    )
+    names = [f"{s}.{a}.npy" for s in SPLITS for a in ("x", "y", "shifted", "id")]
+    assert sorted(p.name for p in tiny_prepared.iterdir()) == sorted(names + ["manifest.json"])
     m = load_manifest(tiny_prepared)
-    assert m["version"] == 1 and m["dataset"] == "fashion-mnist"
-    assert m["source_classes"][0] == "T-shirt/top" and m["target_classes"][-1] == "Ankle boot"
+    assert m["version"] == 2 and m["dataset"] == "mine" and m["one_dataset"]
+    assert m["source_classes"] == ["0", "1", "2", "3", "4"]
+    assert m["target_classes"] == ["5", "6", "7", "8", "9"]
     assert m["input_shape"] == [1, 28, 28] and len(m["mean"]) == len(m["std"]) == 1
     counts = {s: m["splits"][s]["count"] for s in SPLITS}
-    assert counts == {"source": 140, "source_val": 10, "target_train": 25, "target_val": 25,
-                      "target_test": 50}  # fmt: skip
+    assert counts["target_train"] == 25 and counts["target_val"] == 25
+    assert counts["target_test"] == 50  # the dataset's own test set (t10k), classes 5-9
+    assert counts["source"] + counts["source_val"] == 150  # every train image of classes 0-4
+    assert m["image_sizes"]["target"]["commonest"] == [["28x28", 100]]
+    assert m["duplicates"]["across_splits"] == 0
     hashes = {}
     for name in SPLITS:
         split = load_split(tiny_prepared, name)
         assert split.x.dtype == np.uint8 and split.y.dtype == np.int64
         assert split.shifted.dtype == bool and split.x.shape == (len(split), 1, 28, 28)
+        assert len(set(split.ids.tolist())) == len(split)
         assert m["splits"][name]["per_class"] == np.bincount(split.y, minlength=5).tolist()
         hashes[name] = split_sha256(split)
         assert m["splits"][name]["sha256"] == hashes[name]
@@ -60,9 +73,9 @@ def test_tiny_prepared_matches_contract(tiny_prepared: Path) -> None:
 
 def test_deterministic_with_seed(tiny_raw: Path, tmp_path: Path) -> None:
     shift = [{"op": "noise", "std": 0.1}]
-    a = prepare.run(tiny_raw, tmp_path / "a", config.build(prepare.PrepareConfig, {"shift": shift}))
-    b = prepare.run(tiny_raw, tmp_path / "b", config.build(prepare.PrepareConfig, {"shift": shift}))
-    c = prepare.run(tiny_raw, tmp_path / "c", prepare.PrepareConfig(seed=1))
+    a = prepare.run(tiny_raw, tmp_path / "a", _cfg({"shift": shift}))
+    b = prepare.run(tiny_raw, tmp_path / "b", _cfg({"shift": shift}))
+    c = prepare.run(tiny_raw, tmp_path / "c", _cfg({"seed": 1}))
     assert a.dataset_sha256 == b.dataset_sha256 != c.dataset_sha256
     assert (tmp_path / "a" / "manifest.json").read_text() == (
         tmp_path / "b" / "manifest.json"
@@ -70,9 +83,10 @@ def test_deterministic_with_seed(tiny_raw: Path, tmp_path: Path) -> None:
 
 
 def test_splits_come_from_the_right_sets(tiny_raw: Path, tmp_path: Path) -> None:
-    out = _run(tiny_raw, tmp_path / "p", source_classes=[0, 1, 2, 3, 4, 5])  # 5 also in target
-    raw = read_raw(tiny_raw, "idx")
-    train_set, test_set = _image_set(raw.train_x), _image_set(raw.test_x)
+    out = _run(tiny_raw, tmp_path / "p", source={"classes": [0, 1, 2, 3, 4, 5]},
+               target={"val_fraction": 0.5})  # class 5 in both: no image in both  # fmt: skip
+    raw = read_raw(tiny_raw / "source", "idx")
+    train_set, test_set = _image_set(raw.x[~raw.test]), _image_set(raw.x[raw.test])
     s = {name: load_split(out, name) for name in SPLITS}
     sets = {name: _image_set(split.x) for name, split in s.items()}
     for name in ("source", "source_val", "target_train", "target_val"):
@@ -85,29 +99,147 @@ def test_splits_come_from_the_right_sets(tiny_raw: Path, tmp_path: Path) -> None
     assert not s["source"].shifted.any() and not s["target_test"].shifted.any()
 
 
-def test_caps_and_overlap(tiny_raw: Path, tmp_path: Path) -> None:
-    out = _run(tiny_raw, tmp_path / "p", max_source_per_class=10, max_test_per_class=3,
-               source_val_fraction=0.2, k=2, val_per_class=1)  # fmt: skip
+def test_caps(tiny_raw: Path, tmp_path: Path) -> None:
+    out = _run(tiny_raw, tmp_path / "p", source={"max_per_class": 10, "val_fraction": 0.2},
+               target={"k": 2, "val_per_class": 1, "max_test_per_class": 3})  # fmt: skip
     m = load_manifest(out)["splits"]
-    assert m["source"]["per_class"] == [8] * 5 and m["source_val"]["per_class"] == [2] * 5
+    assert [a + b for a, b in zip(m["source"]["per_class"], m["source_val"]["per_class"],
+                                  strict=True)] == [10] * 5  # fmt: skip
+    assert 0 < m["source_val"]["count"] < 25
     assert m["target_test"]["count"] == 15 and m["target_train"]["per_class"] == [2] * 5
     assert m["target_val"]["per_class"] == [1] * 5
+
+
+# ---------------------------------------------------------------------------- growth
+
+
+def _digit_folder(root: Path, n_per_class: int, start: int = 0) -> Path:
+    """An ImageFolder (no test folder) of 3 classes, images `start` .. `start + n - 1` each."""
+    from PIL import Image
+
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + n_per_class):
+            rng = np.random.default_rng([c, i])
+            img = rng.integers(0, 256, (10, 12), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i:04d}.png")
+    return root
+
+
+def test_added_images_move_no_existing_image(tmp_path: Path) -> None:
+    """Issues 11/12: new images arrive; every old image stays in its split, and the previous
+    test set is a subset of the new one. All labels are used (k: auto = all on own data)."""
+    folder = _digit_folder(tmp_path / "mine", 40)
+    values = {"target": {"classes": []}, "input_size": 12, "channels": 1}
+    before = _run(fetched(tmp_path / "raw1", folder, "imagefolder", None), tmp_path / "p1",
+                  **values)  # fmt: skip
+    _digit_folder(folder, 34, start=40)  # 102 more images
+    after = _run(fetched(tmp_path / "raw2", folder, "imagefolder", None), tmp_path / "p2",
+                 **values)  # fmt: skip
+    old, new = _ids(before), _ids(after)
+    m_old, m_new = load_manifest(before), load_manifest(after)
+    assert sum(len(v) for v in old.values()) == 120 and sum(len(v) for v in new.values()) == 222
+    for name in ("target_train", "target_val", "target_test"):
+        assert old[name] <= new[name], name  # nothing left its split
+        others = set().union(*(new[o] for o in SPLITS if o != name))
+        assert not old[name] & others, name
+    assert m_old["splits"]["target_test"]["count"] >= 15  # ~20 % of 120, per class
+    assert min(m_new["splits"]["target_val"]["per_class"]) >= 1
+    assert m_new["source"] is None and m_new["splits"]["source"]["count"] == 0
+
+
+# ---------------------------------------------------------------------------- two datasets
+
+
+def test_two_datasets_source_idx_target_imagefolder(tmp_path: Path) -> None:
+    idx = write_idx_dataset(tmp_path / "idx", 6, 2)
+    folder = write_imagefolder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
+    raw = fetched(tmp_path / "raw", folder, "imagefolder", source=idx)
+    with pytest.raises(TlpipeError, match=r"have \[1, 3\] channels: set prepare.channels"):
+        _run(raw, tmp_path / "p", source={"classes": []}, target={"classes": []}, input_size=28)
+    out = _run(raw, tmp_path / "p", source={"classes": [], "names": [f"n{i}" for i in range(10)]},
+               target={"classes": ["dog", "cat"], "names": ["Dog", "Cat"]}, channels=1,
+               input_size=16)  # fmt: skip
+    m = load_manifest(out)
+    assert m["source_classes"][:2] == ["n0", "n1"] and m["target_classes"] == ["Dog", "Cat"]
+    assert m["input_shape"] == [1, 16, 16] and not m["one_dataset"]
+    assert m["splits"]["source"]["count"] + m["splits"]["source_val"]["count"] == 80  # + t10k
+    assert m["splits"]["target_test"]["count"] == 12  # the folder's own test/
+    assert m["target"]["own_test_set"] and m["source"]["dataset"] == "theirs"
+    sizes = m["image_sizes"]["target"]
+    assert sizes["min"] == [30, 20] and sizes["max"] == [35, 55]  # as stored, before resizing
+    test = load_split(out, "target_test")
+    assert set(test.y.tolist()) == {0, 1}  # dog = 0, cat = 1: the order asked for
+
+
+def test_duplicates_across_target_splits_are_reported(tmp_path: Path) -> None:
+    folder = write_imagefolder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
+    shutil.copy(folder / "test/cat/img0.png", folder / "train/cat/copy-of-test.png")
+    raw = fetched(tmp_path / "raw", folder, "imagefolder", None)
+    result = prepare.run(raw, tmp_path / "p", _cfg({"target": {"classes": []}, "input_size": 16}))
+    m = load_manifest(tmp_path / "p")
+    assert m["duplicates"]["across_target_splits"] == 1
+    assert "1 image(s) in more than one split" in result.summary
+
+
+def test_manifest_csv_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = write_imagefolder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
+    rows = [(p.relative_to(folder).as_posix(), p.parent.name, p.parts[-3])
+            for p in sorted(folder.rglob("*.*"))]  # fmt: skip
+    (folder / "manifest.csv").write_text(
+        "path,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows)
+    )
+    values = {"target": {"classes": []}, "input_size": 16}
+    a = _run(fetched(tmp_path / "r1", folder / "manifest.csv", "manifest", None), tmp_path / "a",
+             **values)  # fmt: skip
+    b = _run(fetched(tmp_path / "r2", folder, "imagefolder", None), tmp_path / "b", **values)
+    assert load_manifest(a)["splits"] == load_manifest(b)["splits"]  # same images, same splits
+    assert sorted(p.name for p in (tmp_path / "r1/target").iterdir()) == [
+        "manifest.csv", "test", "train"]  # only what the manifest lists  # fmt: skip
+    (folder / "manifest.csv").unlink()
+    table = {"path": [r[0] for r in rows], "label": [r[1] for r in rows]}  # no split column
+    pq.write_table(pa.table(table), folder / "manifest.parquet")
+    c = _run(fetched(tmp_path / "r3", folder, "manifest", None), tmp_path / "c", **values)
+    assert load_manifest(c)["splits"]["target_test"]["count"] > 0  # by ratio now
+    (folder / "manifest.parquet").unlink()
+    (folder / "manifest.csv").write_text("path,label\n../outside.png,cat\n")
+    with pytest.raises(TlpipeError, match="is not a file inside"):
+        fetched(tmp_path / "r4", folder / "manifest.csv", "manifest", None)
+    (folder / "manifest.csv").write_text("path,label,split\ntrain/cat/img0.png,cat,valid\n")
+    with pytest.raises(TlpipeError, match="split 'valid' is not train or test"):
+        fetched(tmp_path / "r5", folder / "manifest.csv", "manifest", None)
+
+
+def test_no_source_dataset(tmp_path: Path) -> None:
+    folder = write_imagefolder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
+    raw = fetched(tmp_path / "raw", folder, "imagefolder", None)
+    assert json.loads((raw / "source.json").read_text()) == {"dataset": None}
+    out = _run(raw, tmp_path / "p", target={"classes": []}, input_size=16)
+    m = load_manifest(out)
+    assert m["source_classes"] == [] and m["source"] is None
+    assert load_split(out, "source").x.shape == (0, 3, 16, 16)
+    train = load_split(out, "target_train")
+    assert abs(m["mean"][0] - train.x[:, 0].mean() / 255) < 1e-5  # stats from target_train
 
 
 # ---------------------------------------------------------------------------- shifts
 
 
 def test_target_shift_and_mixed_source(tiny_prepared: Path, tiny_raw: Path) -> None:
-    raw = read_raw(tiny_raw, "idx")
-    inverted_test = _image_set(255 - raw.test_x)
+    raw = read_raw(tiny_raw / "source", "idx")
+    inverted_test = _image_set(255 - raw.x[raw.test])
     test = load_split(tiny_prepared, "target_test")
     assert test.shifted.all() and _image_set(test.x) <= inverted_test
     for name in ("target_train", "target_val"):
         assert load_split(tiny_prepared, name).shifted.all()
-    for name, n in (("source", 140), ("source_val", 10)):
-        split = load_split(tiny_prepared, name)
-        assert split.shifted.sum() == round(n * 0.25)
-        inverted = _image_set(255 - raw.train_x)
+    inverted = _image_set(255 - raw.x[~raw.test])
+    source = [load_split(tiny_prepared, name) for name in ("source", "source_val")]
+    shifted = sum(int(split.shifted.sum()) for split in source)
+    assert 20 <= shifted <= 55  # 25 % of 150, drawn by hash
+    for split in source:
         assert _image_set(split.x[split.shifted]) <= inverted  # flags match the pixels
         assert not _image_set(split.x[~split.shifted]) & inverted
 
@@ -194,27 +326,29 @@ def _label_out_of_range(raw: Path) -> None:
     [(_corrupt_magic, "bad magic number"),
      (_truncate, "truncated"),
      (_count_mismatch, "80 images but 81 labels"),
-     (_label_out_of_range, "train label 12 out of range")],
+     (_label_out_of_range, "train labels go up to 12 but none is 0")],
 )  # fmt: skip
 def test_bad_raw_data_leaves_no_output(tmp_path: Path, corrupt, match: str) -> None:
-    raw = write_idx_dataset(tmp_path / "raw")
-    corrupt(raw)
+    raw = fetched(tmp_path / "raw", write_idx_dataset(tmp_path / "idx"), "idx")
+    corrupt(raw / "source")
     out = tmp_path / "out" / "prepared"
     with pytest.raises(TlpipeError, match=match):
-        _run(raw, out, k=2, val_per_class=2)
+        _run(raw, out)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("values", "match"),
-    [({"source_classes": []}, "source_classes is empty"),
-     ({"target_classes": []}, "target_classes is empty"),
-     ({"target_classes": [5, 10]}, "class id 10 is not in the dataset"),
-     ({"source_classes": [1, 1]}, "lists a class twice"),
-     ({"k": 28, "val_per_class": 5}, r"class 5 \(Sandal\) has 30 train images, fewer than k"),
+    [({"target": {"classes": [5, 10]}}, r"prepare.target.classes: no class 10 in the dataset"),
+     ({"target": {"classes": ["5", "cat"]}}, r"no class 'cat' in the dataset \(10 classes: 0=0"),
+     ({"source": {"classes": [1, 1]}}, "source.classes lists a class twice"),
+     ({"target": {"classes": [5, "5"]}}, "prepare.target.classes names a class twice"),
+     ({"target": {"val_fraction": 0.95, "test_fraction": 0.04}}, "target class '.' has no "
+      "training image"),
      ({"source_shift_fraction": 0.5}, "needs a prepare.shift"),
-     ({"k": 0}, "k must be >= 1"),
-     ({"source_val_fraction": 1.0}, r"source_val_fraction must be in \[0, 1\)")],
+     ({"target": {"k": 0}}, "target.k must be >= 1"),
+     ({"target": {"names": ["a"]}}, "target.names must match target.classes one to one"),
+     ({"source": {"val_fraction": 1.0}}, r"source.val_fraction must be in \[0, 1\)")],
 )  # fmt: skip
 def test_bad_scenario_leaves_no_output(tiny_raw: Path, tmp_path: Path, values, match) -> None:
     out = tmp_path / "prepared"
@@ -224,12 +358,12 @@ def test_bad_scenario_leaves_no_output(tiny_raw: Path, tmp_path: Path, values, m
 
 
 def test_class_with_no_images(tmp_path: Path) -> None:
-    raw = write_idx_dataset(tmp_path / "raw")
+    raw = fetched(tmp_path / "raw", write_idx_dataset(tmp_path / "idx"), "idx")
     y = np.tile(np.arange(10), 8).astype(np.uint8)
-    y[y == 3] = 2  # class 3 has no train images any more
-    write_idx(raw / "train-labels-idx1-ubyte.gz", y)
-    with pytest.raises(TlpipeError, match=r"class 3 \(Dress\) has no images in the train set"):
-        _run(raw, tmp_path / "out", k=2, val_per_class=2)
+    y[y == 3] = 2  # class 3 has no train images any more (only test ones)
+    write_idx(raw / "source" / "train-labels-idx1-ubyte.gz", y)
+    with pytest.raises(TlpipeError, match="train labels go up to 9 but none is 3"):
+        _run(raw, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -237,7 +371,7 @@ def test_failed_run_keeps_previous_output(tiny_raw: Path, tmp_path: Path) -> Non
     out = _run(tiny_raw, tmp_path / "prepared")
     before = (out / "manifest.json").read_text()
     with pytest.raises(TlpipeError):
-        _run(tiny_raw, out, k=100)
+        _run(tiny_raw, out, target={"classes": [5, 99]})
     assert (out / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
@@ -246,23 +380,26 @@ def test_failed_run_keeps_previous_output(tiny_raw: Path, tmp_path: Path) -> Non
 
 
 def test_prepare_imagefolder(tmp_path: Path) -> None:
-    raw = write_imagefolder(tmp_path / "raw", classes=("a", "b", "c", "d"), per_class=4)
-    out = _run(raw, tmp_path / "p", dataset="pets", format="imagefolder", source_classes=[0, 1],
-               target_classes=[2, 3], k=2, val_per_class=1, channels=3, input_size=16,
-               shift=[{"op": "rotate", "degrees": 15}])  # fmt: skip
+    folder = write_imagefolder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=4)
+    raw = fetched(tmp_path / "raw", folder, "imagefolder")
+    out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
+               target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.4},
+               channels=3, input_size=16, shift=[{"op": "rotate", "degrees": 15}])  # fmt: skip
     m = load_manifest(out)
     assert m["target_classes"] == ["c", "d"] and m["input_shape"] == [3, 16, 16]
     assert m["splits"]["target_test"]["count"] == 8 and len(m["mean"]) == 3
 
 
 def test_prepare_npz_with_conversion(tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    raw.mkdir()
+    data = tmp_path / "npz"
+    data.mkdir()
     for name, n in (("train", 12), ("test", 3)):
         x, y = make_patterns(n, n_classes=4)
-        np.savez(raw / f"{name}.npz", x=x, y=y)
-    out = _run(raw, tmp_path / "p", dataset="toy", format="npz", source_classes=[0, 1],
-               target_classes=[2, 3], channels=3, input_size=32)  # fmt: skip
+        np.savez(data / f"{name}.npz", x=x, y=y)
+    raw = fetched(tmp_path / "raw", data, "npz")
+    out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
+               target={"classes": [2, 3], "k": 5, "val_fraction": 0.3}, channels=3,
+               input_size=32)  # fmt: skip
     split = load_split(out, "target_train")
     assert split.x.shape == (10, 3, 32, 32)
     assert load_manifest(out)["source_classes"] == ["0", "1"]
@@ -273,22 +410,23 @@ def test_prepare_npz_with_conversion(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="no Debian Fashion-MNIST")
 def test_real_fashion_mnist(tmp_path: Path) -> None:
-    fetched = fetch.run(fetch.FetchConfig(), tmp_path / "raw")
-    assert fetched.source == str(FMNIST_DIR) and len(fetched.files) == 4
+    result = fetch.run(fetch.FetchConfig(), tmp_path / "raw")
+    assert result.sources == {"source": str(FMNIST_DIR)} and len(result.files) == 6
     shift = [{"op": "rotate", "degrees": 30}]
-    cfg = config.build(prepare.PrepareConfig, {"shift": shift, "max_source_per_class": None})
+    cfg = _cfg({"shift": shift, "source": {"max_per_class": None}})
     result = prepare.run(tmp_path / "raw", tmp_path / "prepared", cfg)
     m = json.loads(result.manifest.read_text())
     counts = {s: m["splits"][s]["count"] for s in SPLITS}
-    assert counts == {"source": 28500, "source_val": 1500, "target_train": 25, "target_val": 25,
-                      "target_test": 5000}  # fmt: skip
-    assert m["splits"]["source"]["per_class"] == [5700] * 5
+    assert counts["source"] + counts["source_val"] == 30000  # every train image of 0-4
+    assert 1300 < counts["source_val"] < 1700  # 5 %, by hash
+    assert counts["target_train"] == counts["target_val"] == 25  # k, val_per_class: auto = 5
+    assert counts["target_test"] == 5000
     assert m["target_classes"] == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert 0.25 < m["mean"][0] < 0.35 and 0.3 < m["std"][0] < 0.4
 
 
 def test_make_prepared_factory(make_prepared) -> None:
-    out = make_prepared(shift=[], source_shift_fraction=0.0, k=3)
+    out = make_prepared(shift=[], source_shift_fraction=0.0, target={"k": 3})
     assert load_manifest(out)["splits"]["target_train"]["count"] == 15
     assert not load_split(out, "target_test").shifted.any()
 
@@ -298,22 +436,23 @@ def test_make_prepared_factory(make_prepared) -> None:
 
 def test_unnamed_data_with_a_stray_label_leaves_no_output(tmp_path: Path) -> None:
     """Not a known dataset, so no class list: label 200 would have made 191 classes silently."""
-    raw = write_idx_dataset(tmp_path / "raw")
+    raw = fetched(tmp_path / "raw", write_idx_dataset(tmp_path / "idx"), "idx")
     y = np.tile(np.arange(10), 8).astype(np.uint8)
     y[0] = 200
-    write_idx(raw / "train-labels-idx1-ubyte.gz", y)
+    write_idx(raw / "source" / "train-labels-idx1-ubyte.gz", y)
     with pytest.raises(TlpipeError, match="train labels go up to 200 but none is 10"):
-        _run(raw, tmp_path / "out", dataset="my-scans", k=2, val_per_class=2)
+        _run(raw, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_class_folder_leaves_no_output(tmp_path: Path, capsys) -> None:
-    raw = write_imagefolder(tmp_path / "raw", classes=("a", "b", "c", "d"), per_class=4)
-    values = {"dataset": "pets", "format": "imagefolder", "source_classes": [0, 1],
-              "target_classes": [2, 3], "k": 2, "val_per_class": 1, "input_size": 16}  # fmt: skip
+    folder = write_imagefolder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=4)
+    raw = fetched(tmp_path / "raw", folder, "imagefolder")
+    target = {"classes": [2, 3], "k": 2, "val_per_class": 1, "val_fraction": 0.4}
+    values = {"source": {"classes": [0, 1]}, "input_size": 16, "target": target}
     _run(raw, tmp_path / "p", **values)
     assert "read 32 images from" in capsys.readouterr().err  # off a terminal: one summary line
-    (raw / "train" / "a0").mkdir()  # would sort between a and b: b, c, d would change ids
+    (raw / "source" / "train" / "a0").mkdir()  # would sort between a and b: b, c, d change ids
     with pytest.raises(TlpipeError, match="train/a0 is an empty class folder"):
         _run(raw, tmp_path / "q", **values)
     assert not (tmp_path / "q").exists()

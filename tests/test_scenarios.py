@@ -32,7 +32,7 @@ def test_mixed_source_changes_only_the_shift() -> None:
 
 def test_every_preset_resolves_and_lists_every_section() -> None:
     for path in [REPO / "params.yaml", *sorted((REPO / "scenarios").glob("*.yaml"))]:
-        assert config.resolve(path)["prepare"].target_classes
+        assert config.resolve(path)["fetch"].target.dataset
         # DVC tracks each section by name: a preset without one would make `dvc repro` fail
         assert set(config.read_params(path)) == {*params.SECTIONS, "strategies"}, path
 
@@ -47,6 +47,13 @@ def test_every_preset_resolves_and_lists_every_section() -> None:
         ({"strategies": ["full", "magic"]}, [], "unknown strategy 'magic'"),
         ({"finetune": {"per_strategy": {"fulll": {}}}}, [], "unknown strategy 'fulll'"),
         ({"prepare": [1]}, [], "params section prepare must be a mapping"),
+        ({"fetch": {"target": {"format": "csv"}}}, [], "fetch.target.format must be one of"),
+        ({"prepare": {"target": {"k": "all"}}}, [], "prepare.target.k must be"),
+        (
+            {"prepare": {"target": {"val_fraction": 0.5, "test_fraction": 0.5}}},
+            [],
+            "test_fraction must be < 1",
+        ),
     ],
 )
 def test_bad_params_are_named(data, overrides, message) -> None:
@@ -55,9 +62,10 @@ def test_bad_params_are_named(data, overrides, message) -> None:
 
 
 def test_registries_match_the_names_params_accepts() -> None:
-    from tlpipe import matching, scenario
+    from tlpipe import matching, readers, scenario
     from tlpipe.steps import finetune
 
+    assert set(readers.READERS) == set(params.DATA_FORMATS)
     assert set(finetune.STRATEGIES) == set(params.STRATEGY_NAMES)
     assert set(matching.MATCHERS) == set(params.MATCHER_NAMES)
     assert set(scenario.SHIFTS) == set(params.SHIFT_PARAMS)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_patterns, write_idx_dataset, write_imagefolder
+from conftest import fetched, make_patterns, mine, write_idx_dataset, write_imagefolder
 
 from tlpipe import config
 from tlpipe.data import load_manifest, load_split
@@ -62,7 +62,7 @@ def test_fetch_refuses_a_symlink_out_of_the_source(tmp_path: Path, secret: Path,
     link = tree / "train" / "cat" / "b.png" if kind == "file" else tree / "train" / "dog"
     link.symlink_to(secret if kind == "file" else secret.parent)
     out = tmp_path / "raw"
-    cfg = fetch.FetchConfig(dataset="mine", sources=(str(tree),))
+    cfg = mine((str(tree),))
     with pytest.raises(TlpipeError, match=rf"{link.name} is a symlink that leads out of .*data"):
         fetch.run(cfg, out)
     assert not out.exists() and not _holds_secret(tmp_path / "raw")
@@ -72,16 +72,16 @@ def test_fetch_refuses_a_symlink_out_of_the_source(tmp_path: Path, secret: Path,
 def test_fetch_copies_links_inside_the_source_and_refuses_loops(tmp_path: Path) -> None:
     tree = _tree(tmp_path / "data")
     (tree / "train" / "cat" / "b.png").symlink_to("a.png")  # inside the root: copied as a file
-    result = fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(tree),)), tmp_path / "r")
-    copied = tmp_path / "r" / "train" / "cat" / "b.png"
-    assert not copied.is_symlink() and copied.read_bytes() == b"train" and len(result.files) == 3
+    result = fetch.run(mine((str(tree),)), tmp_path / "r")
+    copied = tmp_path / "r" / "target" / "train" / "cat" / "b.png"
+    assert not copied.is_symlink() and copied.read_bytes() == b"train" and len(result.files) == 5
     (tree / "train" / "cat" / "loop").symlink_to("..")
     with pytest.raises(TlpipeError, match="loop is a symlink to a folder that holds it"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(tree),)), tmp_path / "r2")
+        fetch.run(mine((str(tree),)), tmp_path / "r2")
     (tree / "train" / "cat" / "loop").unlink()
     (tree / "train" / "cat" / "gone.png").symlink_to("missing.png")
     with pytest.raises(TlpipeError, match="gone.png is a broken symlink"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(tree),)), tmp_path / "r2")
+        fetch.run(mine((str(tree),)), tmp_path / "r2")
 
 
 def test_fetch_refuses_an_archive_link_out(tmp_path: Path, secret: Path) -> None:
@@ -91,7 +91,7 @@ def test_fetch_refuses_an_archive_link_out(tmp_path: Path, secret: Path) -> None
         info.type, info.linkname = tarfile.SYMTYPE, str(secret)
         t.addfile(info)
     with pytest.raises(TlpipeError, match="d.tar: cannot unpack"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(str(archive),)), tmp_path / "raw")
+        fetch.run(mine((str(archive),)), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -106,9 +106,14 @@ def test_readers_and_prepare_refuse_symlinks_out(tmp_path: Path, secret: Path) -
     images = idx / "train-images-idx3-ubyte.gz"
     os.replace(images, tmp_path / "moved.gz")
     images.symlink_to(tmp_path / "moved.gz")
-    cfg = prepare.PrepareConfig(k=2, val_per_class=2)
+    raw = fetched(tmp_path / "raw", write_idx_dataset(tmp_path / "idx2"), "idx")
+    images = raw / "source" / "train-images-idx3-ubyte.gz"  # a link planted in data/raw
+    os.replace(images, tmp_path / "moved.gz")
+    images.symlink_to(tmp_path / "moved.gz")
     with pytest.raises(TlpipeError, match="train-images-idx3-ubyte.gz is a symlink that leads"):
-        prepare.run(idx, tmp_path / "prepared", cfg)
+        prepare.run(raw, tmp_path / "prepared", prepare.PrepareConfig())
+    with pytest.raises(TlpipeError, match="train-images-idx3-ubyte.gz is a symlink that leads"):
+        read_raw(idx, "idx")
     assert not (tmp_path / "prepared").exists()
     npz = tmp_path / "npz"
     npz.mkdir()
@@ -121,7 +126,7 @@ def test_a_linked_dataset_folder_is_fine(tmp_path: Path) -> None:
     """data/raw may itself be a link (another disk): only links *out of* it are refused."""
     real = write_imagefolder(tmp_path / "disk" / "folder")
     (tmp_path / "raw").symlink_to(real)
-    assert len(read_raw(tmp_path / "raw", "imagefolder", size=16).train_y) == 9
+    assert len(read_raw(tmp_path / "raw", "imagefolder", size=16)) == 18
 
 
 # ---------------------------------------------------------------------------- pixels
@@ -151,24 +156,25 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side, m
     bomb = folder / "train" / "cat" / "bomb.png"
     bomb.write_bytes(_png_header_only(side, side))
     # the check reads the header only: decoding this file would fail with another message
-    cfg = config.build(prepare.PrepareConfig, {"format": "imagefolder", "input_size": 16,
-                                               "source_classes": [0], "target_classes": [1, 2],
-                                               "k": 1, "val_per_class": 1})  # fmt: skip
+    cfg = config.resolve({"prepare": {"input_size": 16, "source": {"classes": [0]},
+                                      "target": {"classes": [1, 2]}}})["prepare"]  # fmt: skip
     assert cfg.max_image_pixels == 50_000_000
+    raw = fetched(tmp_path / "raw", folder, "imagefolder")
     with pytest.raises(TlpipeError, match=rf"bomb.png: {match}"):
-        prepare.run(folder, tmp_path / "prepared", cfg)
+        prepare.run(raw, tmp_path / "prepared", cfg)
     assert not (tmp_path / "prepared").exists()
 
 
 def test_the_pixel_limit_is_a_per_dataset_param(tmp_path: Path) -> None:
     folder = write_imagefolder(tmp_path / "folder")  # images up to 34 x 40 = 1360 pixels
-    values = {"format": "imagefolder", "input_size": 16, "source_classes": [0],
-              "target_classes": [1, 2], "k": 1, "val_per_class": 1}  # fmt: skip
-    small = config.build(prepare.PrepareConfig, {**values, "max_image_pixels": 1000})
+    values = {"input_size": 16, "source": {"classes": [0]},
+              "target": {"classes": [1, 2], "val_fraction": 0.3}}  # fmt: skip
+    raw = fetched(tmp_path / "raw", folder, "imagefolder")
+    small = config.resolve({"prepare": {**values, "max_image_pixels": 1000}})["prepare"]
     with pytest.raises(TlpipeError, match=r"cat/img2.jpg: 30x34 = 1,020 pixels is over .* = 1,000"):
-        prepare.run(folder, tmp_path / "p", small)
-    enough = config.build(prepare.PrepareConfig, {**values, "max_image_pixels": 1360})
-    prepare.run(folder, tmp_path / "p", enough)
+        prepare.run(raw, tmp_path / "p", small)
+    enough = config.resolve({"prepare": {**values, "max_image_pixels": 1360}})["prepare"]
+    prepare.run(raw, tmp_path / "p", enough)
     assert load_manifest(tmp_path / "p")["scenario"]["max_image_pixels"] == 1360
     with pytest.raises(TlpipeError, match="max_image_pixels must be >= 1"):
         config.build(prepare.PrepareConfig, {**values, "max_image_pixels": 0})
@@ -247,11 +253,11 @@ def _no_length(files: dict[str, bytes], cut: float = 1.0):
 def test_a_cut_download_without_length_or_checksum_is_not_stored(serve, tmp_path, name) -> None:
     files = _files(tmp_path)
     whole, cut = serve(_no_length(files)), serve(_no_length(files, cut=0.6))
-    ok = fetch.run(fetch.FetchConfig(dataset="mine", sources=(f"{whole}/{name}",)), tmp_path / "a")
+    ok = fetch.run(mine((f"{whole}/{name}",)), tmp_path / "a")
     assert ok.files  # complete: read to its end and kept (archives unpacked)
     out = tmp_path / "b"
     with pytest.raises(TlpipeError, match=f"{name} is cut short or damaged"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(f"{cut}/{name}",)), out)
+        fetch.run(mine((f"{cut}/{name}",)), out)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -262,17 +268,17 @@ def test_a_tar_cut_at_a_member_boundary_is_caught(serve, tmp_path: Path) -> None
         boundary = t.getmembers()[-1].offset
     url = serve(_no_length({"d.tar": body[:boundary]}))
     with pytest.raises(TlpipeError, match="d.tar is cut short or damaged.*end-of-archive"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(f"{url}/d.tar",)), tmp_path / "r")
+        fetch.run(mine((f"{url}/d.tar",)), tmp_path / "r")
 
 
 def test_an_uncheckable_download_needs_a_length_or_a_checksum(serve, tmp_path: Path) -> None:
     body = b"path,label\na.png,cat\n"
     url = serve(_no_length({"labels.csv": body})) + "/labels.csv"
     with pytest.raises(TlpipeError, match="labels.csv cannot be checked for completeness: set"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(url,)), tmp_path / "r")
+        fetch.run(mine((url,)), tmp_path / "r")
     digest = hashlib.sha256(body).hexdigest()
-    fetch.run(fetch.FetchConfig(dataset="mine", sources=(url,), sha256=digest), tmp_path / "r")
-    assert (tmp_path / "r" / "labels.csv").read_bytes() == body
+    fetch.run(mine((url,), sha256=digest), tmp_path / "r")
+    assert (tmp_path / "r" / "target" / "labels.csv").read_bytes() == body
 
 
 def test_a_short_content_length_is_caught(serve, tmp_path: Path) -> None:
@@ -284,7 +290,7 @@ def test_a_short_content_length_is_caught(serve, tmp_path: Path) -> None:
 
     url = serve(handle) + "/data.bin"
     with pytest.raises(TlpipeError, match="broke off at 400/1000 bytes"):
-        fetch.run(fetch.FetchConfig(dataset="mine", sources=(url,)), tmp_path / "r")
+        fetch.run(mine((url,)), tmp_path / "r")
 
 
 def _trickle(where: str):
@@ -308,7 +314,7 @@ def _trickle(where: str):
 @pytest.mark.parametrize("where", ["body", "headers"])
 def test_a_trickling_server_hits_the_deadline(serve, tmp_path: Path, where: str) -> None:
     url = serve(_trickle(where)) + "/slow.zip"
-    cfg = fetch.FetchConfig(dataset="mine", sources=(url,), timeout=30, deadline=0.5)
+    cfg = mine((url,), timeout=30, deadline=0.5)
     with pytest.raises(TlpipeError, match=r"slow.zip took over fetch.deadline = 0.5 s"):
         fetch.run(cfg, tmp_path / "r")
     assert not (tmp_path / "r").exists()

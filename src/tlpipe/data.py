@@ -75,24 +75,42 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+KEY_DTYPE = np.dtype("S32")  # an image's content key: 32 hex digits (`tlpipe.readers.content_key`)
+
+
 @dataclass(frozen=True)
 class RawDataset:
-    """A dataset as read from disk: official train/test sets, uint8 (N, C, H, W), int64 labels."""
+    """A dataset as read from disk: every labelled image, and which are its own test set.
 
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
+    Attributes:
+        x: uint8 images (N, C, H, W), possibly memory-mapped.
+        y: int64 labels, positions in `classes`.
+        test: True for the images of the dataset's own test set (all False: it has none).
+        keys: Content keys (`KEY_DTYPE`): the same bytes give the same key; splits follow them.
+        sizes: Each image's stored (width, height) before resizing.
+        classes: Class names.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    test: np.ndarray
+    keys: np.ndarray
+    sizes: np.ndarray
     classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 @dataclass(frozen=True)
 class Split:
-    """One prepared split: uint8 images (N, C, H, W), int64 labels, bool `shifted` flags."""
+    """One prepared split: uint8 images (N, C, H, W), int64 labels, bool `shifted` flags, and
+    the images' content keys (`KEY_DTYPE`; None where not known)."""
 
     x: np.ndarray
     y: np.ndarray
     shifted: np.ndarray
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -101,10 +119,11 @@ class Split:
 # ---------------------------------------------------------------------------- prepared splits
 #
 # A split is three uncompressed .npy files, ``<name>.x.npy`` (uint8 images), ``<name>.y.npy`` and
-# ``<name>.shifted.npy``. `load_split` memory-maps the images, so a split larger than RAM opens
-# instantly; readers that walk a whole split use `read_rows` / `take_rows`, which read through
-# the file (pread) instead of touching the mapping: the pages land in the OS page cache (a cache
-# the kernel can drop) rather than in the process's resident set, which stays flat.
+# ``<name>.shifted.npy``, plus ``<name>.id.npy`` (the images' content keys; prepare writes it).
+# `load_split` memory-maps the images, so a split larger than RAM opens instantly; readers that
+# walk a whole split use `read_rows` / `take_rows`, which read through the file (pread) instead
+# of touching the mapping: the pages land in the OS page cache (a cache the kernel can drop)
+# rather than in the process's resident set, which stays flat.
 
 ARRAYS = ("x", "y", "shifted")
 CHUNK_BYTES = 32 << 20  # rows per read/write chunk when walking a whole split
@@ -177,9 +196,25 @@ def save_split(prepared_dir: str | Path, name: str, split: Split) -> dict[str, P
     with ArrayWriter(paths["x"], split.x.shape, np.uint8) as w:
         for start, stop in chunks(split.x):
             w.write(read_rows(split.x, start, stop))
-    np.save(paths["y"], np.asarray(split.y, np.int64))
-    np.save(paths["shifted"], np.asarray(split.shifted, bool))
+    save_labels(prepared_dir, name, split.y, split.shifted, split.ids)
     return paths
+
+
+def save_labels(
+    prepared_dir: str | Path, name: str, y: np.ndarray, shifted: np.ndarray,
+    ids: np.ndarray | None,
+) -> None:  # fmt: skip
+    """Write split `name`'s labels, shift flags and (when known) content keys."""
+    paths = split_paths(prepared_dir, name)
+    np.save(paths["y"], np.asarray(y, np.int64))
+    np.save(paths["shifted"], np.asarray(shifted, bool))
+    if ids is not None:
+        np.save(ids_path(prepared_dir, name), np.asarray(ids, KEY_DTYPE))
+
+
+def ids_path(prepared_dir: str | Path, name: str) -> Path:
+    """The file of split `name`'s content keys."""
+    return Path(prepared_dir) / f"{name}.id.npy"
 
 
 def load_split(prepared_dir: str | Path, name: str) -> Split:
@@ -199,7 +234,9 @@ def load_split(prepared_dir: str | Path, name: str) -> Split:
     if x.dtype != np.uint8 or x.ndim != 4 or not len(x) == len(y) == len(shifted):
         raise TlpipeError(f"{prepared_dir}: split {name} is inconsistent ({x.dtype} {x.shape}, "
                           f"{len(y)} labels); run `tlpipe prepare` again")  # fmt: skip
-    return Split(x=x, y=y.astype(np.int64, copy=False), shifted=shifted.astype(bool, copy=False))
+    ids = ids_path(prepared_dir, name)
+    return Split(x=x, y=y.astype(np.int64, copy=False), shifted=shifted.astype(bool, copy=False),
+                 ids=np.load(ids, allow_pickle=False) if ids.is_file() else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- reading rows

@@ -1,25 +1,40 @@
-"""Scenario building: target-domain shifts and the source / target splits.
+"""Scenario building: the source / target splits and target-domain shifts.
 
-A scenario takes a labelled dataset and splits its classes into a *source* task (lots of labels)
-and a *target* task (k labels per class), optionally making the target a different domain with a
-`shift` (a list of `ShiftOp`, applied in order). A fraction of the source images can get the same
-shift (`source_shift_fraction`): a "mixed source" whose target-like part is known, ground truth for
-sample matching (the `shifted` flags).
+A scenario has a *source* task (lots of labels; or none, only a pretrained backbone) and a
+*target* task (the user's labelled images). They are two datasets, or one dataset split by class
+(the benchmark: Fashion-MNIST 0-4 → 5-9). The target can be made a different domain with a
+`shift` (a list of `ShiftOp`, applied in order); a fraction of the source images can get the same
+shift (`source_shift_fraction`): a "mixed source" whose target-like part is known, ground truth
+for sample matching (the `shifted` flags).
 
-Every random choice draws from its own generator seeded with ``(seed, purpose)``, so changing one
-setting (say `k`) does not reshuffle unrelated splits.
+Images are assigned to splits by a hash of their content key (`RawDataset.keys`) and the seed,
+never by their position: adding images to a dataset moves no existing image to another split,
+and the previous test set stays a subset of the new one. Caps (`k`, `max_per_class`, …) take
+the images with the smallest hash. Images are written split by split, chunk by chunk, so memory
+stays flat however large the data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from tlpipe.data import RawDataset, Split
+from tlpipe.data import (
+    KEY_DTYPE,
+    ArrayWriter,
+    RawDataset,
+    Split,
+    chunks,
+    read_rows,
+    take_rows,
+)
 from tlpipe.errors import TlpipeError
-from tlpipe.params import PrepareConfig, ShiftOp
+from tlpipe.params import PrepareConfig, ShiftOp, SourceSplit, TargetSplit, caps
 
 ShiftFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 _CHUNK = 4096
@@ -137,120 +152,174 @@ def _map_chunks(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.nda
 # ---------------------------------------------------------------------------- splits
 
 
+@dataclass(frozen=True)
+class Selection:
+    """One split before its images are written: rows of a raw dataset and their labels."""
+
+    raw: RawDataset | None  # None: an empty split (no source dataset)
+    rows: np.ndarray  # indices into raw, ascending
+    y: np.ndarray  # labels within the side's class list
+    shifted: np.ndarray  # rows that get `prepare.shift`
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.raw.keys[self.rows] if self.raw is not None else np.empty(0, KEY_DTYPE)
+
+
+def unit_hash(keys: np.ndarray, seed: int, purpose: str) -> np.ndarray:
+    """A number in [0, 1) per content key, fixed by (key, seed, purpose): the split draw."""
+    salt = f"{seed}:{purpose}".encode()
+    out = np.empty(len(keys), np.float64)
+    for i, key in enumerate(keys.tolist()):
+        digest = hashlib.blake2b(salt + b"\0" + key, digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+def class_ids(wanted: tuple[int | str, ...], classes: tuple[str, ...], where: str) -> list[int]:
+    """The dataset's ids of `wanted` (ids or names; empty = every class), checked."""
+    if not wanted:
+        return list(range(len(classes)))
+    ids = []
+    for c in wanted:
+        if isinstance(c, str) and c in classes:
+            ids.append(classes.index(c))
+        elif isinstance(c, int) and 0 <= c < len(classes):
+            ids.append(c)
+        else:
+            shown = ", ".join(f"{i}={n}" for i, n in enumerate(classes[:12]))
+            more = " …" if len(classes) > 12 else ""
+            raise TlpipeError(f"{where}: no class {c!r} in the dataset ({len(classes)} classes: "
+                              f"{shown}{more})")  # fmt: skip
+    if len(set(ids)) != len(ids):
+        raise TlpipeError(f"{where} names a class twice: {list(wanted)}")
+    return ids
+
+
+def class_names(ids: list[int], part: SourceSplit | TargetSplit, raw: RawDataset) -> list[str]:
+    """The display names of classes `ids`: `part.names` when given, else the dataset's."""
+    if part.names and len(part.names) != len(ids):
+        raise TlpipeError(
+            f"{len(part.names)} names for {len(ids)} classes: give one name per class, in the "
+            "order of classes (or of the dataset's classes)"
+        )
+    return list(part.names) if part.names else [raw.classes[i] for i in ids]
+
+
+def select_target(raw: RawDataset, ids: list[int], cfg: PrepareConfig,
+                  one_dataset: bool) -> dict[str, Selection]:  # fmt: skip
+    """target_train / target_val / target_test, by content hash, per class (see module doc)."""
+    t = cfg.target
+    k, val_cap = caps(t, one_dataset)
+    u = unit_hash(raw.keys, cfg.seed, "target")
+    own_test = raw.test.any()
+    parts: dict[str, list[np.ndarray]] = {"target_train": [], "target_val": [], "target_test": []}
+    for cid in ids:
+        rows = np.flatnonzero(raw.y == cid)
+        if own_test:
+            test = raw.test[rows]
+            val = ~test & (u[rows] < t.val_fraction)
+        else:
+            test = u[rows] < t.test_fraction
+            val = ~test & (u[rows] < t.test_fraction + t.val_fraction)
+        train = ~(test | val)
+        if not train.any():
+            raise TlpipeError(
+                f"target class {raw.classes[cid]!r} has no training image ({len(rows)} images "
+                f"in all, {int(test.sum())} test, {int(val.sum())} val): add images"
+            )
+        for name, mask, cap in (("target_train", train, k), ("target_val", val, val_cap),
+                                ("target_test", test, t.max_test_per_class)):  # fmt: skip
+            chosen = rows[mask][np.argsort(u[rows[mask]], kind="stable")][:cap]
+            parts[name].append(chosen)
+    return {name: _selection(raw, chunks_, ids, cfg.shift != ()) for name, chunks_ in parts.items()}
+
+
+def select_source(raw: RawDataset, ids: list[int], cfg: PrepareConfig, one_dataset: bool,
+                  taken: np.ndarray) -> dict[str, Selection]:  # fmt: skip
+    """source / source_val, by content hash; images whose key is in `taken` are left out.
+
+    On one dataset the source draws from its train set only (its test set is the target's);
+    a source dataset of its own gives every labelled image, its test set included.
+    """
+    s = cfg.source
+    u = unit_hash(raw.keys, cfg.seed, "source")  # the order caps keep
+    held_out = unit_hash(raw.keys, cfg.seed, "source_val") < s.val_fraction
+    usable = ~np.isin(raw.keys, taken) & (~raw.test if one_dataset else True)
+    train, val = [], []
+    for cid in ids:
+        rows = np.flatnonzero((raw.y == cid) & usable)
+        if rows.size == 0:
+            raise TlpipeError(f"source class {raw.classes[cid]!r} has no images left for source")
+        rows = rows[np.argsort(u[rows], kind="stable")][: s.max_per_class]
+        train.append(rows[~held_out[rows]])
+        val.append(rows[held_out[rows]])
+    shift = unit_hash(raw.keys, cfg.seed, "shift") < cfg.source_shift_fraction
+    return {
+        "source": _selection(raw, train, ids, shift if cfg.shift else False),
+        "source_val": _selection(raw, val, ids, shift if cfg.shift else False),
+    }
+
+
+def _selection(
+    raw: RawDataset, per_class: list[np.ndarray], ids: list[int], shift: np.ndarray | bool
+) -> Selection:
+    rows = np.sort(np.concatenate(per_class)) if per_class else np.empty(0, np.int64)
+    position = np.zeros(max(ids) + 1, np.int64)
+    position[ids] = np.arange(len(ids))
+    shifted = shift[rows] if isinstance(shift, np.ndarray) else np.full(len(rows), bool(shift))
+    return Selection(raw, rows, position[raw.y[rows]], shifted)
+
+
+def empty_selection() -> Selection:
+    none = np.empty(0, np.int64)
+    return Selection(None, none, none, np.empty(0, bool))
+
+
+def duplicates(selections: dict[str, Selection]) -> dict[str, int]:
+    """Images with the same bytes: repeated within a split, and in more than one split."""
+    where: dict[bytes, set[str]] = {}
+    within = 0
+    for name, sel in selections.items():
+        keys = sel.ids.tolist()
+        within += len(keys) - len(set(keys))
+        for key in set(keys):
+            where.setdefault(key, set()).add(name)
+    across = [names for names in where.values() if len(names) > 1]
+    in_target = sum(1 for names in across if len(names - {"source", "source_val"}) > 1)
+    return {"within_splits": within, "across_splits": len(across),
+            "across_target_splits": in_target}  # fmt: skip
+
+
+def write_split(out_dir: Path, name: str, sel: Selection, cfg: PrepareConfig,
+                shape: tuple[int, int, int]) -> Split:  # fmt: skip
+    """Write `sel`'s images (conformed to `shape`, shifted where flagged) chunk by chunk."""
+    from tlpipe.data import load_split, save_labels
+
+    c, h, w = shape
+    x_path = out_dir / f"{name}.x.npy"
+    rows_per_chunk = max(1, _CHUNK_BYTES // max(1, c * h * w * 4))
+    with ArrayWriter(x_path, (len(sel), c, h, w), np.uint8) as out:
+        for n, start in enumerate(range(0, len(sel), rows_per_chunk)):
+            rows = sel.rows[start : start + rows_per_chunk]
+            x = conform_images(take_rows(sel.raw.x, rows), c, h)
+            flagged = sel.shifted[start : start + rows_per_chunk]
+            if cfg.shift and flagged.any():
+                rng = _rng(cfg.seed, f"{name}:{n}")
+                x[flagged] = apply_shift(x[flagged], cfg.shift, rng)
+            out.write(x)
+    save_labels(out_dir, name, sel.y, sel.shifted, sel.ids)
+    return load_split(out_dir, name)
+
+
+_CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk of images being conformed / shifted
+
+
 def _rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, *purpose.encode()])
-
-
-def validate(cfg: PrepareConfig, classes: tuple[str, ...]) -> None:
-    """Check the scenario settings against the dataset's classes."""
-    for name in ("source_classes", "target_classes"):
-        ids = getattr(cfg, name)
-        if not ids:
-            raise TlpipeError(f"prepare.{name} is empty: list at least one class id")
-        if len(set(ids)) != len(ids):
-            raise TlpipeError(f"prepare.{name} lists a class twice: {list(ids)}")
-        for cid in ids:
-            if not 0 <= cid < len(classes):
-                raise TlpipeError(
-                    f"prepare.{name}: class id {cid} is not in the dataset "
-                    f"({len(classes)} classes: 0={classes[0]} … {len(classes) - 1}={classes[-1]})"
-                )
-    if cfg.source_shift_fraction > 0 and not cfg.shift:
-        raise TlpipeError("prepare.source_shift_fraction > 0 needs a prepare.shift to apply")
-
-
-def _class_indices(y: np.ndarray, cid: int, classes: tuple[str, ...], where: str) -> np.ndarray:
-    idx = np.flatnonzero(y == cid)
-    if idx.size == 0:
-        raise TlpipeError(f"class {cid} ({classes[cid]}) has no images in the {where} set")
-    return idx
-
-
-def _pick_target(raw: RawDataset, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per target class: k train + val_per_class val indices from the official train set."""
-    rng = _rng(cfg.seed, "target")
-    train, val = [], []
-    need = cfg.k + cfg.val_per_class
-    for cid in cfg.target_classes:
-        idx = rng.permutation(_class_indices(raw.train_y, cid, raw.classes, "train"))
-        if idx.size < need:
-            raise TlpipeError(
-                f"class {cid} ({raw.classes[cid]}) has {idx.size} train images, fewer than "
-                f"k + val_per_class = {cfg.k} + {cfg.val_per_class}; lower k or val_per_class"
-            )
-        train.append(idx[: cfg.k])
-        val.append(idx[cfg.k : need])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def _pick_source(
-    raw: RawDataset, cfg: PrepareConfig, taken: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per source class: shuffle, cap, hold out source_val_fraction; skips target-taken images."""
-    rng = _rng(cfg.seed, "source")
-    train, val = [], []
-    for cid in cfg.source_classes:
-        idx = _class_indices(raw.train_y, cid, raw.classes, "train")
-        idx = rng.permutation(np.setdiff1d(idx, taken))
-        if idx.size == 0:
-            raise TlpipeError(f"class {cid} ({raw.classes[cid]}): no train images left for source")
-        idx = idx[: cfg.max_source_per_class]
-        n_val = round(idx.size * cfg.source_val_fraction)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def _pick_test(raw: RawDataset, cfg: PrepareConfig) -> np.ndarray:
-    """The official test set restricted to the target classes (optionally capped per class)."""
-    rng = _rng(cfg.seed, "test")
-    picked = []
-    for cid in cfg.target_classes:
-        idx = _class_indices(raw.test_y, cid, raw.classes, "test")
-        if cfg.max_test_per_class is not None and idx.size > cfg.max_test_per_class:
-            idx = rng.choice(idx, cfg.max_test_per_class, replace=False)
-        picked.append(idx)
-    return np.sort(np.concatenate(picked))
-
-
-def _make_split(
-    x: np.ndarray, y: np.ndarray, ids: tuple[int, ...], cfg: PrepareConfig, shift_fraction: float,
-    purpose: str,
-) -> Split:  # fmt: skip
-    """Relabel to domain indices, conform size/channels, shift a `shift_fraction` of the images."""
-    x = conform_images(x, cfg.channels, cfg.input_size)
-    position = np.zeros(max(ids) + 1, np.int64)
-    position[list(ids)] = np.arange(len(ids))
-    y = position[y]  # dataset class id → index within this domain's class list
-    rng = _rng(cfg.seed, purpose)
-    shifted = np.zeros(len(y), bool)
-    if cfg.shift and shift_fraction > 0:
-        n_shift = round(len(y) * shift_fraction)
-        shifted[rng.choice(len(y), n_shift, replace=False)] = True
-        x = x.copy()
-        x[shifted] = apply_shift(x[shifted], cfg.shift, rng)
-    return Split(x=x, y=y, shifted=shifted)
-
-
-def build_splits(raw: RawDataset, cfg: PrepareConfig) -> dict[str, Split]:
-    """Build the five prepared splits (see `tlpipe.data.SPLITS`) from a raw dataset."""
-    validate(cfg, raw.classes)
-    target_train, target_val = _pick_target(raw, cfg)
-    taken = np.concatenate([target_train, target_val])
-    source, source_val = _pick_source(raw, cfg, taken)
-    test = _pick_test(raw, cfg)
-    src, tgt, frac = cfg.source_classes, cfg.target_classes, cfg.source_shift_fraction
-    parts = {
-        "source": (raw.train_x, raw.train_y, source, src, frac),
-        "source_val": (raw.train_x, raw.train_y, source_val, src, frac),
-        "target_train": (raw.train_x, raw.train_y, target_train, tgt, 1.0),
-        "target_val": (raw.train_x, raw.train_y, target_val, tgt, 1.0),
-        "target_test": (raw.test_x, raw.test_y, test, tgt, 1.0),
-    }
-    return {
-        name: _make_split(x[idx], y[idx], ids, cfg, fraction, name)
-        for name, (x, y, idx, ids, fraction) in parts.items()
-    }
 
 
 def per_class_counts(split: Split, n_classes: int) -> list[int]:
@@ -259,15 +328,34 @@ def per_class_counts(split: Split, n_classes: int) -> list[int]:
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0–1 scale."""
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the 0–1 scale, chunk by chunk."""
     if len(x) == 0:
-        raise TlpipeError("the source split is empty: nothing to compute mean/std from")
+        raise TlpipeError("no images to compute mean/std from")
+    hist = np.zeros((x.shape[1], 256), np.float64)
+    for start, stop in chunks(x):
+        rows = read_rows(x, start, stop)
+        for c in range(x.shape[1]):  # a 256-bin histogram: exact moments, no float copy
+            hist[c] += np.bincount(rows[:, c].ravel(), minlength=256)
+    levels = np.arange(256) / 255.0
     mean, std = [], []
     for c in range(x.shape[1]):
-        # A 256-bin histogram gives exact moments without a float copy of the images.
-        hist = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
-        levels = np.arange(256) / 255.0
-        m = float(hist @ levels / hist.sum())
+        m = float(hist[c] @ levels / hist[c].sum())
         mean.append(round(m, 6))
-        std.append(round(math.sqrt(max(float(hist @ levels**2 / hist.sum()) - m * m, 0.0)), 6))
+        std.append(
+            round(math.sqrt(max(float(hist[c] @ levels**2 / hist[c].sum()) - m * m, 0.0)), 6)
+        )
     return mean, std
+
+
+def size_summary(sizes: np.ndarray) -> dict:
+    """The distribution of stored image sizes (width, height): min, median, max, commonest."""
+    if len(sizes) == 0:
+        return {}
+    area = sizes[:, 0].astype(np.int64) * sizes[:, 1]
+    order = np.argsort(area, kind="stable")
+    pick = lambda i: sizes[order[i]].tolist()  # noqa: E731
+    uniq, counts = np.unique(sizes, axis=0, return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:5]
+    return {"min": pick(0), "median": pick(len(order) // 2), "max": pick(-1),
+            "commonest": [[f"{w}x{h}", int(counts[i])] for i, (w, h) in
+                          ((i, uniq[i]) for i in top)]}  # fmt: skip

@@ -20,11 +20,16 @@ from tlpipe.params.release import (
 )
 from tlpipe.params.scenario import (
     CHECK_FINDINGS,
+    DATA_FORMATS,
     SHIFT_PARAMS,
     CheckConfig,
+    DataSpec,
     FetchConfig,
     PrepareConfig,
     ShiftOp,
+    SourceSplit,
+    TargetSplit,
+    caps,
 )
 from tlpipe.params.training import (
     MATCHER_NAMES,
@@ -56,9 +61,10 @@ SECTIONS: dict[str, type] = {
 }
 
 __all__ = [
-    "CALIBRATION_SPLITS", "CHECK_FINDINGS", "DEFAULT_STRATEGIES", "MATCHER_NAMES", "SECTIONS",
-    "SHIFT_PARAMS", "STRATEGY_NAMES", "Calibration", "CheckConfig", "DiscriminatorSettings",
-    "EvaluateConfig", "ExportConfig", "FetchConfig", "FinetuneConfig", "JointConfig",
-    "KnnSettings", "MatchConfig", "PrepareConfig", "PretrainConfig", "RegisterConfig", "ShiftOp",
-    "TrainConfig", "check_strategies",
+    "CALIBRATION_SPLITS", "CHECK_FINDINGS", "DATA_FORMATS", "DEFAULT_STRATEGIES",
+    "MATCHER_NAMES", "SECTIONS", "SHIFT_PARAMS", "STRATEGY_NAMES", "Calibration", "CheckConfig",
+    "DataSpec", "DiscriminatorSettings", "EvaluateConfig", "ExportConfig", "FetchConfig",
+    "FinetuneConfig", "JointConfig", "KnnSettings", "MatchConfig", "PrepareConfig",
+    "PretrainConfig", "RegisterConfig", "ShiftOp", "SourceSplit", "TargetSplit", "TrainConfig",
+    "caps", "check_strategies",
 ]  # fmt: skip

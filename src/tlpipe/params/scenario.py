@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from tlpipe.errors import TlpipeError
@@ -16,32 +16,70 @@ SHIFT_PARAMS: dict[str, str | None] = {
 }
 
 
+DATA_FORMATS = ("idx", "imagefolder", "npz", "manifest")  # readers: tlpipe.readers.READERS
+
+
 @dataclass(frozen=True)
-class FetchConfig:
-    """`fetch:`.
+class DataSpec:
+    """One side's data (`fetch.source`, `fetch.target`): what it is and where it lives.
 
     Attributes:
-        dataset: A known dataset name (fashion-mnist) or any other name for custom data.
-        sources: Local paths or http(s) URLs, tried in order; empty = the known dataset's
-            defaults (for fashion-mnist: the Debian package dir, then the official URL).
-        sha256: Expected sha256 of a single-file custom source, as downloaded (optional).
-            Without it, a download that has no Content-Length must be a format whose
-            completeness can be checked (zip, npz, gzip, tar).
+        dataset: A known dataset name (fashion-mnist: its format, files, checksums and class
+            names are built in) or any other name for your own data.
+        format: How the data is laid out: idx (MNIST-style files), imagefolder (class folders,
+            under train/ and test/ when the data has its own test set), npz (train.npz, test.npz),
+            or manifest (a ``manifest.csv`` or ``manifest.parquet`` with columns path, label and
+            optionally split = train/test; paths relative to the manifest). None = the known
+            dataset's format.
+        sources: Where to get it, tried in order: local paths, http(s) URLs, ``s3://bucket/prefix``
+            (S3 or MinIO through boto3; credentials and ``AWS_ENDPOINT_URL`` from the
+            environment). A folder, an archive, one file, or a local manifest file (then only the
+            images it lists are copied). Empty = the known dataset's own places.
+        sha256: Expected sha256 of a single-file source, as downloaded (optional). Without it, a
+            download that has no Content-Length must be a format whose completeness can be
+            checked (zip, npz, gzip, tar).
+    """
+
+    dataset: str = "fashion-mnist"
+    format: Literal["idx", "imagefolder", "npz", "manifest"] | None = None
+    sources: tuple[str, ...] = ()
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dataset.strip():
+            raise TlpipeError("fetch: a dataset needs a name (any name for your own data)")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """`fetch:`, the two datasets of the scenario.
+
+    Attributes:
+        source: The large labelled dataset the model learns first; None (``source: null``) = no
+            source dataset, only a pretrained backbone (`pretrain.pretrained`): pretrain and
+            match then have nothing to do, and joint / specialist cannot run.
+        target: Your own labelled data. The same spec as `source` (the default) means one
+            dataset split by class (`prepare.source.classes` vs `prepare.target.classes`), our
+            benchmark: fetched once, and no image is ever in both.
         timeout: Seconds to wait for a server on each read (connect, headers, each block).
         deadline: Seconds one download may take from request to last byte. A server that
             trickles bytes never trips `timeout`; the default, an hour, fetches a few GB on
             a slow link yet keeps a scheduled run from hanging for ever.
     """
 
-    dataset: str = "fashion-mnist"
-    sources: tuple[str, ...] = ()
-    sha256: str | None = None
+    source: DataSpec | None = field(default_factory=DataSpec)
+    target: DataSpec = field(default_factory=DataSpec)
     timeout: float = 60.0
     deadline: float = 3600.0
 
     def __post_init__(self) -> None:
         if not (self.timeout > 0 and self.deadline > 0):
             raise TlpipeError("bad fetch parameters: timeout and deadline must be > 0 seconds")
+
+    @property
+    def one_dataset(self) -> bool:
+        """True when source and target are the same dataset (a class split of it)."""
+        return self.source == self.target
 
 
 @dataclass(frozen=True)
@@ -80,43 +118,84 @@ class ShiftOp:
         return float(getattr(self, name)) if name else 0.0
 
 
+ClassList = tuple[int | str, ...]
+
+
 @dataclass(frozen=True)
-class PrepareConfig:
-    """`prepare:`, the scenario.
+class SourceSplit:
+    """`prepare.source`: which source classes, and how many images of each.
 
     Attributes:
-        dataset: Dataset name, recorded in the manifest; a known one (`tlpipe.data.DATASETS`)
-            names its classes.
-        format: Raw layout: idx, imagefolder (train/, test/ of class folders) or npz.
-        source_classes: Dataset class ids of the source task.
-        target_classes: Dataset class ids of the target task (may overlap the source ones; an
-            image is then never in both).
-        k: Labelled target images per class, sampled from the official train set.
-        val_per_class: Target validation images per class, from the train set, disjoint from k.
-        source_val_fraction: Fraction of each source class held out as source validation.
-        max_source_per_class: Cap on source images per class (None = all); 3000 keeps
-            `make run` within minutes on a 2-core CPU.
-        max_test_per_class: Cap on test images per target class (None = all).
+        classes: The dataset's class ids (ints) or names (strings); empty = every class.
+        names: Display names for `classes`, in the same order (empty = the dataset's names).
+        max_per_class: Cap on source images per class (None = all); 3000 keeps `make run`
+            within minutes on a 2-core CPU.
+        val_fraction: Fraction of each source class held out as source validation.
+    """
+
+    classes: ClassList = (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )  # Fashion-MNIST: T-shirt/top, Trouser, Pullover, Dress, Coat
+    names: tuple[str, ...] = ()
+    max_per_class: int | None = 3000
+    val_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class TargetSplit:
+    """`prepare.target`: which target classes, and how their images are split.
+
+    Every image goes to train, val or test by a hash of its content and `prepare.seed`, so
+    adding images never moves an existing one, and the previous test set stays inside the new
+    one. The dataset's own test set (a test/ folder, test.npz, the IDX t10k files, a manifest's
+    split column) is the test split when it has one; otherwise `test_fraction` of each class.
+
+    Attributes:
+        classes: The dataset's class ids (ints) or names (strings); empty = every class.
+        names: Display names for `classes`, in the same order (empty = the dataset's names).
+        k: Cap on labelled training images per class, for few-shot benchmarks; None = every
+            image. "auto" (the default) = 5 on the one-dataset benchmark (the default scenario),
+            every image when the target is a dataset of its own.
+        val_per_class: Cap on validation images per class; None = all that fall in val. "auto"
+            = 5 on the one-dataset benchmark, else None.
+        val_fraction: Share of the (non-test) images that go to validation.
+        test_fraction: Share that goes to test when the dataset has no test set of its own.
+        max_test_per_class: Cap on test images per class (None = all).
+    """
+
+    classes: ClassList = (5, 6, 7, 8, 9)  # Fashion-MNIST: Sandal, Shirt, Sneaker, Bag, Ankle boot
+    names: tuple[str, ...] = ()
+    k: int | Literal["auto"] | None = "auto"
+    val_per_class: int | Literal["auto"] | None = "auto"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_test_per_class: int | None = None
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`prepare:`, the scenario: which classes of each side, the splits, the image format.
+
+    Attributes:
+        source: Source classes and caps (ignored when `fetch.source` is null).
+        target: Target classes and how they are split.
         shift: Target-domain shift, ops applied in order, e.g. ``[{op: invert}]``.
         source_shift_fraction: Fraction of source images (random, seeded) also shifted.
-        channels: Output channels, 1 or 3 (None = as stored; imagefolder: 3).
-        input_size: Output side length in pixels (None = as stored; imagefolder needs it).
+        channels: Output channels, 1 or 3 (None = as stored; imagefolder and manifest: 3).
+        input_size: Output side length in pixels (None = as stored; needed for image files).
         max_image_pixels: Larger images (width x height, read from the file's header) are
             refused before decoding: a 500 KB PNG can declare 13 300² pixels and take ~1 GB to
             decode. 50 MP passes full-size photos of 48 MP phones and 45 MP cameras while one
-            decoded RGB image stays under 150 MB; raise it per dataset if yours are larger.
-        seed: Seed of every random choice.
+            decoded RGB image stays under 150 MB; raise it if yours are larger.
+        seed: Seed of every random choice, and of the split hash.
     """
 
-    dataset: str = "fashion-mnist"
-    format: Literal["idx", "imagefolder", "npz"] = "idx"
-    source_classes: tuple[int, ...] = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
-    target_classes: tuple[int, ...] = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
-    k: int = 5
-    val_per_class: int = 5
-    source_val_fraction: float = 0.05
-    max_source_per_class: int | None = 3000
-    max_test_per_class: int | None = None
+    source: SourceSplit = field(default_factory=SourceSplit)
+    target: TargetSplit = field(default_factory=TargetSplit)
     shift: tuple[ShiftOp, ...] = ()
     source_shift_fraction: float = 0.0
     channels: int | None = None
@@ -125,25 +204,47 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        src, tgt = self.source, self.target
         checks = {
-            "k must be >= 1": self.k >= 1,
-            "val_per_class must be >= 1": self.val_per_class >= 1,
-            "source_val_fraction must be in [0, 1)": 0 <= self.source_val_fraction < 1,
+            "target.k must be >= 1": tgt.k in (None, "auto") or tgt.k >= 1,
+            "target.val_per_class must be >= 1": tgt.val_per_class in (None, "auto")
+            or tgt.val_per_class >= 1,
+            "target.max_test_per_class must be >= 1": (tgt.max_test_per_class or 1) >= 1,
+            "target.val_fraction must be in (0, 1)": 0 < tgt.val_fraction < 1,
+            "target.test_fraction must be in (0, 1)": 0 < tgt.test_fraction < 1,
+            "target.val_fraction + test_fraction must be < 1": tgt.val_fraction + tgt.test_fraction
+            < 1,
+            "source.val_fraction must be in [0, 1)": 0 <= src.val_fraction < 1,
+            "source.max_per_class must be >= 1": (src.max_per_class or 1) >= 1,
             "source_shift_fraction must be in [0, 1]": 0 <= self.source_shift_fraction <= 1,
-            "max_source_per_class must be >= 1": (self.max_source_per_class or 1) >= 1,
-            "max_test_per_class must be >= 1": (self.max_test_per_class or 1) >= 1,
             "channels must be 1 or 3": self.channels in (None, 1, 3),
             "input_size must be >= 8": (self.input_size or 8) >= 8,
             "max_image_pixels must be >= 1": self.max_image_pixels >= 1,
             "seed must be >= 0": self.seed >= 0,
         }
+        for side, part in (("source", src), ("target", tgt)):
+            checks[f"{side}.names must match {side}.classes one to one"] = not (
+                part.names and part.classes and len(part.names) != len(part.classes)
+            )
+            checks[f"{side}.classes lists a class twice"] = len(set(part.classes)) == len(
+                part.classes
+            )
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
             raise TlpipeError(f"bad prepare parameters: {'; '.join(bad)}")
 
 
+BENCHMARK_SHOTS = 5  # what k and val_per_class "auto" mean on the one-dataset benchmark
+
+
+def caps(target: TargetSplit, one_dataset: bool) -> tuple[int | None, int | None]:
+    """`target.k` and `target.val_per_class` with "auto" resolved (see `TargetSplit`)."""
+    auto = BENCHMARK_SHOTS if one_dataset else None
+    return tuple(auto if v == "auto" else v for v in (target.k, target.val_per_class))  # type: ignore[return-value]
+
+
 CHECK_FINDINGS = ("vanished_class", "label_set_changed", "input_shape_changed",
-                  "duplicates_across_splits")  # fmt: skip
+                  "image_size_changed", "duplicates_across_splits")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -152,7 +253,8 @@ class CheckConfig:
 
     Attributes:
         fail_on: The findings that stop the run (the others are only reported): any of
-            vanished_class, label_set_changed, input_shape_changed, duplicates_across_splits.
+            vanished_class, label_set_changed, input_shape_changed, image_size_changed,
+            duplicates_across_splits.
     """
 
     fail_on: tuple[str, ...] = ("vanished_class", "label_set_changed", "input_shape_changed")

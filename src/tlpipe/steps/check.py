@@ -2,13 +2,16 @@
 
 Runs after prepare and before any training (`tlpipe run` and the Kubeflow DAG order it so). It
 always writes a report — class counts per split old vs new, classes that appeared or vanished,
-the change of mean/std and input shape, images that stand in two target splits at once — and
+the change of mean/std, of the stored image sizes and of the input shape, images that stand in
+two target splits at once — and
 stops with one line on the failures listed in `check.fail_on`:
 
 - ``vanished_class``: a class the champion knew has no images now;
 - ``label_set_changed``: the class list differs while the scenario's settings did not (new
   labels slipped into the data; change the config to accept them);
 - ``input_shape_changed``: images of another shape or channel count;
+- ``image_size_changed``: the images as stored (before resizing) have another median or
+  commonest size (say a new camera): reported, not a failure unless listed;
 - ``duplicates_across_splits``: the same image in two of target train / val / test (the test
   split would leak).
 
@@ -74,20 +77,40 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         split: {"champion": _per_class(old, split), "now": _per_class(new, split)}
         for split in TARGET_SPLITS
     }
-    keys = ("dataset", "format", "source_classes", "target_classes")
-    same_settings = all(old["scenario"].get(k) == new["scenario"].get(k) for k in keys)
+    same_settings = settings(old) == settings(new)
+    sizes = {"champion": old.get("image_sizes", {}).get("target", {}),
+             "now": new.get("image_sizes", {}).get("target", {})}  # fmt: skip
     findings = {  # a class the settings still ask for but the data no longer has
         "vanished_class": sorted(set(old_cls) - set(new_cls)) if same_settings else [],
         "new_class": sorted(set(new_cls) - set(old_cls)),
         "label_set_changed": (old_cls != new_cls) and same_settings,
         "input_shape_changed": old["input_shape"] != new["input_shape"],
+        "image_size_changed": bool(sizes["champion"]) and _size_moved(**sizes),
     }
     drift = {
         "mean": [round(b - a, 6) for a, b in zip(old["mean"], new["mean"], strict=False)],
         "std": [round(b - a, 6) for a, b in zip(old["std"], new["std"], strict=False)],
+        "image_sizes": sizes,
     }
     return {"findings": findings, "class_counts": counts, "drift": drift,
             "same_scenario_settings": same_settings}  # fmt: skip
+
+
+def settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the scenario asked for, per side: dataset, format and the classes named in the
+    config (empty = every class of the data). Manifests of version 1 (one dataset) too."""
+    sc = manifest["scenario"]
+    if manifest.get("version", 1) < 2:
+        return {side: (sc.get("dataset"), sc.get("format"), sc.get(f"{side}_classes"))
+                for side in ("source", "target")}  # fmt: skip
+    return {side: ((manifest.get(side) or {}).get("dataset"), (manifest.get(side) or {}).get(
+        "format"), sc[side]["classes"]) for side in ("source", "target")}  # fmt: skip
+
+
+def _size_moved(champion: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The images' stored sizes moved: another median, or another commonest size."""
+    top = lambda d: d.get("commonest", [[None]])[0][0]  # noqa: E731
+    return champion.get("median") != now.get("median") or top(champion) != top(now)
 
 
 def _per_class(manifest: dict[str, Any], split: str) -> dict[str, int]:

@@ -1,11 +1,19 @@
-"""fetch: get the raw dataset into `out_dir` (e.g. data/raw), checksum-verified, atomically.
+"""fetch: get the scenario's datasets into `out_dir` (e.g. data/raw), verified, atomically.
+
+Each side (`fetch.source`, `fetch.target`) goes to its own folder, ``out_dir/source`` and
+``out_dir/target``, described by ``out_dir/source.json`` / ``target.json`` (dataset name and
+format: what prepare reads). When target and source are the same dataset (the benchmark's class
+split) it is fetched once and ``target.json`` says so; with no source dataset, ``source.json``
+says that.
 
 Sources are tried in order; a local path that does not exist or a URL that cannot be reached
 moves on to the next one, while a checksum mismatch stops with an error (a wrong file is not a
 reason to try elsewhere silently). A known dataset (`tlpipe.data.DATASETS`, e.g. fashion-mnist)
 fetches its files from a local directory or a base URL and checks each against its known
-sha256; any other dataset is one local path (a directory or a file) or one URL, with an optional
-`sha256`. Archives (.zip, .tar, .tar.gz, .tgz, …) are unpacked.
+sha256; any other dataset is one local path (a directory or a file), one http(s) URL, or one
+``s3://bucket/prefix`` (an object or every object under the prefix, read with boto3), with an
+optional `sha256`. Archives (.zip, .tar, .tar.gz, .tgz, …) are unpacked. A local manifest file
+(manifest format) brings only the images it lists.
 
 The data is untrusted. Symlinks that lead out of a source folder (or out of an unpacked archive)
 are refused, as are empty folders (DVC does not store them, so a restored data/raw would differ
@@ -23,67 +31,120 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from tlpipe import fsio
+from tlpipe import fsio, s3
 from tlpipe.data import DATASETS, DatasetSpec
 from tlpipe.download import ARCHIVES, Unreachable, download, verify_sha256
 from tlpipe.errors import TlpipeError
-from tlpipe.params import FetchConfig
-from tlpipe.readers import check_inside
+from tlpipe.params import DataSpec, FetchConfig
+from tlpipe.readers import MANIFEST_NAMES, check_inside, read_manifest_rows
 from tlpipe.steps import StepResult
+
+SIDES = ("source", "target")
 
 
 @dataclass(frozen=True)
 class FetchResult(StepResult):
-    """What fetch wrote: the raw dir, its files, the source that served them, and the data's
-    version (a sha256 over every file's relative path and sha256: the Kubeflow cache key)."""
+    """What fetch wrote: the raw dir, its files, the source that served each side, and the
+    data's version (a sha256 over every file's relative path and sha256: the Kubeflow cache
+    key)."""
 
     out_dir: Path
     files: tuple[Path, ...]
-    source: str
+    sources: dict[str, str]
     version: str
 
 
 def run(cfg: FetchConfig, out_dir: Path) -> FetchResult:
-    """Fetch `cfg.dataset` into `out_dir`, replacing it only once everything is verified."""
-    spec = DATASETS.get(cfg.dataset)
-    sources = cfg.sources or (spec.sources if spec else ())
-    if not sources:
-        raise TlpipeError(f"set fetch.sources to a local path or URL for dataset {cfg.dataset!r}")
-    if spec and cfg.sha256:
-        raise TlpipeError(f"fetch.sha256 is for custom data; {cfg.dataset} has known checksums")
+    """Fetch both sides of the scenario into `out_dir`, replacing it once all is verified."""
     out_dir = Path(out_dir)
+    served: dict[str, str] = {}
+    with fsio.atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for side in SIDES:
+            spec = getattr(cfg, side)
+            if spec is None:
+                desc: dict[str, Any] = {"dataset": None}
+            elif side == "target" and cfg.one_dataset:
+                desc = {"same_as": "source"}
+            else:
+                served[side] = _fetch_side(spec, tmp / side, cfg, f"fetch.{side}")
+                desc = {"dataset": spec.dataset, "format": data_format(spec, side)}
+            fsio.write_json(tmp / f"{side}.json", desc)
+    return _result(out_dir, served)
+
+
+def data_format(spec: DataSpec, side: str) -> str:
+    """The spec's format, or its known dataset's."""
+    known = DATASETS.get(spec.dataset)
+    fmt = spec.format or (known.format if known else None)
+    if fmt is None:
+        raise TlpipeError(f"fetch.{side}.format: set it for dataset {spec.dataset!r} "
+                          "(imagefolder, manifest, npz or idx)")  # fmt: skip
+    return fmt
+
+
+def read_sides(raw_dir: Path) -> dict[str, Any]:
+    """What fetch wrote: {"source": description or None, "target": …, "one_dataset": bool}."""
+    found = {}
+    for side in SIDES:
+        path = Path(raw_dir) / f"{side}.json"
+        if not path.is_file():
+            raise TlpipeError(f"{path} not found: {raw_dir} is not fetch's output; run "
+                              "`tlpipe fetch` first")  # fmt: skip
+        found[side] = fsio.read_json(path)
+    one = found["target"].get("same_as") == "source"
+    if one:
+        found["target"] = found["source"]
+    return {"source": found["source"] if found["source"].get("dataset") else None,
+            "target": found["target"], "one_dataset": one}  # fmt: skip
+
+
+def _fetch_side(spec: DataSpec, dest: Path, cfg: FetchConfig, where: str) -> str:
+    """Fetch one side's data into the new folder `dest`; returns the source that served it."""
+    known = DATASETS.get(spec.dataset)
+    sources = spec.sources or (known.sources if known else ())
+    if not sources:
+        raise TlpipeError(f"set {where}.sources to a local path or URL for {spec.dataset!r}")
+    if known and spec.sha256:
+        raise TlpipeError(f"{where}.sha256 is for custom data; {spec.dataset} has known checksums")
+    data_format(spec, where.rsplit(".", 1)[-1])
     failures = []
     for source in sources:
         try:
-            with fsio.atomic_path(out_dir) as tmp:
-                if spec:
-                    _fetch_known(spec, source, tmp, cfg)
-                else:
-                    _fetch_custom(source, tmp, cfg)
-                _check_fetched(tmp, source)
-            return _result(out_dir, source)
+            if known:
+                _fetch_known(known, source, dest, cfg)
+            else:
+                _fetch_custom(source, dest, spec, cfg)
+            _check_fetched(dest, source)
+            return source
         except Unreachable as e:
             failures.append(f"{source}: {e}")
+            shutil.rmtree(dest, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
     raise TlpipeError(
-        f"could not fetch {cfg.dataset} from any source:\n  " + "\n  ".join(failures)
-        + "\nset fetch.sources to a directory or URL that holds it"
+        f"could not fetch {where} ({spec.dataset}) from any source:\n  " + "\n  ".join(failures)
+        + f"\nset {where}.sources to a directory or URL that holds it"
     )  # fmt: skip
 
 
-def _result(out_dir: Path, source: str) -> FetchResult:
+def _result(out_dir: Path, served: dict[str, str]) -> FetchResult:
     files = tuple(sorted(p for p in out_dir.rglob("*") if p.is_file()))
     metrics = {"files": float(len(files)), "bytes": float(sum(p.stat().st_size for p in files))}
     h = hashlib.sha256()
     for path in files:
         h.update(f"{path.relative_to(out_dir).as_posix()}\0{fsio.sha256_file(path)}\n".encode())
-    summary = f"fetched {len(files)} files into {out_dir} from {source}"
-    return FetchResult(out_dir, files, source, h.hexdigest(), metrics=metrics, summary=summary)
+    where = ", ".join(f"{side} from {src}" for side, src in served.items())
+    summary = f"fetched {len(files)} files into {out_dir}: {where}"
+    return FetchResult(out_dir, files, served, h.hexdigest(), metrics=metrics, summary=summary)
 
 
 def is_url(source: str) -> bool:
-    return urlsplit(source).scheme in ("http", "https")
+    return urlsplit(source).scheme in ("http", "https", "s3")
 
 
 # ---------------------------------------------------------------------------- known datasets
@@ -97,7 +158,7 @@ def _fetch_known(spec: DatasetSpec, source: str, dest: Path, cfg: FetchConfig) -
     for name, expected in spec.files.items():
         if is_url(source):
             url = source.rstrip("/") + "/" + name
-            download(url, dest / name, timeout=cfg.timeout, deadline=cfg.deadline)
+            _download(url, dest / name, None, cfg)
             path = dest / name
         else:
             path = _copy_known(Path(source), name, dest)
@@ -115,27 +176,58 @@ def _copy_known(src_dir: Path, name: str, dest: Path) -> Path:
 # ---------------------------------------------------------------------------- custom data
 
 
-def _fetch_custom(source: str, dest: Path, cfg: FetchConfig) -> None:
-    """Copy a local dir, or copy/download a single file (checked, unpacked if an archive)."""
-    if not is_url(source) and not Path(source).exists():
+def _fetch_custom(source: str, dest: Path, spec: DataSpec, cfg: FetchConfig) -> None:
+    """Copy a local dir, or copy/download a single file (checked, unpacked if an archive), or
+    every object under an S3 prefix; a local manifest file brings the images it lists."""
+    local = not is_url(source)
+    if local and not Path(source).exists():
         raise Unreachable("no such file or directory")
-    if not is_url(source) and Path(source).is_dir():
-        if cfg.sha256:
-            raise TlpipeError("fetch.sha256 checks a single file, but the source is a directory")
+    if local and Path(source).is_dir():
+        if spec.sha256:
+            raise TlpipeError("fetch: sha256 checks a single file, but the source is a directory")
         check_links(Path(source))  # before copying: a secret outside is never even read
         shutil.copytree(source, dest)  # follows the (checked) links: data/raw holds files only
         return
+    if local and spec.format == "manifest" and Path(source).name in MANIFEST_NAMES:
+        _copy_listed(Path(source), dest)
+        return
+    if source.startswith("s3://") and not spec.sha256 and s3.is_prefix(source, cfg.timeout):
+        s3.download_prefix(source, dest, timeout=cfg.timeout, deadline=cfg.deadline)
+        return
     dest.mkdir()
-    name = Path(urlsplit(source).path).name if is_url(source) else Path(source).name
+    name = Path(urlsplit(source).path).name if not local else Path(source).name
     target = dest / (name or "download")
-    if is_url(source):
-        download(source, target, sha256=cfg.sha256, timeout=cfg.timeout, deadline=cfg.deadline)
-    else:
+    if local:
         shutil.copyfile(source, target)
-        if cfg.sha256:
-            verify_sha256(target, cfg.sha256)
+        if spec.sha256:
+            verify_sha256(target, spec.sha256)
+    else:
+        _download(source, target, spec.sha256, cfg)
     if target.name.lower().endswith(ARCHIVES):
         unpack(target, dest)
+
+
+def _download(url: str, target: Path, sha256: str | None, cfg: FetchConfig) -> None:
+    if url.startswith("s3://"):
+        s3.download_object(url, target, timeout=cfg.timeout, deadline=cfg.deadline)
+        if sha256:
+            verify_sha256(target, sha256)
+    else:
+        download(url, target, sha256=sha256, timeout=cfg.timeout, deadline=cfg.deadline)
+
+
+def _copy_listed(manifest: Path, dest: Path) -> None:
+    """Copy a manifest file and the images it lists (each inside the manifest's folder)."""
+    root = manifest.parent
+    dest.mkdir()
+    for rel, _label, _split in read_manifest_rows(manifest):
+        src = root / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not src.is_file():
+            raise TlpipeError(f"{manifest}: path {rel!r} is not a file inside {root}")
+        check_inside(src, root)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / rel)
+    shutil.copyfile(manifest, dest / manifest.name)
 
 
 def unpack(archive: Path, dest: Path) -> None:
@@ -186,4 +278,4 @@ def _check_fetched(tree: Path, source: str) -> None:
                 "files or delete it"
             )
     if n_files == 0:
-        raise TlpipeError(f"{source} holds no files: point fetch.sources at the data")
+        raise TlpipeError(f"{source} holds no files: point fetch's sources at the data")
