@@ -110,7 +110,7 @@ def fetched(
     src = tgt if source == "same" else None
     if isinstance(source, Path):
         src = {"dataset": "theirs", "format": source_fmt, "sources": [str(source)]}
-    cfg = config.resolve({"fetch": {"source": src, "target": tgt}})["fetch"]
+    cfg = config.build(fetch.FetchConfig, {"source": src, "target": tgt})
     fetch.run(cfg, raw_out)
     return raw_out
 

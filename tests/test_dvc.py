@@ -100,3 +100,30 @@ def test_stages_read_their_params_sections_and_the_strategy_set() -> None:
     assert {n.split("@")[1] for n in spec if n.startswith("finetune@")} == set(
         yaml.safe_load((REPO / "params.yaml").read_text())["strategies"]
     )
+
+
+def test_pretrain_depends_on_exactly_the_source_files_it_reads() -> None:
+    """New target images must not re-train the source model: pretrain's data deps are the
+    source side only, and they are every file of the prepared dir that pretrain reads."""
+    from tlpipe.data import SOURCE_FILES
+
+    deps = stages()["pretrain"]["deps"]
+    data = sorted(d.removeprefix("data/prepared/") for d in deps if d.startswith("data/"))
+    assert data == sorted(SOURCE_FILES)
+
+
+def test_pretrain_reads_no_target_file(tiny_prepared: Path, tmp_path: Path) -> None:
+    """pretrain on a prepared dir that holds only SOURCE_FILES: it reads nothing else."""
+    import shutil
+
+    from tlpipe.data import SOURCE_FILES
+    from tlpipe.params import PretrainConfig, TrainConfig
+    from tlpipe.steps import pretrain
+
+    only = tmp_path / "prepared"
+    only.mkdir()
+    for name in SOURCE_FILES:
+        shutil.copy(tiny_prepared / name, only / name)
+    cfg = PretrainConfig(train=TrainConfig(epochs=1, batch_size=64))
+    result = pretrain.run(only, tmp_path / "source.pt", cfg)
+    assert result.model_path.is_file()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from projects import merge
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -29,12 +30,7 @@ SMALL = {
 }  # fmt: skip
 
 
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return base
-
-
+@pytest.mark.slow  # 1.5 min of real training; the DVC plumbing is also in test_retraining_loop
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     work = tmp_path / "project"
@@ -42,7 +38,7 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     for name in ("dvc.yaml", "src"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMALL)
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],

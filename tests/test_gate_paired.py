@@ -3,6 +3,7 @@ against a real `mlflow server` with real ONNX exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
@@ -112,15 +113,23 @@ def test_champion_is_rescored_on_this_runs_test_images(
 
     v1 = reg(_variant(trained, tmp_path, "always0", always_first))
     assert v1.promoted
+
     # v2: the trained model with class 0 switched off: far better on average, but class 0's
     # recall drops from 100 % to 0 against v1 → challenger, the reason in its tags
-    v2 = reg(_variant(trained, tmp_path, "no0", lambda head: head.bias[0].fill_(-1e4)))
+    def no_first(head):  # class 0's logit a constant -100: never the argmax, and exact in
+        head.weight[0].zero_()  # fp32 (a -1e4 bias made ONNX and torch differ by 2e-4 > 1e-4)
+        head.bias[0].fill_(-100.0)
+
+    v2 = reg(_variant(trained, tmp_path, "no0", no_first))
     tags = client.get_model_version(cfg.model_name, v2.version).tags
     comparison = paired.Paired.from_tags(tags)
     assert not v2.promoted and "recall of class" in v2.reason and "drops 100.0" in v2.reason
     assert comparison.champion == v1.version and comparison.gain > 0.3 and comparison.p_value < 0.01
     assert tags["gate_reason"] == v2.reason and tags["onnx_sha256"]
-    # v3: the trained model itself beats v1 on the same images, significantly, every class kept
+    # v3: the trained model itself beats v1 on the same images, significantly. v1 answers class
+    # 0 every time (its recall 100 %), so any real model "drops" that class: the limit is
+    # widened for this one registration (the default refused v2 above for the same reason)
+    cfg = dataclasses.replace(cfg, max_class_recall_drop=0.5)
     v3 = reg(trained)
     assert v3.promoted and "McNemar p" in v3.reason and f"v{v1.version}" in v3.reason
     assert v3.metrics["mcnemar_p"] < 0.05 and v3.metrics["paired_gain_points"] > 20

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_idx_dataset
+from projects import benchmark, merge, synthetic
 from typer.testing import CliRunner
 
 from tlpipe import config, kfp_client, kfp_runtime
@@ -289,23 +290,33 @@ ALL_TASKS |= {"finetune[0]"}
 ALL_TASKS |= {"finetune[1]", "evaluate", "export", "gate", "register", "finish-run"}
 
 
-def test_run_local_whole_dag_and_the_gate(package, tmp_path: Path, monkeypatch) -> None:
-    import mlflow
-
+def _local_env(tmp_path: Path, monkeypatch) -> None:
+    """Run in `tmp_path` with its own sqlite tracking store and no inherited run settings."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in ("TLPIPE_PARENT_RUN_ID", "TLPIPE_EXPERIMENT", "TLPIPE_NO_TRACK", "TLPIPE_KFP_RUN"):
         monkeypatch.delenv(name, raising=False)
+
+
+def _run_local(package: Path, params: Path, *extra: str) -> tuple[Path, str]:
+    """`tlpipe pipeline run-local` (cache on): the run's folder and what evaluate selected."""
+    args = ["run-local", "--package", str(package), "-p", str(params), "--cache", *extra]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output[-3000:]
+    run_dir = re.search(r"outputs: (/\S+)", res.output)
+    selected = re.search(r"selected: (.+?); gate:", res.output)
+    assert run_dir and selected, res.output[-2000:]
+    return Path(run_dir[1]), selected[1]
+
+
+def test_run_local_whole_dag_and_the_gate(package, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    _local_env(tmp_path, monkeypatch)
     params = _scenario(tmp_path)
 
     def run_local(*extra: str) -> tuple[Path, str]:
-        args = ["run-local", "--package", str(package), "-p", str(params), "--cache", *extra]
-        res = CliRunner().invoke(app, args)
-        assert res.exit_code == 0, res.output[-3000:]
-        run_dir = re.search(r"outputs: (/\S+)", res.output)
-        selected = re.search(r"selected: (.+?); gate:", res.output)
-        assert run_dir and selected, res.output[-2000:]
-        return Path(run_dir[1]), selected[1]
+        return _run_local(package, params, *extra)
 
     # 1) the gate passes: every step ran, each strategy in its own task, register too, all
     #    under one MLflow parent run; export and register got the model evaluate selected
@@ -332,6 +343,42 @@ def test_run_local_whole_dag_and_the_gate(package, tmp_path: Path, monkeypatch) 
     assert gate["parameterValues"] == {"Output": "fail"}
     assert len(client.search_model_versions("name = 'tlpipe'")) == 1
     assert len(client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'")) == 2
+
+
+@pytest.mark.slow  # two DAG runs, 2 min: `make test-slow` (CI runs it too)
+def test_run_local_retrains_when_the_target_grows(package, tmp_path: Path, monkeypatch) -> None:
+    """Issue 12 on the DAG: the target folder grows (the real digits), the next run's prepare
+    is not a cache hit, and register scores the champion's ONNX next to the new model on the
+    new test split: the paired comparison is in its report."""
+    _local_env(tmp_path, monkeypatch)
+    digits = benchmark("digits_imagefolder")
+    target = tmp_path / "digits"
+    digits.write_digits(target, range(180))
+    short = {"epochs": 6, "batch_size": 32, "steps_per_epoch": 0, "augment": False}
+    params = merge(yaml.safe_load((ROOT / "scenarios/fashion-to-digits.yaml").read_text()), {
+        "fetch": {"source": synthetic(tmp_path)["fetch"]["source"],  # a tiny stand-in
+                  "target": {"sources": [str(target)]}},
+        "prepare": {"source": {"max_per_class": 30}, "input_size": 16},
+        "pretrain": {"train": {"epochs": 1, "batch_size": 64, "augment": False}},
+        "match": {"plots": False},
+        "finetune": {"train": short, "probe": {**short, "epochs": 3}},
+        "export": {"calibration_images": 32},
+        "register": {"accuracy_floor": 0.2},
+        "strategies": ["full"],
+    })  # fmt: skip
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+
+    first, _ = _run_local(package, path)
+    assert "**tlpipe v1** → `champion`" in (first / "register/report").read_text()
+    digits.write_digits(target, range(900))  # new labelled images arrive
+    second, _ = _run_local(package, path)
+    assert {"prepare", "evaluate", "register"} <= _steps_run(second)
+    manifest = json.loads((second / "prepare/prepared/manifest.json").read_text())
+    n_test = manifest["splits"]["target_test"]["count"]
+    report = (second / "register/report").read_text()
+    assert "**tlpipe v2** → `champion`" in report, report
+    assert "champion v1" in report and f"on the same {n_test} test images" in report, report
 
 
 def _check_artifacts(run_dir: Path, selected: str) -> None:

@@ -25,9 +25,13 @@ from tlpipe.data import (
 from tlpipe.errors import TlpipeError
 from tlpipe.loader import ArrayBatches, Feed, Transform
 from tlpipe.models import build_model
+from tlpipe.params.training import Augment, ColorJitter, RandomResizedCrop
 from tlpipe.training import TrainConfig, fit, predict
 
 CPU = torch.device("cpu")
+AUGMENT = Augment()  # the default recipe: pad_crop 2, hflip
+# every augmentation at once (v2 per image, then the batch ops)
+FULL = Augment(RandomResizedCrop(scale=(0.3, 1.0)), ColorJitter(0.4, 0.4), pad_crop=3)
 
 
 def _split(n: int, seed: int = 0, size: int = 16) -> Split:
@@ -88,16 +92,17 @@ def test_prepared_splits_are_memory_mapped(tiny_prepared: Path) -> None:
 # ---------------------------------------------------------------------------- same batches
 
 
-def _feed(batches, streaming: bool, workers: int = 0, augment: bool = True) -> Feed:
+def _feed(batches, streaming: bool, workers: int = 0, augment: Augment = AUGMENT) -> Feed:
     t = Transform(augment, seed=3, mean=(0.5,), std=(0.25,))
     return Feed(batches, t, CPU, max_in_memory_mb=0 if streaming else 1e9, num_workers=workers)
 
 
-def test_streamed_batches_equal_in_memory_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("augment", [AUGMENT, FULL], ids=["default", "v2"])
+def test_streamed_batches_equal_in_memory_batches(tmp_path: Path, augment: Augment) -> None:
     x = _on_disk(tmp_path, 70).x
     y = np.arange(70) % 5
-    memory = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), streaming=False)
-    stream = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), streaming=True, workers=2)
+    memory = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), False, augment=augment)
+    stream = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), True, 2, augment)
     assert stream.streaming and not memory.streaming
     for epoch in (0, 1):
         got = list(stream.epoch(epoch))
@@ -121,6 +126,20 @@ def test_streamed_joint_batches_equal_in_memory_ones(tmp_path: Path) -> None:
     for g, w_ in zip(got, want, strict=True):
         for key in ("input", "y", "w", "domain"):
             assert torch.equal(g[key], w_[key]), key
+
+
+def test_a_row_subset_gives_the_batches_of_its_copy(tmp_path: Path) -> None:
+    """The specialist's matched source: trained on in place, as if copied out."""
+    x = _on_disk(tmp_path, 80).x
+    y, rows = np.arange(80) % 5, np.arange(3, 80, 3)
+    want = list(_feed(ArrayBatches(np.asarray(x)[rows], y[rows], 8, seed=4), False).epoch(1))
+    for streaming in (False, True):
+        subset = ArrayBatches(x, y, 8, seed=4, rows=rows)
+        assert subset.nbytes == x[rows].nbytes
+        got = list(_feed(subset, streaming).epoch(1))
+        assert len(got) == len(want) == 4
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g["input"], w["input"]) and torch.equal(g["y"], w["y"])
 
 
 def test_fit_streamed_equals_fit_in_memory(tiny_prepared: Path) -> None:
@@ -174,10 +193,25 @@ def test_streaming_fit_and_predict_copy_no_whole_split(tmp_path: Path) -> None:
     assert _traced_peak(infer) < logits + whole / 10
 
 
+def test_a_streamed_row_subset_and_match_embeddings_copy_no_whole_split(tmp_path: Path) -> None:
+    from tlpipe.steps.match import embed_images
+
+    split = _on_disk(tmp_path, 6000, size=28)
+    whole = split.x.nbytes
+    subset = ArrayBatches(split.x, split.y, 64, rows=np.arange(0, 6000, 2), steps_per_epoch=20)
+    feed = _feed(subset, streaming=True)
+    assert _traced_peak(lambda: list(feed.epoch(0))) < whole / 10
+    model = build_model("small_cnn", 5)
+    features = 6000 * 2 * (16 + 32 + 64 + 64) * 4  # the embeddings themselves
+    peak = _traced_peak(lambda: embed_images(model, split.x, [0.5], [0.25], batch_size=256))
+    assert peak < features + whole / 10
+
+
 def test_the_threshold_picks_the_route(tmp_path: Path) -> None:
     x = _on_disk(tmp_path, 100).x  # 25.6 kB
-    small = Feed(ArrayBatches(x, np.zeros(100), 10), Transform(False, 0, (0.0,), (1.0,)), CPU, 1)
-    big = Feed(ArrayBatches(x, np.zeros(100), 10), Transform(False, 0, (0.0,), (1.0,)), CPU, 0.01)
+    off = Transform(Augment.off(), 0, (0.0,), (1.0,))
+    small = Feed(ArrayBatches(x, np.zeros(100), 10), off, CPU, 1)
+    big = Feed(ArrayBatches(x, np.zeros(100), 10), off, CPU, 0.01)
     assert not small.streaming and isinstance(small.train.x, torch.Tensor)
     assert big.streaming and isinstance(big.train.x, np.memmap)
 

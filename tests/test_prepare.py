@@ -43,7 +43,8 @@ def _ids(prepared: Path) -> dict[str, set[bytes]]:
 
 def test_tiny_prepared_matches_contract(tiny_prepared: Path) -> None:
     names = [f"{s}.{a}.npy" for s in SPLITS for a in ("x", "y", "shifted", "id")]
-    assert sorted(p.name for p in tiny_prepared.iterdir()) == sorted(names + ["manifest.json"])
+    files = sorted(p.name for p in tiny_prepared.iterdir())
+    assert files == sorted([*names, "manifest.json", "source.json"])
     m = load_manifest(tiny_prepared)
     assert m["version"] == 2 and m["dataset"] == "mine" and m["one_dataset"]
     assert m["source_classes"] == ["0", "1", "2", "3", "4"]

@@ -7,34 +7,23 @@ the tracking database at once, a step killed with SIGKILL leaving temporary outp
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import write_idx_dataset
 from mlflow_server import start_server, stop_server
+from projects import dvc_project, project_env
 
 from tlpipe import config, fsio, runner, tracking
 from tlpipe.errors import TlpipeError
 
-REPO = Path(__file__).resolve().parents[1]
 # A pretrain on the tiny data that lasts ~20-30 s on 2 busy cores: long enough to lose the
 # server in the middle of it, short enough to resume.
 LONG_PRETRAIN = ["pretrain.train.epochs=40", "pretrain.train.steps_per_epoch=40",
                  "pretrain.train.batch_size=32"]  # fmt: skip
-
-
-def _env(uri: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TLPIPE_")}
-    bin_dir = str(Path(sys.executable).parent)
-    return {**env, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + env["PATH"],
-            "TLPIPE_EXPERIMENT": f"runner-{uuid.uuid4().hex[:8]}", **extra}  # fmt: skip
 
 
 def _pretrain(prepared: Path, work: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -59,7 +48,7 @@ def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
 ) -> None:
     server, uri = start_server(tmp_path / "server")
     try:
-        proc = _pretrain(tiny_prepared, tmp_path, _env(uri))
+        proc = _pretrain(tiny_prepared, tmp_path, project_env(uri))
         resume = tmp_path / "ck/pretrain.resume.pt"
         _wait_for(resume, proc)
         lost_at = time.monotonic()
@@ -78,7 +67,7 @@ def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
     # a server is back: the same command continues where it stopped
     server, uri = start_server(tmp_path / "server2")
     try:
-        again = _pretrain(tiny_prepared, tmp_path, _env(uri))
+        again = _pretrain(tiny_prepared, tmp_path, project_env(uri))
         _, err = again.communicate(timeout=300)
     finally:
         stop_server(server)
@@ -92,8 +81,8 @@ def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(
 ) -> None:
     import mlflow
 
-    work = _dvc_project(tmp_path)
-    env = _env(mlflow_server)
+    work = dvc_project(tmp_path)
+    env = project_env(mlflow_server)
     proc = subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _wait_for(work / "checkpoints/pretrain/pretrain.resume.pt", proc, timeout=300)
@@ -109,26 +98,6 @@ def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(
     assert runs["pipeline"] == "KILLED" and runs["pretrain"] == "KILLED", runs
     assert runs["prepare"] == "FINISHED", runs
     assert (work / "checkpoints/pretrain/pretrain.resume.pt").exists()
-
-
-def _dvc_project(tmp_path: Path) -> Path:
-    """A git + DVC project running the repository's dvc.yaml on a tiny synthetic dataset."""
-    work = tmp_path / "project"
-    work.mkdir()
-    raw = write_idx_dataset(tmp_path / "raw", 30, 10)
-    (work / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    params = {
-        "fetch": {"dataset": "synthetic", "sources": [str(raw)]},
-        "prepare": {"dataset": "synthetic"},
-        "pretrain": {"train": {"epochs": 400, "batch_size": 32}},
-        **{s: {} for s in ("check", "match", "finetune", "evaluate", "export", "register")},
-        "strategies": ["full"],
-    }
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
-    return work
 
 
 def _processes_in(work: Path) -> list[str]:
@@ -148,7 +117,7 @@ def test_a_failing_step_leaves_a_failed_run_with_its_error(
 ) -> None:
     import mlflow
 
-    for key, value in _env(mlflow_server).items():
+    for key, value in project_env(mlflow_server).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     (tmp_path / "raw").mkdir()
@@ -166,7 +135,7 @@ def test_a_failing_step_leaves_a_failed_run_with_its_error(
 def test_two_first_runs_create_the_sqlite_store_safely(tmp_path: Path) -> None:
     code = "from tlpipe import tracking; print(tracking.start_pipeline_run('p'))"
     for i in range(3):  # a fresh database each time: the race is in its creation
-        env = _env(f"sqlite:///{tmp_path / f'mlflow{i}.db'}", TLPIPE_EXPERIMENT="tlpipe")
+        env = project_env(f"sqlite:///{tmp_path / f'mlflow{i}.db'}", TLPIPE_EXPERIMENT="tlpipe")
         procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]  # fmt: skip

@@ -46,7 +46,7 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
 
 def _spec(url: str, fmt: str = "imagefolder", **kw) -> fetch.FetchConfig:
     target = {"dataset": "pets", "format": fmt, "sources": [url], **kw}
-    return config.resolve({"fetch": {"source": None, "target": target}})["fetch"]
+    return config.build(fetch.FetchConfig, {"source": None, "target": target})
 
 
 def test_fetch_an_imagefolder_prefix_from_s3(bucket, tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ def test_every_preset_resolves_and_lists_every_section() -> None:
         ({"prepare": [1]}, [], "params section prepare must be a mapping"),
         ({"fetch": {"target": {"format": "csv"}}}, [], "fetch.target.format must be one of"),
         ({"prepare": {"target": {"k": "all"}}}, [], "prepare.target.k must be"),
+        ({"fetch": {"source": None}}, [], "strategy 'joint' needs a source dataset"),
+        ({"fetch": {"source": None}, "strategies": ["full"]}, [], "set pretrain.pretrained"),
         (
             {"prepare": {"target": {"val_fraction": 0.5, "test_fraction": 0.5}}},
             [],

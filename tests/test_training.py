@@ -14,7 +14,9 @@ import torch
 from tlpipe import runner
 from tlpipe.data import load_manifest, load_split
 from tlpipe.errors import TlpipeError
+from tlpipe.loader import augment
 from tlpipe.models import build_model
+from tlpipe.params.training import Augment, ColorJitter, RandomResizedCrop
 from tlpipe.training import ArrayBatches, TrainConfig, accuracy, augment_batch, fit, predict
 
 FAST = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=0)
@@ -59,6 +61,67 @@ def test_augment_keeps_shape_dtype_and_content() -> None:
     out = augment_batch(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     assert (out.float().sum((1, 2, 3)) == 64 * 200).all()  # a shift by ≤ 2 px loses nothing here
+
+
+def _augment_before_params(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`augment: true` as it was before augmentation had parameters (2 px shift + flip)."""
+    pad, (n, _, h, w) = 2, x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("size", [28, 96])  # one gather for small images, copies for large
+def test_the_default_augmentation_is_the_one_before_params_bit_for_bit(size: int) -> None:
+    x = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
+    for seed in range(4):
+        want = _augment_before_params(x, torch.Generator().manual_seed(seed))
+        assert torch.equal(augment(x, Augment(), seed), want)
+    flipped = augment(x, Augment(pad_crop=0, hflip=True), seed=1)
+    same = [torch.equal(a, b) for a, b in zip(flipped, x, strict=True)]
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, x, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(same) and any(mirrored)
+
+
+def test_v2_augmentation_depends_only_on_its_seed() -> None:
+    cfg = Augment(RandomResizedCrop(scale=(0.2, 0.5)), ColorJitter(0.5, 0.5, 0.5, 0.1), pad_crop=0)
+    for channels in (3, 1):
+        x = torch.randint(0, 256, (6, channels, 40, 40), dtype=torch.uint8)
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        a = augment(x, cfg, seed=7)
+        assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG untouched
+        assert torch.equal(a, augment(x, cfg, seed=7)) and not torch.equal(a, augment(x, cfg, 8))
+        assert a.shape == x.shape and a.dtype == torch.uint8 and not torch.equal(a, x)
+
+
+def test_augment_params_take_a_section_or_true_false() -> None:
+    from tlpipe.config import resolve
+
+    def augment_of(values: dict, section: str = "pretrain") -> Augment:
+        return resolve({section: {"train": {"augment": values}}})[section].train.augment
+
+    assert augment_of(True) == Augment() == resolve({})["pretrain"].train.augment
+    assert augment_of(False) == Augment(pad_crop=0, hflip=False) == TrainConfig().augment
+    rrc = augment_of({"random_resized_crop": {"scale": [0.5, 1]}, "pad_crop": 0}, "finetune")
+    assert rrc == Augment(RandomResizedCrop(scale=(0.5, 1.0)), pad_crop=0, hflip=True)
+    assert resolve({}, ["finetune.train.augment.hflip=false"])["finetune"].train.augment == (
+        Augment(pad_crop=2, hflip=False)
+    )  # a partial section keeps the other defaults
+    bad = {
+        "pad_crop must be >= 0": {"pad_crop": -1},
+        "scale": {"random_resized_crop": {"scale": [0.5, 2]}},
+        "hue in": {"color_jitter": {"hue": 0.9}},
+        "unknown parameter.*augment.flip": {"flip": True},
+    }
+    for message, values in bad.items():
+        with pytest.raises(TlpipeError, match=message):
+            augment_of(values)
 
 
 def test_nan_loss_stops_with_clear_error(tiny_prepared: Path) -> None:

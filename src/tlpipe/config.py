@@ -105,7 +105,12 @@ def resolve(
     Every section is built and checked, whichever step asks: a typo anywhere (`pretrian:`,
     an unknown strategy) fails before anything trains.
     """
-    from tlpipe.params import DEFAULT_STRATEGIES, SECTIONS, check_strategies
+    from tlpipe.params import (
+        DEFAULT_STRATEGIES,
+        SECTIONS,
+        check_source_strategies,
+        check_strategies,
+    )
 
     data = copy.deepcopy(params if isinstance(params, dict) else read_params(params))
     for key, value in parse_overrides(overrides).items():
@@ -126,6 +131,13 @@ def resolve(
     if not isinstance(strategies, list | tuple) or not strategies:
         raise TlpipeError(f"strategies must be a non-empty list, got {strategies!r}")
     check_strategies(strategies)
+    if configs["fetch"].source is None:  # a backbone is all there is to transfer from
+        check_source_strategies(strategies, has_source=False)
+        if configs["pretrain"].pretrained is None:
+            raise TlpipeError(
+                "fetch.source is null (no source dataset): set pretrain.pretrained to the "
+                "backbone to start from (imagenet, or a weights file)"
+            )
     return Resolved(configs, tuple(strategies))
 
 

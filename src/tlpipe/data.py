@@ -332,3 +332,17 @@ def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
 def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` of a prepared dir."""
     return fsio.read_json(Path(prepared_dir) / "manifest.json")
+
+
+SOURCE_FILES = ("source.json", *(f"{s}.{a}.npy" for s in ("source", "source_val")
+                                 for a in (*ARRAYS, "id")))  # fmt: skip
+
+
+def load_source_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """Read ``source.json``: the part of the manifest that pretraining reads.
+
+    It (and the source splits, `SOURCE_FILES`) changes only when the source data does, so
+    pretrain, which depends on nothing else of the prepared dir, is not re-run when only the
+    target grows. Its ``dataset_sha256`` is the source data's version.
+    """
+    return fsio.read_json(Path(prepared_dir) / "source.json")

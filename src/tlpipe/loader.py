@@ -13,14 +13,17 @@ routes, chosen by size (`TrainConfig.max_in_memory_mb`):
   Memory stays flat in the dataset's size: rows are read per batch, nothing holds the split.
 
 Both routes compute the same batches: the order comes from (seed, epoch) and the augmentation
-of batch `step` from its own generator seeded with (seed, epoch, step), so a streamed run is
-bit-identical to an in-memory one, and a resumed run to an uninterrupted one.
+of batch `step` (`augment`) from its own seed, (seed, epoch, step), so a streamed run is
+bit-identical to an in-memory one on a CPU, and a resumed run to an uninterrupted one. (On a
+GPU the in-memory route resizes and colour-jitters on the device, whose rounding may differ
+from the workers' CPU in the last bit; the draws are the same.)
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from tlpipe.data import read_rows, take_rows
 from tlpipe.errors import TlpipeError
+from tlpipe.params.training import Augment
 
 Batch = dict[str, torch.Tensor]
 Images = np.ndarray | torch.Tensor  # uint8 (N, C, H, W): in memory, memory-mapped, or on device
@@ -55,18 +59,80 @@ def to_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
     return (x.float() / 255.0 - m) / s
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels and horizontal flip, per image, on uint8."""
+def augment(x: torch.Tensor, cfg: Augment, seed: int) -> torch.Tensor:
+    """A uint8 batch (N, C, H, W) augmented by `cfg`; what it gets depends only on `seed`.
+
+    random_resized_crop and color_jitter are `torchvision.transforms.v2` transforms applied
+    image by image; they draw from torch's global RNG, so they run in a fork of it seeded from
+    `seed` (the caller's RNG is left as it was). pad_crop and hflip are drawn for the whole
+    batch from a generator seeded with `seed` (`augment_batch`).
+    """
+    per_image = _per_image(cfg, (x.shape[-2], x.shape[-1]))
+    if per_image is not None and len(x):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 31 + 17) % (1 << 63))  # not the generator's own seed
+            x = torch.stack([per_image(image) for image in x])
+    if cfg.pad_crop or cfg.hflip:
+        x = augment_batch(x, torch.Generator().manual_seed(seed), cfg.pad_crop, cfg.hflip)
+    return x
+
+
+ImageOp = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.lru_cache(maxsize=16)
+def _per_image(cfg: Augment, size: tuple[int, int]) -> ImageOp | None:
+    """The v2 transforms of `cfg` for images of `size`, or None when there are none."""
+    from torchvision.transforms import v2
+
+    ops: list[ImageOp] = []
+    if (crop := cfg.random_resized_crop) is not None:
+        ops.append(v2.RandomResizedCrop(size, scale=crop.scale, ratio=crop.ratio, antialias=True))
+    if (c := cfg.color_jitter) is not None:
+        ops.append(v2.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue))
+    return v2.Compose(ops) if ops else None
+
+
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True
+) -> torch.Tensor:
+    """Translate each image by up to `pad` pixels (zero fill) and mirror half of them, on uint8.
+
+    Draws the offsets (when `pad`) and then the flips from `generator`, one per image.
+    """
     n, _, h, w = x.shape
+    zeros = torch.zeros(n, dtype=torch.int64)
+    dy = torch.randint(-pad, pad + 1, (n,), generator=generator) if pad else zeros
+    dx = torch.randint(-pad, pad + 1, (n,), generator=generator) if pad else zeros
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else zeros.bool()
+    if h * w <= 64 * 64:  # small images: one gather for the batch is faster than n copies
+        return _shift_gather(x, dy, dx, flips, pad)
+    return _shift_copy(x, dy, dx, flips)
+
+
+def _shift_gather(x, dy, dx, flips, pad: int) -> torch.Tensor:
+    n, _, h, w = x.shape
+    dy, dx, flips = (t.to(x.device) for t in (dy + pad, dx + pad, flips))
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
-    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
-    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    cols = torch.where(flips[:, None, None], cols.flip(-1), cols)
     out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _shift_copy(x, dy, dx, flips) -> torch.Tensor:
+    """`_shift_gather` by one slice copy per image: out[r, c] = x[r + dy, c + dx], mirrored."""
+    out = torch.zeros_like(x)
+    _, _, h, w = x.shape
+    for i, (sy, sx, flip) in enumerate(zip(dy.tolist(), dx.tolist(), flips.tolist(), strict=True)):
+        src = x[i, :, max(0, sy) : h + min(0, sy), max(0, sx) : w + min(0, sx)]
+        rows = slice(max(0, -sy), h - max(0, sy))
+        if flip:  # the mirror image of the shifted one: its columns land mirrored too
+            out[i, :, rows, max(0, sx) : w + min(0, sx)] = src.flip(-1)
+        else:
+            out[i, :, rows, max(0, -sx) : w - max(0, sx)] = src
+    return out
 
 
 def step_seed(seed: int, epoch: int, step: int, salt: int = 0) -> int:
@@ -76,17 +142,17 @@ def step_seed(seed: int, epoch: int, step: int, salt: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Transform:
-    """Augmentation (optional) then normalisation of a uint8 batch."""
+    """Augmentation (`augment`) then normalisation of a uint8 batch."""
 
-    augment: bool
+    augment: Augment
     seed: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def augmented(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        if not self.augment:
+        if not self.augment.enabled:
             return x
-        return augment_batch(x, torch.Generator().manual_seed(step_seed(self.seed, epoch, step)))
+        return augment(x, self.augment, step_seed(self.seed, epoch, step))
 
     def normalised(self, x: torch.Tensor) -> torch.Tensor:
         return to_input(x, self.mean, self.std)
@@ -116,6 +182,8 @@ class ArrayBatches:
         weights: optional per-sample loss weights (N,).
         steps_per_epoch: batches per epoch; 0 means one pass (the last short batch kept).
         domain: constant tagged onto every batch (joint training tells target from source).
+        rows: train on these rows of `x` only (e.g. the matched source subset), read in place;
+            the batches are those of `ArrayBatches(x[rows], y[rows], …)`.
     """
 
     def __init__(
@@ -127,18 +195,21 @@ class ArrayBatches:
         weights: np.ndarray | None = None,
         steps_per_epoch: int = 0,
         domain: int = 0,
+        rows: np.ndarray | None = None,
     ):
-        if len(x) == 0:
-            raise TlpipeError("no training images: check the scenario's classes and k")
         if len(x) != len(y):
             raise TlpipeError(f"{len(x)} images but {len(y)} labels")
+        self.rows = None if rows is None else torch.as_tensor(np.asarray(rows, np.int64))
+        self.n = len(x) if rows is None else len(rows)
+        if self.n == 0:
+            raise TlpipeError("no training images: check the scenario's classes and k")
         self.x = x
         self.y = torch.tensor(np.asarray(y), dtype=torch.int64)  # labels: 8 bytes an image
         self.w = None if weights is None else torch.tensor(np.asarray(weights), dtype=torch.float32)
-        self.batch_size = min(batch_size, len(x))
+        self.batch_size = min(batch_size, self.n)
         self.seed = seed
         self.domain = domain
-        self.steps = steps_per_epoch or math.ceil(len(x) / self.batch_size)
+        self.steps = steps_per_epoch or math.ceil(self.n / self.batch_size)
         self._order: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -146,10 +217,15 @@ class ArrayBatches:
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes)
+        return int(self.x[:1].nbytes) * self.n if len(self.x) else 0
 
     def to(self, device: torch.device) -> ArrayBatches:
-        """Move the whole dataset to `device` once (images stay uint8: 4× less traffic)."""
+        """Move the images trained on to `device` once (uint8: 4× less traffic than float)."""
+        if self.rows is not None:  # only the rows trained on: at most the in-memory limit
+            rows = self.rows.numpy()
+            self.x, self.y = torch.from_numpy(take_rows(self.x, rows)), self.y[self.rows]
+            self.w = None if self.w is None else self.w[self.rows]
+            self.rows = None
         self.x, self.y = to_device(self.x, device), self.y.to(device)
         if self.w is not None:
             self.w = self.w.to(device)
@@ -160,9 +236,11 @@ class ArrayBatches:
         """This epoch's sample order: reshuffled passes over the data, from (seed, epoch)."""
         if self._order is None or self._order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            n, b = len(self.x), self.batch_size
+            n, b = self.n, self.batch_size
             passes = math.ceil(self.steps * b / n)
             order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
+            if self.rows is not None:
+                order = self.rows[order]
             self._order = (epoch, order.to(self.y.device))
         return self._order[1]
 

@@ -3,10 +3,11 @@
 Strategies differ only in what they pass in: which parameters train with which learning rate
 (`param_groups`), an optional `penalty` (L2-SP), and an optional `loss_fn` (joint training).
 Batches come through `tlpipe.loader.Feed`: small data lives on the device as uint8 and is
-augmented and normalised there; larger data streams from the memory-mapped split through a
-DataLoader with workers. Either way batch order and augmentation depend only on (seed, epoch,
-step), which makes a resumed run see exactly the batches the killed one would have, and a
-streamed run the same batches as an in-memory one.
+augmented (`TrainConfig.augment`, `tlpipe.loader.augment`) and normalised there; larger data
+streams from the memory-mapped split through a DataLoader whose workers augment it. Either way
+batch order and augmentation depend only on (seed, epoch, step), which makes a resumed run see
+exactly the batches the killed one would have, and a streamed run the same batches as an
+in-memory one.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def fit(
     Args:
         train: the batches (`ArrayBatches`, `JointBatches`: see `tlpipe.loader.Batches`); kept
             in memory on the device up to `cfg.max_in_memory_mb`, else streamed from disk.
-        mean, std: per-channel normalisation.
+        mean, std: per-channel normalisation: the data's, or the pretrained weights' own
+            (ImageNet's for torchvision weights; `tlpipe.models.Weights.normalisation`).
         val: (x, y) used for model selection; without it the last epoch is kept.
         param_groups: `[{"params": [...], "lr_scale": s}, ...]`; default all trainable params.
         loss_fn: `(model, batch) -> loss`; batch has `input` (normalised) plus the raw keys.

@@ -33,14 +33,19 @@ from tlpipe.params.scenario import (
 )
 from tlpipe.params.training import (
     MATCHER_NAMES,
+    SOURCE_STRATEGIES,
     STRATEGY_NAMES,
+    Augment,
+    ColorJitter,
     DiscriminatorSettings,
     FinetuneConfig,
     JointConfig,
     KnnSettings,
     MatchConfig,
     PretrainConfig,
+    RandomResizedCrop,
     TrainConfig,
+    check_source_strategies,
     check_strategies,
 )
 
@@ -62,9 +67,10 @@ SECTIONS: dict[str, type] = {
 
 __all__ = [
     "CALIBRATION_SPLITS", "CHECK_FINDINGS", "DATA_FORMATS", "DEFAULT_STRATEGIES",
-    "MATCHER_NAMES", "SECTIONS", "SHIFT_PARAMS", "STRATEGY_NAMES", "Calibration", "CheckConfig",
+    "MATCHER_NAMES", "SECTIONS", "SHIFT_PARAMS", "SOURCE_STRATEGIES", "STRATEGY_NAMES", "Augment",
+    "Calibration", "CheckConfig", "ColorJitter", "RandomResizedCrop",
     "DataSpec", "DiscriminatorSettings", "EvaluateConfig", "ExportConfig", "FetchConfig",
     "FinetuneConfig", "JointConfig", "KnnSettings", "MatchConfig", "PrepareConfig",
     "PretrainConfig", "RegisterConfig", "ShiftOp", "SourceSplit", "TargetSplit", "TrainConfig",
-    "caps", "check_strategies",
+    "caps", "check_source_strategies", "check_strategies",
 ]  # fmt: skip

@@ -10,7 +10,98 @@ from typing import Any, Literal
 from tlpipe.errors import TlpipeError
 
 STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "full", "lp_ft", "joint", "specialist")
+SOURCE_STRATEGIES = ("joint", "specialist")  # they train on source images, not just a backbone
 MATCHER_NAMES = ("discriminator", "knn", "class", "uniform")
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """`augment.random_resized_crop`: torchvision's RandomResizedCrop, back to the input size.
+
+    Attributes:
+        scale: Range of the crop's area as a fraction of the image (torchvision's default).
+        ratio: Range of the crop's aspect ratio (width / height).
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        scale, ratio = _pair(self.scale, "scale"), _pair(self.ratio, "ratio")
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(
+                "need 0 < scale[0] <= scale[1] <= 1 and "
+                f"0 < ratio[0] <= ratio[1], got scale {list(scale)}, ratio {list(ratio)}"
+            )
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """`augment.color_jitter`: torchvision's ColorJitter (0 = that property unchanged).
+
+    Attributes:
+        brightness: Factor drawn from [1 - b, 1 + b].
+        contrast: Factor drawn from [1 - c, 1 + c].
+        saturation: Factor drawn from [1 - s, 1 + s] (no effect on grey images).
+        hue: Shift drawn from [-h, h], h <= 0.5 (no effect on grey images).
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        values = (self.brightness, self.contrast, self.saturation, self.hue)
+        if min(values) < 0 or self.hue > 0.5:
+            raise ValueError(
+                "brightness, contrast and saturation must be >= 0 and hue in [0, 0.5], got "
+                f"{list(values)}"
+            )
+
+
+@dataclass(frozen=True)
+class Augment:
+    """`<trainer>.train.augment`: random changes to each training image, redrawn every step.
+
+    Applied in this order: random_resized_crop → color_jitter → pad_crop → hflip, with
+    `torchvision.transforms.v2` for the first two (`tlpipe.loader.augment`). What a batch gets
+    depends only on (train.seed, epoch, step). The defaults are the recipe for small images
+    (a translation by up to 2 px and a horizontal flip); for photos at 224 px the usual recipe
+    is ``{random_resized_crop: {scale: [0.08, 1]}, pad_crop: 0}``. A section given in
+    params.yaml fills in the fields it leaves out from these defaults. ``augment: true`` means
+    these defaults, ``augment: false`` no augmentation at all.
+
+    Attributes:
+        random_resized_crop: A random crop resized back to the input size; null = off.
+        color_jitter: Random brightness / contrast / saturation / hue; null = off.
+        pad_crop: Random translation by up to this many pixels (zero fill); 0 = off.
+        hflip: Mirror half of the images left-right.
+    """
+
+    random_resized_crop: RandomResizedCrop | None = None
+    color_jitter: ColorJitter | None = None
+    pad_crop: int = 2
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pad_crop < 0:
+            raise ValueError(f"pad_crop must be >= 0 pixels, got {self.pad_crop}")
+
+    @classmethod
+    def off(cls) -> Augment:
+        """No augmentation (``augment: false``)."""
+        return cls(pad_crop=0, hflip=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.random_resized_crop or self.color_jitter or self.pad_crop or self.hflip)
+
+
+def _pair(values: tuple[float, ...], name: str) -> tuple[float, float]:
+    if len(values) != 2:
+        raise ValueError(f"{name} must be [low, high], got {list(values)}")
+    return values[0], values[1]
 
 
 @dataclass(frozen=True)
@@ -27,13 +118,15 @@ class TrainConfig:
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_frac: float = 0.15
     label_smoothing: float = 0.0
-    augment: bool = False
+    augment: Augment | bool | None = None  # a section (Augment); true: its defaults; false: off
     seed: int = 0
     device: str = "auto"
     max_in_memory_mb: float = 256.0  # up to this much uint8 image data trains from the device
     num_workers: int = 2  # DataLoader workers when the data streams from disk (above the limit)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.augment, Augment):  # true / false (older params files), None
+            object.__setattr__(self, "augment", Augment() if self.augment else Augment.off())
         if self.max_in_memory_mb < 0 or self.num_workers < 0:
             raise ValueError("max_in_memory_mb and num_workers must be ≥ 0")
         for name in ("epochs", "batch_size"):
@@ -54,11 +147,19 @@ def _few_shot(**changes: Any) -> TrainConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """`pretrain:`.
+    """`pretrain:`, the source model.
 
     Attributes:
-        model: small_cnn (CPU-friendly), resnet18 or mobilenet_v3_small (`tlpipe.models`).
-        pretrained: A local torchvision weights file (nothing is downloaded at run time).
+        model: small_cnn (CPU-friendly) or a torchvision classifier by name: resnet18/34/50/101,
+            mobilenet_v2, mobilenet_v3_small/large, efficientnet_b0-b3, convnext_tiny/small
+            (`tlpipe.models.MODELS`).
+        pretrained: Starting weights for `model`: ``imagenet`` (torchvision's default weights
+            for it) or a torchvision weights name such as ``IMAGENET1K_V2``, read from the torch
+            hub cache ($TORCH_HOME/hub/checkpoints, downloaded there if missing and online); or
+            a local file: a torchvision state_dict or a tlpipe checkpoint. The checkpoint's
+            normalisation becomes the weights' own (ImageNet mean/std for torchvision weights).
+            Required when the scenario has no source dataset (`fetch.source: null`): pretrain
+            then trains nothing and writes the backbone as the source model.
         train: The optimisation settings.
     """
 
@@ -212,7 +313,7 @@ class FinetuneConfig:
     specialist: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             epochs=4, batch_size=128, lr=0.03, schedule="cosine", augment=True
-        )  # fmt: skip
+        )
     )
     per_strategy: dict[str, Any] = field(
         default_factory=lambda: {"scratch": {"train": {"lr": 0.05}}}
@@ -235,6 +336,17 @@ def check_strategies(names: Any) -> None:
     unknown = [n for n in names if n not in STRATEGY_NAMES]
     if unknown:
         raise TlpipeError(f"unknown strategy {unknown[0]!r}; choose: {', '.join(STRATEGY_NAMES)}")
+
+
+def check_source_strategies(names: Any, has_source: bool) -> None:
+    """Raise a TlpipeError if a strategy that trains on source images has no source dataset."""
+    need = [n for n in names if n in SOURCE_STRATEGIES]
+    if need and not has_source:
+        usable = [n for n in STRATEGY_NAMES if n not in SOURCE_STRATEGIES]
+        raise TlpipeError(
+            f"strategy {need[0]!r} needs a source dataset, but this scenario has none "
+            f"(fetch.source: null); use one of: {', '.join(usable)}"
+        )
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -21,7 +21,8 @@ from torch import nn
 from tlpipe import joint
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
-from tlpipe.steps.pretrain import TrainResult, checkpoint_meta
+from tlpipe.params.training import check_source_strategies
+from tlpipe.steps.pretrain import TrainResult, checkpoint_meta, has_source
 from tlpipe.training import ArrayBatches, TrainConfig
 
 
@@ -131,8 +132,8 @@ def specialist_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
 
     def source_stream(_target_batches, prepared_dir: Path, match_dir: Path | None):
         stream = _source_stream(prepared_dir, match_dir, head, cfg.strategy)
-        t, sel = phase.train, stream.selected
-        batches = ArrayBatches(stream.x[sel], stream.y[sel], t.batch_size, seed=t.seed,
+        t = phase.train
+        batches = ArrayBatches(stream.x, stream.y, t.batch_size, seed=t.seed, rows=stream.selected,
                                steps_per_epoch=t.steps_per_epoch, domain=1)  # fmt: skip
         return batches, joint.source_loss(t.label_smoothing)
 
@@ -177,9 +178,10 @@ def run(
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
     cfg = cfg.for_strategy(cfg.strategy)
     manifest = load_manifest(prepared_dir)
+    check_source_strategies([cfg.strategy], has_source(manifest))
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
     classes = manifest["target_classes"]
-    model, source_state, arch = _start_model(cfg, source_model, manifest, len(classes))
+    model, source_state, start = _start_model(cfg, source_model, manifest, len(classes))
     history, result, seconds, resume_files = [], None, 0.0, []
     key = _resume_key(cfg, manifest, source_model, match_dir)
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
@@ -193,7 +195,7 @@ def run(
         resume_files.append(resume)
         _trainable(phase.groups, model)  # phases are built up front: each sets its own again
         result = fit(
-            model, batches, t, mean=manifest["mean"], std=manifest["std"],
+            model, batches, t, mean=start.mean, std=start.std,
             val=(val.x, val.y) if len(val) and phase.validate else None, param_groups=phase.groups,
             loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume, resume_key=key,
             desc=f"{cfg.strategy}:{phase.name}",
@@ -201,7 +203,8 @@ def run(
         history += [{**row, "phase": phase.name} for row in result.history]
         seconds += result.seconds
     joint.detach_extra_heads(model)
-    meta = checkpoint_meta(manifest, arch, cfg.strategy, classes, result)
+    meta = checkpoint_meta(manifest, start.arch, cfg.strategy, classes, result,
+                           norm=(start.mean, start.std), pretrained=start.pretrained)  # fmt: skip
     meta["history"] = history
     save_checkpoint(out_model, model, meta)
     metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": seconds}
@@ -221,14 +224,28 @@ def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) ->
     return f"{cfg!r}|{manifest.get('dataset_sha256')}|{'|'.join(hashes)}"
 
 
+@dataclass(frozen=True)
+class Start:
+    """What fine-tuning starts from: the architecture, its input normalisation (the source
+    model's: it belongs to its weights; scratch: the data's), the pretrained weights' origin."""
+
+    arch: str
+    mean: list[float]
+    std: list[float]
+    pretrained: str | None = None
+
+
 def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
-    """A fresh model (scratch) or the source backbone with a new head for the target classes."""
+    """A fresh model (scratch) or the source backbone with a new head for the target classes.
+
+    Returns (model, the source's state or None, `Start`).
+    """
     from tlpipe.models import build_model, load_checkpoint, seeded
 
     in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
     if cfg.strategy == "scratch":
         model = build_model(cfg.model, num_classes, in_chans, input_size, seed=cfg.train.seed)
-        return model, None, cfg.model
+        return model, None, Start(cfg.model, manifest["mean"], manifest["std"])
     if source_model is None:
         raise TlpipeError(f"strategy {cfg.strategy!r} needs a source model (run pretrain first)")
     source, meta = load_checkpoint(source_model)
@@ -240,4 +257,5 @@ def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
     source_state = {k: v.detach().clone() for k, v in source.state_dict().items()}
     with seeded(cfg.train.seed):
         source.head = nn.Linear(source.feat_dim, num_classes)
-    return source, source_state, meta["arch"]
+    start = Start(meta["arch"], meta["mean"], meta["std"], meta.get("pretrained"))
+    return source, source_state, start

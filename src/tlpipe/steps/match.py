@@ -43,26 +43,35 @@ class MatchResult(StepResult):
 
 
 def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig) -> MatchResult:
-    """Embed source and target with `source_model`, weight the source, write `out_dir`."""
+    """Embed source and target with `source_model`, weight the source, write `out_dir`.
+
+    Without a source dataset there is nothing to weight: `out_dir` then gets empty weights and
+    a report saying matching was skipped (the pipeline's stage still has its outputs).
+    """
     from tlpipe.data import load_manifest, load_split
-    from tlpipe.fsio import atomic_path, write_json
     from tlpipe.models import load_checkpoint
+    from tlpipe.steps.pretrain import has_source
 
     manifest = load_manifest(prepared_dir)
+    if not has_source(manifest):
+        return _skipped(Path(out_dir), manifest, cfg)
     source = load_split(prepared_dir, "source")
     target_splits = ["target_train", "target_val"] if cfg.use_target_val else ["target_train"]
-    target_x = np.concatenate([load_split(prepared_dir, s).x for s in target_splits])
+    targets = [load_split(prepared_dir, s).x for s in target_splits]  # memory-mapped
+    n_target = sum(len(x) for x in targets)
     if len(source) == 0:
         raise TlpipeError(f"{prepared_dir}: the source split is empty, nothing to match")
-    if len(target_x) == 0:
+    if n_target == 0:
         raise TlpipeError(f"{prepared_dir}: no target images in {'/'.join(target_splits)}")
     model, meta = load_checkpoint(source_model)
     if list(source.x.shape[1:]) != [meta["in_chans"], meta["input_size"], meta["input_size"]]:
         raise TlpipeError(f"{source_model} was trained on other input shapes: re-run pretrain")
 
     t0 = time.perf_counter()
-    s_emb = embed_images(model, source.x, meta["mean"], meta["std"], cfg.features, cfg.batch_size)
-    t_emb = embed_images(model, target_x, meta["mean"], meta["std"], cfg.features, cfg.batch_size)
+    mean, std = meta["mean"], meta["std"]
+    s_emb = embed_images(model, source.x, mean, std, cfg.features, cfg.batch_size)
+    t_emb = np.concatenate([embed_images(model, x, mean, std, cfg.features, cfg.batch_size)
+                            for x in targets if len(x)])  # fmt: skip
     t1 = time.perf_counter()
     matcher = matching.build_matcher(cfg.matcher, cfg)
     weights = matching.fit_weights(matcher, s_emb, t_emb, source.y)
@@ -76,7 +85,7 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
         "matcher": cfg.matcher,
         "features": cfg.features,
         "embedding_dim": int(s_emb.shape[1]),
-        "n_target": len(target_x),
+        "n_target": n_target,
         "target_splits": target_splits,
         "top_fraction": cfg.top_fraction,
         **diagnostics,
@@ -86,18 +95,44 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
         "config": to_dict(cfg),
     }
     out_dir = Path(out_dir)
+    _write(out_dir, weights, selected, report, source.x if cfg.plots else None, shifted)
+    metrics = _metrics(report)
+    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
+                       out_dir / "report.json", metrics=metrics, artifacts=(out_dir,),
+                       summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}")  # fmt: skip
+
+
+def _skipped(out_dir: Path, manifest: dict[str, Any], cfg: MatchConfig) -> MatchResult:
+    """The neutral output of a scenario without source data: no weights, a report saying so."""
+    reason = "no source dataset (fetch.source: null): matching skipped"
+    report = {"skipped": reason, "matcher": cfg.matcher, "n_source": 0, "n_selected": 0,
+              "timings": {}, "dataset_sha256": manifest.get("dataset_sha256", ""),
+              "config": to_dict(cfg)}  # fmt: skip
+    _write(out_dir, np.zeros(0, np.float32), np.zeros(0, np.int64), report)
+    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
+                       out_dir / "report.json", artifacts=(out_dir,),
+                       summary=f"wrote {out_dir}: {reason}")  # fmt: skip
+
+
+def _write(
+    out_dir: Path,
+    weights: np.ndarray,
+    selected: np.ndarray,
+    report: dict[str, Any],
+    source_x: np.ndarray | None = None,
+    shifted: np.ndarray | None = None,
+) -> None:
+    """Write the outputs at once (a temp dir, renamed); plots of `source_x` when given."""
+    from tlpipe.fsio import atomic_path, write_json
+
     with atomic_path(out_dir) as tmp:
         (tmp / "plots").mkdir(parents=True)
         np.save(tmp / "weights.npy", weights)
         np.save(tmp / "selected.npy", selected)
         write_json(tmp / "report.json", report)
-        if cfg.plots:
+        if source_x is not None:
             plot_histogram(tmp / "plots" / "weights_hist.png", weights, shifted)
-            plot_extremes(tmp / "plots" / "extremes.png", source.x, weights)
-    metrics = _metrics(report)
-    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
-                       out_dir / "report.json", metrics=metrics, artifacts=(out_dir,),
-                       summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}")  # fmt: skip
+            plot_extremes(tmp / "plots" / "extremes.png", source_x, weights)
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -113,6 +148,7 @@ def embed_images(
     """Embeddings of uint8 images (no grad, batched): see the module docstring for `features`."""
     import torch
 
+    from tlpipe.data import chunks, read_rows
     from tlpipe.training import embed, resolve_device, to_input
 
     if features == "backbone":
@@ -121,9 +157,8 @@ def embed_images(
     model.eval().to(device)
     outs = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            h = to_input(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device),
-                         mean, std)  # fmt: skip
+        for start, stop in chunks(x, chunk_bytes=max(1, x[:1].nbytes) * batch_size):
+            h = to_input(torch.from_numpy(read_rows(x, start, stop)).to(device), mean, std)
             stats = []
             for block in model.blocks():
                 h = block(h)
@@ -165,13 +200,15 @@ def plot_extremes(path: Path, x: np.ndarray, weights: np.ndarray, n: int = 10) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tlpipe.data import take_rows
+
     n = min(n, len(weights))
     order = np.argsort(-weights, kind="stable")
     rows = (("most target-like", order[:n]), ("least target-like", order[::-1][:n]))
     fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6), squeeze=False)
     for r, (label, idx) in enumerate(rows):
-        for c, i in enumerate(idx):
-            img = x[i].transpose(1, 2, 0)
+        for c, (i, image) in enumerate(zip(idx, take_rows(x, idx), strict=True)):
+            img = image.transpose(1, 2, 0)
             axes[r, c].imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0,
                               vmax=255)  # fmt: skip
             axes[r, c].set_title(f"{weights[i]:.2g}", fontsize=7)

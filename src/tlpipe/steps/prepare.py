@@ -116,6 +116,10 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
             "dataset_sha256": dataset_sha256(hashes),
         }
         fsio.write_json(tmp / "manifest.json", manifest)
+        fsio.write_json(tmp / "source.json", {  # what pretrain reads (see load_source_manifest)
+            **{k: manifest[k] for k in ("source", "source_classes", "input_shape", "mean", "std")},
+            "dataset_sha256": dataset_sha256({n: hashes[n] for n in ("source", "source_val")}),
+        })  # fmt: skip
     metrics: dict[str, float] = {f"n_{name}": float(len(splits[name])) for name in SPLITS}
     metrics["duplicates_across_splits"] = float(manifest["duplicates"]["across_splits"])
     metrics["seconds"] = round(time.perf_counter() - start, 3)

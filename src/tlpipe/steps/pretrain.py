@@ -1,13 +1,22 @@
-"""Step 2: train the source model on the source classes."""
+"""Step 2: train the source model on the source classes.
+
+Without a source dataset (a scenario with `fetch.source: null`) there is nothing to train:
+the source model is then the pretrained backbone itself (`pretrain.pretrained`), written with
+an empty head, and the fine-tune strategies that need only a backbone start from it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tlpipe.errors import TlpipeError
 from tlpipe.params import PretrainConfig
 from tlpipe.steps import StepResult
+
+if TYPE_CHECKING:
+    from tlpipe.models import Weights
 
 
 @dataclass(frozen=True)
@@ -22,21 +31,42 @@ def run(
 ) -> TrainResult:
     """Train `cfg.model` on the source split, selecting the epoch by source-val accuracy.
 
+    The model starts from `cfg.pretrained` when given, and then trains and runs with the
+    normalisation of those weights (ImageNet's for torchvision weights) instead of the
+    prepared data's; the checkpoint records it for every later step.
+
     Args:
         prepared_dir: output of `prepare`.
         out_model: where the checkpoint goes (written atomically at the end).
         checkpoint_dir: per-epoch resume checkpoints; a killed run restarted with the same
             directory continues after the last finished epoch.
     """
-    from tlpipe.data import load_manifest, load_split
-    from tlpipe.models import build_model, save_checkpoint
-    from tlpipe.training import ArrayBatches, fit
+    from tlpipe.data import load_source_manifest, load_split
+    from tlpipe.models import build_model, load_weights, save_checkpoint
+    from tlpipe.training import ArrayBatches, FitResult, fit
 
-    manifest = load_manifest(prepared_dir)
+    manifest = load_source_manifest(prepared_dir)  # only the source side: see dvc.yaml
+    weights = load_weights(cfg.model, cfg.pretrained) if cfg.pretrained else None
+    mean, std = normalisation(manifest, weights)
+    t, origin = cfg.train, weights.origin if weights else None
+    if not has_source(manifest):
+        if weights is None:
+            raise TlpipeError(
+                "no source dataset and no pretrained backbone: nothing to transfer from; set "
+                "pretrain.pretrained (e.g. imagenet, with a torchvision pretrain.model) or give "
+                "the scenario a source dataset (fetch.source)"
+            )
+        model = build_model(cfg.model, 0, *_shape(manifest), pretrained=weights, seed=t.seed)
+        meta = checkpoint_meta(manifest, cfg.model, "backbone", [], FitResult(),
+                               norm=(mean, std), pretrained=origin)  # fmt: skip
+        save_checkpoint(out_model, model, meta)
+        summary = f"wrote {out_model}: the {origin} backbone as is (no source dataset to train on)"
+        return TrainResult(Path(out_model), summary=summary)
+
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
-    t, resume = cfg.train, _resume_file(checkpoint_dir, "pretrain")
+    resume = _resume_file(checkpoint_dir, "pretrain")
     model = build_model(cfg.model, len(manifest["source_classes"]), *_shape(manifest),
-                        pretrained=cfg.pretrained, seed=t.seed)  # fmt: skip
+                        pretrained=weights, seed=t.seed)  # fmt: skip
     batches = ArrayBatches(
         source.x, source.y, t.batch_size, t.seed, steps_per_epoch=t.steps_per_epoch
     )
@@ -44,14 +74,15 @@ def run(
         model,
         batches,
         t,
-        mean=manifest["mean"],
-        std=manifest["std"],
+        mean=mean,
+        std=std,
         val=(source_val.x, source_val.y) if len(source_val) else None,
         checkpoint=resume,
         resume_key=f"{cfg!r}|{manifest.get('dataset_sha256')}",
         desc="pretrain",
     )
-    meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result)
+    meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result,
+                           norm=(mean, std), pretrained=origin)  # fmt: skip
     save_checkpoint(out_model, model, meta)
     metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds}  # fmt: skip
@@ -60,18 +91,47 @@ def run(
                        resume_files=(resume,) if resume else (), summary=summary)  # fmt: skip
 
 
-def checkpoint_meta(manifest: dict, arch: str, strategy: str, classes: list[str], result) -> dict:
-    """The metadata every tlpipe checkpoint carries (export and the edge runtime read it)."""
+def has_source(manifest: dict) -> bool:
+    """Whether the prepared scenario has a source dataset (else only a pretrained backbone)."""
+    return bool(manifest.get("source_classes"))
+
+
+def normalisation(
+    manifest: dict, weights: Weights | None = None
+) -> tuple[list[float], list[float]]:
+    """(mean, std) a model starting from `weights` trains with: theirs, else the data's."""
+    own = weights.normalisation(_shape(manifest)[0]) if weights is not None else None
+    return own or (list(manifest["mean"]), list(manifest["std"]))
+
+
+def checkpoint_meta(
+    manifest: dict,
+    arch: str,
+    strategy: str,
+    classes: list[str],
+    result,
+    *,
+    norm: tuple[list[float], list[float]] | None = None,
+    pretrained: str | None = None,
+) -> dict:
+    """The metadata every tlpipe checkpoint carries (export and the edge runtime read it).
+
+    Args:
+        norm: the model's input (mean, std); default the prepared data's statistics.
+        pretrained: where the starting weights came from (recorded for lineage).
+    """
     in_chans, input_size = _shape(manifest)
+    mean, std = norm or (manifest["mean"], manifest["std"])
     meta: dict[str, Any] = {
         "arch": arch,
         "num_classes": len(classes),
         "in_chans": in_chans,
         "input_size": input_size,
         "classes": list(classes),
-        "mean": list(manifest["mean"]),
-        "std": list(manifest["std"]),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "strategy": strategy,
+        "pretrained": pretrained,
         "dataset_sha256": manifest.get("dataset_sha256", ""),
         "history": result.history,
         "best_epoch": result.best_epoch,

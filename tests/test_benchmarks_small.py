@@ -1,0 +1,83 @@
+"""benchmarks/digits_imagefolder.py (the digits ImageFolder: exact, deterministic, growing) and
+a smoke run of benchmarks/two_datasets.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from projects import benchmark
+
+from tlpipe.errors import TlpipeError
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+digits = benchmark("digits_imagefolder")
+
+
+def test_pixels_are_the_digits_scaled_exactly() -> None:
+    from sklearn.datasets import load_digits
+
+    levels = load_digits().images
+    images, labels = digits.load()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert np.array_equal(labels, load_digits().target)
+    assert sorted(np.unique(images).tolist()) == [(255 * v + 8) // 16 for v in range(17)]
+    assert np.array_equal(np.round(images / 255 * 16), levels)  # invertible: one level each
+
+
+def test_written_once_then_grown_without_touching_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    first = digits.write_digits(out, range(30))
+    assert len(first) == 30 and sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    images, labels = digits.load()
+    png = out / str(labels[7]) / "0007.png"
+    assert png in first and np.array_equal(np.asarray(Image.open(png)), images[7])
+    old = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first}
+
+    grown = digits.write_digits(out, range(50))  # 20 more arrive: added, none rewritten
+    assert len(grown) == 20 and all(int(p.stem) >= 30 for p in grown)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first} == old
+    assert digits.write_digits(out, range(50)) == []  # idempotent
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temp folder left
+
+    again = tmp_path / "again"  # deterministic: the same files, byte for byte
+    digits.write_digits(again, [49, 7, 7])
+    assert (again / png.relative_to(out)).read_bytes() == png.read_bytes()
+
+    png.write_bytes(b"someone else's file")
+    with pytest.raises(TlpipeError, match="exists with other content"):
+        digits.write_digits(out, range(10))
+
+
+def test_command_line(tmp_path: Path, capsys) -> None:
+    assert digits.main([str(tmp_path / "d"), "--first", "12"]) == 0
+    assert capsys.readouterr().out.strip().endswith("wrote 12 PNGs, 12 digits in the folder")
+    assert digits.main([str(tmp_path / "d")]) == 0
+    assert "wrote 1785 PNGs, 1797 digits" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        digits.main(["--help"])
+    assert e.value.code == 0 and "(255 * v + 8) // 16" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks/two_datasets.py"), "--quick", "--work",
+           str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on two shared cores crawl
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in table[1:]] == [
+        "| scratch", "| linear_probe", "| joint", "| selected by val (ships)"
+    ]  # fmt: skip
+    assert table[0] == "| model | k = 10 | all labels |"
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("gain over scratch (points) — k = 10: best transfer "), last
