@@ -126,7 +126,7 @@ class Split:
 # rather than in the process's resident set, which stays flat.
 
 ARRAYS = ("x", "y", "shifted")
-CHUNK_BYTES = 32 << 20  # rows per read/write chunk when walking a whole split
+CHUNK_BYTES = 8 << 20  # rows per read/write chunk when walking a whole split
 
 
 def split_paths(prepared_dir: str | Path, name: str) -> dict[str, Path]:

@@ -154,7 +154,7 @@ def read_imagefolder(
 
 
 def _image_dataset(
-    items: list[tuple[Path, int]], test: np.ndarray, classes: tuple[str, ...],
+    items: list[tuple[str, int]], test: np.ndarray, classes: tuple[str, ...],
     channels: int | None, size: int | None, max_pixels: int | None, raw_dir: Path,
 ) -> RawDataset:  # fmt: skip
     if size is None:
@@ -176,7 +176,7 @@ def _class_dirs(root: Path) -> tuple[str, ...]:
 
 def _list_images(
     raw_dir: Path, root: Path, classes: tuple[str, ...], required: bool
-) -> list[tuple[Path, int]]:
+) -> list[tuple[str, int]]:
     """(path, label) of every image under `root`, in class then file-name order.
 
     Class ids are positions in the sorted (train) folder names, so an empty train class folder
@@ -196,12 +196,13 @@ def _list_images(
                 f"{folder} is an empty class folder: DVC drops empty folders, which would shift "
                 "the ids of the classes after it; add its images or delete the folder"
             )
-        items += [(check_inside(path, raw_dir), label) for path in files]
+        # a str per file, not a Path: 100 000 Paths hold ~100 MB, their strings ~10 MB
+        items += [(str(check_inside(path, raw_dir)), label) for path in files]
     return items
 
 
 def _load_images(
-    paths: list[Path], channels: int, size: int, max_pixels: int | None, raw_dir: Path
+    paths: list[str], channels: int, size: int, max_pixels: int | None, raw_dir: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode `paths` into one uint8 array on disk (memory-mapped), written chunk by chunk.
 
@@ -241,11 +242,11 @@ def _load_images(
 
 
 def _decode(
-    path: Path, channels: int, size: int, max_pixels: int | None
+    path: str, channels: int, size: int, max_pixels: int | None
 ) -> tuple[np.ndarray, bytes, tuple[int, int]]:
     """One image file → (pixels, content key, stored (width, height)); the file is read once."""
     try:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise TlpipeError(f"{path}: cannot read ({e})") from e
     pixels, stored = load_image(io.BytesIO(data), channels, size, max_pixels, name=path)
@@ -341,7 +342,7 @@ def read_manifest(
         path = raw_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
             raise TlpipeError(f"{raw_dir}: manifest path {rel!r} is not a file inside {raw_dir}")
-        items.append((check_inside(path, raw_dir), ids[label]))
+        items.append((str(check_inside(path, raw_dir)), ids[label]))
         test.append(split == "test")
     test_mask = np.array(test, bool)
     if not (~test_mask).any():

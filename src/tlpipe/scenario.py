@@ -315,7 +315,7 @@ def write_split(out_dir: Path, name: str, sel: Selection, cfg: PrepareConfig,
     return load_split(out_dir, name)
 
 
-_CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk of images being conformed / shifted
+_CHUNK_BYTES = 16 << 20  # float32 bytes of one chunk of images being conformed / shifted
 
 
 def _rng(seed: int, purpose: str) -> np.random.Generator:
@@ -332,7 +332,7 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     if len(x) == 0:
         raise TlpipeError("no images to compute mean/std from")
     hist = np.zeros((x.shape[1], 256), np.float64)
-    for start, stop in chunks(x):
+    for start, stop in chunks(x, 2 << 20):  # small: bincount makes an int64 copy of a chunk
         rows = read_rows(x, start, stop)
         for c in range(x.shape[1]):  # a 256-bin histogram: exact moments, no float copy
             hist[c] += np.bincount(rows[:, c].ravel(), minlength=256)
