@@ -255,18 +255,34 @@ def gate(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
             "moving it (do they use different gate params?); re-run register"
         )
     decision = _final(version, target, decisions, versions)
-    client.set_model_version_tag(model_name, version, "gate_decision", decision.alias)
-    client.set_model_version_tag(model_name, version, "gate_reason", decision.reason)
+    _set_tag(client, model_name, version, "gate_decision", decision.alias)
+    _set_tag(client, model_name, version, "gate_reason", decision.reason)
     for other in in_flight:  # gate a racer now: if its register died, nobody else will
-        if versions[other].tags.get("gate_decision") == PENDING and other in decisions:
+        still = client.get_model_version(model_name, other).tags.get("gate_decision") == PENDING
+        if still and other in decisions:  # (re-read: its own register may have just done it)
             late = _final(other, target, decisions, versions)
-            client.set_model_version_tag(model_name, other, "gate_decision", late.alias)
-            client.set_model_version_tag(
-                model_name, other, "gate_reason", f"{late.reason} (gated by v{version}'s register)"
-            )
+            _set_tag(client, model_name, other, "gate_decision", late.alias)
+            _set_tag(client, model_name, other, "gate_reason",
+                     f"{late.reason} (gated by v{version}'s register)")  # fmt: skip
     if not decision.promoted:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
     return decision
+
+
+def _set_tag(client: Any, model_name: str, version: str, key: str, value: str) -> None:
+    """Set a version tag; retried once when a racing register set the same tag at the same
+    moment (MLflow's SQL store inserts a new tag row, and the second insert fails with a
+    UNIQUE constraint; on the retry the row exists and is updated)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            return client.set_model_version_tag(model_name, version, key, value)
+        except MlflowException as e:
+            racing = "UNIQUE constraint" in str(e) or "IntegrityError" in str(e)
+            if not racing or attempt == 2:
+                raise
+            time.sleep(random.uniform(0.05, 0.2))
 
 
 def _replay(
