@@ -149,7 +149,7 @@ def test_importing_and_predicting_never_imports_torch_or_mlflow(model_file, imag
 
 
 def test_every_input_kind_gives_the_same_pixels(model_file, images):
-    from tlpipe.readers import load_image
+    from tlpipe.image_files import load_image
 
     m = edge.EdgeModel(model_file)
     path = images / "white.png"

@@ -75,7 +75,9 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-KEY_DTYPE = np.dtype("S32")  # an image's content key: 32 hex digits (`tlpipe.readers.content_key`)
+KEY_DTYPE = np.dtype(
+    "S32"
+)  # an image's content key: 32 hex digits (`tlpipe.image_files.content_key`)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from tlpipe import fsio, s3
 from tlpipe.data import DATASETS, DatasetSpec
 from tlpipe.download import ARCHIVES, Unreachable, download, verify_sha256
 from tlpipe.errors import TlpipeError
+from tlpipe.image_files import MANIFEST_NAMES, check_inside, read_manifest_rows
 from tlpipe.params import DataSpec, FetchConfig
-from tlpipe.readers import MANIFEST_NAMES, check_inside, read_manifest_rows
 from tlpipe.steps import StepResult
 
 SIDES = ("source", "target")
