@@ -83,7 +83,8 @@ def test_image_runs_a_step_non_root_on_a_read_only_root(tmp_path: Path) -> None:
     out.mkdir()
     os.chown(out, 10001, 10001)
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"fetch": {"sources": [str(FMNIST)]}}))
+    spec = {"sources": [str(FMNIST)]}
+    params.write_text(json.dumps({"fetch": {"source": spec, "target": spec}}))
     _tlpipe(
         "tlpipe", "fetch", "--no-track", "--params", "/in/params.yaml", "--out", "/out/raw",
         mounts=(f"{FMNIST}:{FMNIST}:ro", f"{params}:/in/params.yaml:ro", f"{out}:/out"),
@@ -240,7 +241,8 @@ def test_the_dag_runs_in_containers_against_the_real_server(
 def test_a_failing_step_is_reported_failed(stack, package, tmp_path: Path, monkeypatch) -> None:
     import mlflow
 
-    missing = {"sources": ["/nonexistent/dataset"]}
+    gone = {"sources": ["/nonexistent/dataset"]}
+    missing = {"source": gone, "target": gone}
     with pytest.raises(TlpipeError, match="fetch"):
         run_in_containers(package, _scenario(fetch=missing), tmp_path / "root", stack)
     for key, value in stack.items():
