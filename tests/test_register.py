@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tlpipe.errors import TlpipeError
+from tlpipe.gate import Candidate, decide
 from tlpipe.steps import register
-from tlpipe.steps.register import Candidate, RegisterConfig, decide
+from tlpipe.steps.register import RegisterConfig
 
 CFG = RegisterConfig(accuracy_floor=0.5, min_improvement=0.01)
 CHAMP = Candidate("3", 0.80, "t1", True)

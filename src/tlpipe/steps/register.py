@@ -1,14 +1,14 @@
 """register: log the exported model to MLflow, create a registry version, gate `champion`.
 
-The gate (`decide`) moves alias `champion` to the new version only if ONNX parity passed,
-its accuracy is at least `accuracy_floor`, and it beats the current champion. With this run's
-prepared data, `run` scores the champion's own ONNX file on this run's test split next to the
-new one (`tlpipe.paired`): the new model must gain more than `min_improvement` on the same
-images, the gain must be significant (McNemar p < `significance`) and no class may lose more
-than `max_class_recall_drop` recall. Without a paired comparison, accuracies measured on the
-*same test data* (tag `test_sha256`) are compared; a champion measured on other data cannot
-be, so the new version stays challenger. Tags `gate_decision`, `gate_reason` and
-`paired_comparison` on the version say what happened.
+The gate (`tlpipe.gate.decide`) moves alias `champion` to the new version only if ONNX
+parity passed, its accuracy is at least `accuracy_floor`, and it beats the current champion.
+With this run's prepared data, `run` scores the champion's own ONNX file on this run's test
+split next to the new one (`tlpipe.paired`): the new model must gain more than
+`min_improvement` on the same images, the gain must be significant (McNemar p <
+`significance`) and no class may lose more than `max_class_recall_drop` recall. Without a
+paired comparison, accuracies measured on the *same test data* (tag `test_sha256`) are
+compared; a champion measured on other data cannot be, so the new version stays challenger.
+Tags `gate_decision`, `gate_reason` and `paired_comparison` on the version say what happened.
 
 Race safety: two registers running at once must never leave the worse model as champion.
 Each version is created tagged `gate_decision=pending`; `gate` then replays, in version-number
@@ -35,13 +35,13 @@ from typing import Any
 from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import sha256_file, write_json
+from tlpipe.gate import CHALLENGER, CHAMPION, Candidate, Decision, decide, replay
 from tlpipe.paired import Paired
 from tlpipe.params import RegisterConfig
 from tlpipe.steps import StepResult
 from tlpipe.steps.export import read_parity
 
-CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "pending"
-_EPS = 1e-9  # accuracies are ratios of counts; float noise must not decide a tie
+PENDING = "pending"
 _STALE_MS = 10 * 60 * 1000  # a version pending this long belongs to a register that died
 _MAX_ROUNDS = 20
 
@@ -52,78 +52,6 @@ class RegisterResult(StepResult):
     alias: str
     promoted: bool
     reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """What the gate knows about one registered version."""
-
-    version: str
-    accuracy: float
-    test_sha256: str
-    parity_passed: bool
-    paired: Paired | None = None  # against the champion of its time, on its test split
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    alias: str
-    reason: str
-
-    @property
-    def promoted(self) -> bool:
-        return self.alias == CHAMPION
-
-
-def decide(new: Candidate, champion: Candidate | None, cfg: RegisterConfig) -> Decision:
-    """The gate: should `new` replace `champion` (None: there is none)? Pure, no MLflow."""
-    acc = new.accuracy
-    if not new.parity_passed:
-        return Decision(
-            CHALLENGER,
-            "ONNX parity check failed: the exported model disagrees "
-            "with the PyTorch model; fix the export before promoting",
-        )
-    if not acc >= cfg.accuracy_floor - _EPS:
-        return Decision(
-            CHALLENGER, f"accuracy {acc:.4f} is below the floor {cfg.accuracy_floor:.4f}"
-        )
-    if champion is None:
-        return Decision(
-            CHAMPION,
-            f"no champion yet; accuracy {acc:.4f} passes the floor "
-            f"{cfg.accuracy_floor:.4f} and ONNX parity passed",
-        )
-    if champion.version == new.version:
-        return Decision(CHAMPION, f"v{new.version} is already the champion")
-    if new.paired is not None and new.paired.champion == champion.version:
-        return _decide_paired(new.paired, cfg)
-    if champion.test_sha256 != new.test_sha256:
-        return Decision(
-            CHALLENGER,
-            f"champion v{champion.version} was evaluated on different test data (test_sha256 "
-            f"{champion.test_sha256[:12] or 'unknown'}, ours {new.test_sha256[:12]}); "
-            "re-evaluate it on this test set, or move the alias by hand",
-        )
-    gain = acc - champion.accuracy
-    if not (gain > _EPS and gain >= cfg.min_improvement - _EPS):
-        return Decision(
-            CHALLENGER,
-            f"accuracy {acc:.4f} does not beat champion v{champion.version} "
-            f"({champion.accuracy:.4f})"
-            + (f" by at least {cfg.min_improvement:g}" if cfg.min_improvement > 0 else "")
-            + f" (gain {gain:+.4f})",
-        )
-    return Decision(
-        CHAMPION,
-        f"accuracy {acc:.4f} beats champion v{champion.version} ({champion.accuracy:.4f}) "
-        f"by {gain:+.4f} on the same test data",
-    )
-
-
-def _decide_paired(p: Paired, cfg: RegisterConfig) -> Decision:
-    promote, reason = p.verdict(cfg.min_improvement, cfg.significance, cfg.max_class_recall_drop)
-    return Decision(CHAMPION if promote else CHALLENGER, reason)
 
 
 def precheck(export_dir: Path, cfg: RegisterConfig) -> Decision:
@@ -242,7 +170,7 @@ def gate(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
             if (v.version in in_flight or int(v.version) >= int(version))
             and (c := _candidate(v)) is not None
         ]
-        target, decisions = _replay(base, contenders, cfg)
+        target, decisions = replay(base, contenders, cfg)
         current = _champion(client, model_name)
         if target is None or (current is not None and current.version == target.version):
             break
@@ -283,18 +211,6 @@ def _set_tag(client: Any, model_name: str, version: str, key: str, value: str) -
             if not racing or attempt == 2:
                 raise
             time.sleep(random.uniform(0.05, 0.2))
-
-
-def _replay(
-    base: Candidate | None, contenders: list[Candidate], cfg: RegisterConfig
-) -> tuple[Candidate | None, dict[str, Decision]]:
-    """Apply the gate to `contenders` one by one in version order, starting from `base`."""
-    champion, decisions = base, {}
-    for c in sorted(contenders, key=lambda c: int(c.version)):
-        decisions[c.version] = decide(c, champion, cfg)
-        if decisions[c.version].promoted:
-            champion = c
-    return champion, decisions
 
 
 def _final(
