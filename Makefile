@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 test-containers: $(STAMP)
 	BIN=$(BIN) bash containers/test.sh
 
-## pipeline: compile the Kubeflow pipeline (commit pipelines/transfer_learning.yaml)
+## pipeline: compile the Kubeflow pipeline (commit src/tlpipe/kfp/transfer_learning.yaml, shipped in the wheel)
 pipeline: $(STAMP)
 	$(BIN)/python -m pipelines.transfer_learning
 

@@ -9,7 +9,7 @@ its own subprocess so that its peak RSS (the largest process: the step or one of
 workers, from wait4) is its own:
 
 - prepare: `tlpipe.steps.prepare.run` on the folder (source = classes 0-4); images/s, peak RSS.
-- train: one epoch of `steps` batches on the prepared source split through `tlpipe.training.fit`
+- train: one epoch of `steps` batches on the prepared source split through `tlpipe.train.loop.fit`
   (streaming: `max_in_memory_mb=0`, and the automatic route), and the same model, optimizer,
   batches and augmentation (2 px translation + flip) through a plain `torchvision.datasets.
   ImageFolder` + `DataLoader` on the same JPEGs; images/s, peak RSS. Same worker count. The
@@ -65,14 +65,14 @@ def generate(root: Path, n: int, size: int) -> Path:
 
 
 def task_prepare(raw: str, out: str, size: int) -> dict:
-    from tlpipe import config, fsio
-    from tlpipe.params import PrepareConfig
+    from tlpipe import fsio
+    from tlpipe.params import PrepareConfig, fields
     from tlpipe.steps import prepare
 
     values = {"source": {"classes": list(range(SOURCE)), "max_per_class": None},
               "target": {"classes": list(range(SOURCE, N_CLASSES)), "k": 5, "val_per_class": 5},
               "channels": 3, "input_size": size}  # fmt: skip
-    cfg = config.build(PrepareConfig, values, where="prepare.")
+    cfg = fields.build(PrepareConfig, values, where="prepare.")
     # fetch's layout without copying the JPEGs (fetch is not what is measured): one dataset,
     # split by class, data/raw/source a link to the generated folder
     layout = Path(out).with_name(Path(out).name + "-raw")
@@ -89,9 +89,9 @@ def task_prepare(raw: str, out: str, size: int) -> dict:
 
 def task_tlpipe(prepared: str, model: str, size: int, steps: int, batch: int, workers: int,
                 limit_mb: float) -> dict:  # fmt: skip
-    from tlpipe.data import load_split
-    from tlpipe.models import build_model
-    from tlpipe.training import ArrayBatches, TrainConfig, fit
+    from tlpipe.data.prepared import load_split
+    from tlpipe.train.loop import ArrayBatches, TrainConfig, fit
+    from tlpipe.train.models import build_model
 
     src = load_split(prepared, "source")
     cfg = TrainConfig(epochs=1, batch_size=batch, steps_per_epoch=steps, lr=0.01, augment=True,
@@ -109,7 +109,7 @@ def task_torchvision(raw: str, model: str, size: int, steps: int, batch: int,
     import torch.nn.functional as F
     from torchvision import datasets, transforms
 
-    from tlpipe.models import build_model
+    from tlpipe.train.models import build_model
 
     class SourceFolder(datasets.ImageFolder):  # the source classes, as tlpipe's source split
         def find_classes(self, directory):

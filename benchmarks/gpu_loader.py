@@ -4,7 +4,7 @@
     python benchmarks/gpu_loader.py --quick      # tiny, runs on a CPU (the test does this)
 
 Both sides train resnet18 at 224 px (3 channels) with the same optimizer through the same
-`tlpipe.training.fit` step (bf16 autocast and channels_last on CUDA). tlpipe's side reads a
+`tlpipe.train.loop.fit` step (bf16 autocast and channels_last on CUDA). tlpipe's side reads a
 prepared split from disk (memory-mapped, streamed by DataLoader workers: `max_in_memory_mb=0`)
 with augmentation on; the ceiling's batches are uint8 tensors already on the device (no loader
 at all), augmented and normalised there. The ratio tlpipe / ceiling says how much the loader
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlpipe.data import Split, load_split, save_split
-from tlpipe.loader import ArrayBatches
-from tlpipe.models import build_model
-from tlpipe.training import TrainConfig, fit, resolve_device
+from tlpipe.data.loader import ArrayBatches
+from tlpipe.data.prepared import Split, load_split, save_split
+from tlpipe.train.loop import TrainConfig, fit, resolve_device
+from tlpipe.train.models import build_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -34,9 +34,9 @@ def default_model() -> Path:
 
 def load(model_path: Path, prepared: Path, max_images: int):
     """(model, meta, images uint8, labels or None, calibration images uint8, note)."""
-    from tlpipe.data import load_manifest, load_split
-    from tlpipe.models import build_model, load_checkpoint
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.steps.export import ExportConfig, calibration_set
+    from tlpipe.train.models import build_model, load_checkpoint
 
     if not model_path.exists():
         model = build_model("small_cnn", 5).eval()

@@ -1,6 +1,6 @@
 """Sample matching: selection precision, weighting speed, and what joint fine-tuning gains.
 
-    .venv/bin/python benchmarks/matching.py [--seeds 0 1 2] [--work DIR] [--quick]
+    .venv/bin/python benchmarks/matchers.py [--seeds 0 1 2] [--work DIR] [--quick]
         [--scenarios default mixed-source] [--pretrain-epochs N] [--finetune-epochs N]
         [--threads 1] [--no-skada]
 
@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe import matching, ratio
-from tlpipe.config import read_params, resolve
-from tlpipe.data import load_manifest, load_split
+from tlpipe.data.prepared import load_manifest, load_split
 from tlpipe.fsio import write_json
-from tlpipe.models import load_checkpoint
+from tlpipe.match import matchers, ratio
+from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
 from tlpipe.steps.finetune import _merge
-from tlpipe.training import accuracy
+from tlpipe.train.loop import accuracy
+from tlpipe.train.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"default": ROOT / "params.yaml",
@@ -106,7 +106,7 @@ def embeddings(prepared: Path, model_path: Path, cfg: match.MatchConfig, cache: 
 
 def weigh(emb: dict, cfg: match.MatchConfig, name: str) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
-    w = matching.fit_weights(matching.build_matcher(name, cfg), emb["source"], emb["target"],
+    w = matchers.fit_weights(matchers.build_matcher(name, cfg), emb["source"], emb["target"],
                              emb["y"])  # fmt: skip
     return w, time.perf_counter() - t0
 
@@ -136,9 +136,9 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
     results["embedding_seconds"] = float(emb["seconds"])
     for name in MATCHER_NAMES:
         w, seconds = weigh(emb, mcfg, name)
-        sel = matching.select_top(w, mcfg.top_fraction, mcfg.seed)
+        sel = matchers.select_top(w, mcfg.top_fraction, mcfg.seed)
         shifted = emb["shifted"] if emb["shifted"].any() else None
-        s = matching.summary(w, emb["y"], [str(i) for i in range(5)], shifted, sel)
+        s = matchers.summary(w, emb["y"], [str(i) for i in range(5)], shifted, sel)
         results[f"match:{name}"] = {"seconds": seconds, "ess_fraction": s["ess_fraction"],
                                     "precision": s.get("selection_precision")}  # fmt: skip
         write_match_dir(work / f"match_{name}", prepared, w, sel)
@@ -233,7 +233,7 @@ def skada_table(emb: dict, mcfg: match.MatchConfig, n_sub: int, seed: int = 0) -
     sq = ((sub[:, None] - sub[None]) ** 2).sum(-1)
     gamma = 1.0 / float(np.median(sq[sq > 0]))  # RBF kernels: the median heuristic
     ours = {
-        f"tlpipe {n}": lambda n=n: matching.fit_weights(matching.build_matcher(n, mcfg), s, t, y)
+        f"tlpipe {n}": lambda n=n: matchers.fit_weights(matchers.build_matcher(n, mcfg), s, t, y)
         for n in ("discriminator", "knn")
     }
     theirs = {
@@ -258,8 +258,8 @@ def skada_table(emb: dict, mcfg: match.MatchConfig, n_sub: int, seed: int = 0) -
             lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:60]} | | |")
             continue
         times[name] = time.perf_counter() - t0
-        prec = shifted[matching.select_top(w, 0.5, seed)].mean()
-        lines.append(f"| {name} | {prec:.3f} | {matching.auroc(shifted, w):.3f} | "
+        prec = shifted[matchers.select_top(w, 0.5, seed)].mean()
+        lines.append(f"| {name} | {prec:.3f} | {matchers.auroc(shifted, w):.3f} | "
                      f"{times[name]:.2f} |")  # fmt: skip
     if "skada KMMReweight" in times:
         speedup = times["skada KMMReweight"] / times["tlpipe discriminator"]
@@ -281,7 +281,7 @@ def full_size_timing(params: dict, model: Path, args) -> str:
              "embedding s (separately) |", "|---|---|---|---|---|"]  # fmt: skip
     for name in ("discriminator", "knn"):
         w, seconds = weigh(emb, mcfg, name)
-        prec = emb["shifted"][matching.select_top(w, mcfg.top_fraction)].mean()
+        prec = emb["shifted"][matchers.select_top(w, mcfg.top_fraction)].mean()
         lines.append(f"| {name} | {len(w)} | {seconds:.2f} | {prec:.3f} | "
                      f"{float(emb['seconds']):.1f} |")  # fmt: skip
     return "\n".join(lines)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tlpipe.models import build_model
-from tlpipe.training import ArrayBatches, TrainConfig, fit, to_input
+from tlpipe.train.loop import ArrayBatches, TrainConfig, fit, to_input
+from tlpipe.train.models import build_model
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = [0.286], [0.353]
@@ -29,7 +29,7 @@ MEAN, STD = [0.286], [0.353]
 
 def load_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     if (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        from tlpipe.readers import read_idx
+        from tlpipe.data.readers import read_idx
 
         x = read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:n, None].copy()  # writable
         y = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:n].astype(np.int64)

@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlpipe.config import build, read_params, resolve
-from tlpipe.data import load_manifest, load_split
-from tlpipe.models import load_checkpoint
+from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.params.fields import build
+from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
-from tlpipe.training import accuracy
+from tlpipe.train.loop import accuracy
+from tlpipe.train.models import load_checkpoint
 
 STRATEGIES = {  # name → (strategy, extra finetune params)
     "scratch": ("scratch", {}),

@@ -31,9 +31,9 @@ from typing import Any
 
 from digits_imagefolder import write_digits
 
-from tlpipe.config import read_params, resolve
 from tlpipe.fsio import read_json
 from tlpipe.params import EvaluateConfig
+from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import evaluate, fetch, finetune, match, prepare, pretrain
 
 REPO = Path(__file__).resolve().parents[1]

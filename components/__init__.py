@@ -1,6 +1,6 @@
 """KFP v2 components: one file per pipeline step, each the typed interface of one step.
 
-A component body is one call into `tlpipe.kfp_runtime`, which builds the step's config from
+A component body is one call into `tlpipe.kfp.runtime`, which builds the step's config from
 the JSON parameter, runs the step through the one runner (`tlpipe.runner.run_step`) and fills
 the KFP outputs. Nothing else: the logic lives in the package. Dependencies point one way:
 pipelines/ → components/ → tlpipe.

@@ -20,6 +20,6 @@ def check(
 
     Never cached: the champion it compares with changes without the inputs changing.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.check(prepared, dataset_sha256, check_params, register_params, report, metrics)
+    runtime.check(prepared, dataset_sha256, check_params, register_params, report, metrics)

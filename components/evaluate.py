@@ -26,9 +26,9 @@ def evaluate(
 
     The KFP UI shows the selected model's confusion matrix and every model's scalar metrics.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    selected = kfp_runtime.evaluate(
+    selected = runtime.evaluate(
         evaluate_params,
         dataset_sha256,
         prepared,

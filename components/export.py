@@ -16,9 +16,9 @@ def export(
     metrics: Output[Metrics],
 ):
     """Write model.onnx, model.int8.onnx and parity.json (ONNX Runtime vs PyTorch)."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.run(
+    runtime.run(
         "export",
         export_params,
         dataset_sha256,

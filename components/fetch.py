@@ -13,6 +13,6 @@ def fetch(fetch_params: str) -> str:
     when the version is new: an artifact from an uncached step would change every run and
     so defeat the cache of every step after it.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    return kfp_runtime.fetch(fetch_params)
+    return runtime.fetch(fetch_params)

@@ -22,9 +22,9 @@ def finetune(
     No `dataset_sha256` input: it runs in a ParallelFor, and kfp.local would pass it the loop
     item (the DAG's comment says more); `prepared` alone keys the cache on the data version.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.run(
+    runtime.run(
         "finetune",
         finetune_params,
         strategy=strategy,
@@ -45,9 +45,9 @@ def baseline(
     metrics: Output[Metrics],
 ):
     """Train the from-scratch baseline on the target images only: the bar to beat."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.run(
+    runtime.run(
         "finetune",
         finetune_params,
         dataset_sha256,

@@ -17,9 +17,9 @@ def match(
     report: Output[HTML],
 ):
     """Weight the source samples by how much they resemble the target (domain classifier)."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.run(
+    runtime.run(
         "match",
         match_params,
         dataset_sha256,

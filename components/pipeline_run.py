@@ -8,14 +8,14 @@ from components import TLPIPE_IMAGE
 @dsl.component(base_image=TLPIPE_IMAGE, install_kfp_package=False)
 def start_run(run_name: str, kfp_run_id: str) -> str:
     """Open the parent MLflow run of this pipeline run; its id (steps find it by run key)."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    return kfp_runtime.start_run(run_name, kfp_run_id)
+    return runtime.start_run(run_name, kfp_run_id)
 
 
 @dsl.component(base_image=TLPIPE_IMAGE, install_kfp_package=False)
 def finish_run(status: dsl.PipelineTaskFinalStatus):
     """Close the parent MLflow run: FINISHED when the DAG succeeded, else FAILED/KILLED."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.finish_run(status.state)
+    runtime.finish_run(status.state)

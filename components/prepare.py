@@ -22,6 +22,6 @@ def prepare(
     reuses the earlier `prepared` artifact and `dataset_sha256`, and so every later step's
     cache key is unchanged too. Fails if the data changed since `fetch` looked at it.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    return (kfp_runtime.prepare(fetch_params, data_version, prepare_params, prepared, metrics),)
+    return (runtime.prepare(fetch_params, data_version, prepare_params, prepared, metrics),)

@@ -15,9 +15,9 @@ def pretrain(
     metrics: Output[Metrics],
 ):
     """Train the source model on the source split, selected by source-val accuracy."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    kfp_runtime.run(
+    runtime.run(
         "pretrain",
         pretrain_params,
         dataset_sha256,

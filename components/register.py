@@ -16,9 +16,9 @@ def gate(onnx: Input[Model], register_params: str, verdict: Output[Markdown]) ->
     comparison, or on a named output of a multi-output component, to False. Beating the
     current champion is `register`'s decision, made against the registry.
     """
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    return kfp_runtime.gate(onnx, register_params, verdict)
+    return runtime.gate(onnx, register_params, verdict)
 
 
 @dsl.component(base_image=TLPIPE_IMAGE, install_kfp_package=False)
@@ -32,6 +32,6 @@ def register(
 ) -> NamedTuple("Outputs", [("version", str), ("alias", str)]):
     """Register the selected model in MLflow; alias champion only if it beats the champion
     on this run's test images (the champion is re-scored on them: a paired comparison)."""
-    from tlpipe import kfp_runtime
+    from tlpipe.kfp import runtime
 
-    return kfp_runtime.register(onnx, model, prepared, dataset_sha256, register_params, report)
+    return runtime.register(onnx, model, prepared, dataset_sha256, register_params, report)

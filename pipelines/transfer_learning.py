@@ -11,7 +11,7 @@ pipelines/transfer_learning.yaml, which `tlpipe pipeline run-local | submit | sc
 
 Parameters: one JSON string per params.yaml section (`prepare_params` is the scenario,
 `pretrain_params`, `finetune_params`, … the hyperparameters) and `strategies`, the fine-tune
-strategies to train and compare. Their defaults are `tlpipe.kfp_runtime.default_arguments()`:
+strategies to train and compare. Their defaults are `tlpipe.kfp.runtime.default_arguments()`:
 the dataclass defaults, i.e. the scenario `make run` trains.
 
 Every strategy trains in its own task (`dsl.ParallelFor`: one GPU pod each, cached and retried
@@ -53,11 +53,12 @@ from components.pipeline_run import finish_run, start_run
 from components.prepare import prepare
 from components.pretrain import pretrain
 from components.register import gate, register
-from tlpipe.kfp_runtime import default_arguments
+from tlpipe.kfp.runtime import default_arguments
 from tlpipe.tracking import RUN_KEY_ENV
 
 PIPELINE_NAME = "tlpipe-transfer-learning"
-PACKAGE = Path(__file__).with_suffix(".yaml")
+# The compiled spec ships inside the package, so an installed tlpipe runs it with no checkout.
+PACKAGE = Path(__file__).resolve().parents[1] / "src/tlpipe/kfp/transfer_learning.yaml"
 DEFAULTS = default_arguments()
 
 SECRET = "tlpipe-secrets"  # k8s/secrets: one key per env var of the same name

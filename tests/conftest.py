@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe import config
-from tlpipe.params import DataSpec, ShiftOp, TargetSplit
+from tlpipe.params import DataSpec, ShiftOp, TargetSplit, fields
 from tlpipe.steps import fetch, prepare
 
 pytest_plugins = ["mlflow_server"]  # the real `mlflow server` fixture (tests/mlflow_server.py)
@@ -110,7 +109,7 @@ def fetched(
     src = tgt if source == "same" else None
     if isinstance(source, Path):
         src = {"dataset": "theirs", "format": source_fmt, "sources": [str(source)]}
-    cfg = config.build(fetch.FetchConfig, {"source": src, "target": tgt})
+    cfg = fields.build(fetch.FetchConfig, {"source": src, "target": tgt})
     fetch.run(cfg, raw_out)
     return raw_out
 
@@ -155,11 +154,11 @@ def make_prepared(tiny_raw: Path, tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_prepared(**overrides)`` runs prepare on `tiny_raw` with config overrides."""
 
     def _make(**overrides) -> Path:
-        base = config.to_dict(_tiny_config())
+        base = fields.to_dict(_tiny_config())
         values = {**base, **overrides}
         for side in ("source", "target"):  # a partial side fills in the tiny config's
             values[side] = {**base[side], **overrides.get(side, {})}
-        cfg = config.build(prepare.PrepareConfig, values)
+        cfg = fields.build(prepare.PrepareConfig, values)
         out = tmp_path / f"prepared_{len(list(tmp_path.glob('prepared_*')))}"
         prepare.run(tiny_raw, out, cfg)
         return out

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe.config import build
-from tlpipe.data import Split, save_split
+from tlpipe.data.prepared import Split, save_split
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import read_json, write_json
-from tlpipe.models import (
+from tlpipe.params.fields import build
+from tlpipe.steps import finetune, match, pretrain
+from tlpipe.train.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_model,
@@ -22,7 +23,6 @@ from tlpipe.models import (
     load_weights,
     save_checkpoint,
 )
-from tlpipe.steps import finetune, match, pretrain
 
 TINY = {"epochs": 1, "batch_size": 8, "steps_per_epoch": 2, "lr": 0.01}
 GREY_MEAN = [sum(IMAGENET_MEAN) / 3]

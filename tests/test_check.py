@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe.data import Split, load_manifest, load_split, save_split
+from tlpipe.data.prepared import Split, load_manifest, load_split, save_split
 from tlpipe.errors import TlpipeError
 from tlpipe.params import CheckConfig, RegisterConfig
 from tlpipe.steps import check, register
@@ -66,7 +66,7 @@ def test_check_against_the_champion_stops_on_a_vanished_class(
 ) -> None:
     from test_register import make_export
 
-    from tlpipe.models import build_model, save_checkpoint
+    from tlpipe.train.models import build_model, save_checkpoint
 
     meta = {"arch": "small_cnn", "num_classes": 5, "in_chans": 1, "input_size": 28,
             "classes": load_manifest(tiny_prepared)["target_classes"], "mean": [0.3],

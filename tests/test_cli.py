@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.config import build, parse_overrides, resolve
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
+from tlpipe.params.fields import build
+from tlpipe.params.resolver import parse_overrides, resolve
 
 
 def tlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -77,8 +78,8 @@ def test_cli_trains_on_prepared_data(tiny_prepared: Path, tmp_path: Path) -> Non
 
 
 def test_configs_the_cli_and_the_kubeflow_client_import_no_torch() -> None:
-    code = ("import sys; from tlpipe import cli, config, kfp_client, kfp_runtime, params\n"
-            "config.resolve('params.yaml'); kfp_runtime.default_arguments()\n"
+    code = ("import sys; from tlpipe import cli, params; from tlpipe.kfp import client, runtime\n"
+            "params.resolve('params.yaml'); runtime.default_arguments()\n"
             "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, timeout=120)  # fmt: skip

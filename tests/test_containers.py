@@ -155,13 +155,13 @@ def _scenario(**overrides) -> dict:
 
 
 def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> Path:
-    """`kfp_client.run_local` with a DockerRunner: every step in the tlpipe image as uid 10001
+    """`client.run_local` with a DockerRunner: every step in the tlpipe image as uid 10001
     with a read-only root, host network (the services are on 127.0.0.1), the settings of
     Secret tlpipe-secrets and the run key as environment. The run's folder under `root`."""
     import docker as docker_sdk
     from kfp import local
 
-    from tlpipe import kfp_client, kfp_runtime
+    from tlpipe.kfp import client, runtime
     from tlpipe.tracking import RUN_KEY_ENV
 
     def runner(run_key: str) -> local.DockerRunner:
@@ -180,7 +180,7 @@ def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> P
     root.mkdir(parents=True, exist_ok=True)
     os.chown(root, 10001, 10001)  # the steps write their outputs as uid 10001
     with kfp_reports_exit_status():
-        done = kfp_client.run_local(package, kfp_runtime.arguments(scenario), root, runner=runner)
+        done = client.run_local(package, runtime.arguments(scenario), root, runner=runner)
     return done.run_dir
 
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from conftest import fmnist, make_patterns, mine, write_idx, write_idx_dataset
 
-from tlpipe import download
-from tlpipe.data import DATASETS, load_manifest, load_split
+from tlpipe.data import download
+from tlpipe.data.prepared import DATASETS, load_manifest, load_split
+from tlpipe.data.readers import read_idx, read_raw
 from tlpipe.errors import TlpipeError
-from tlpipe.readers import read_idx, read_raw
 from tlpipe.steps import fetch
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

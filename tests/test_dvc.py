@@ -88,7 +88,7 @@ def test_every_stage_depends_on_the_code_its_command_imports() -> None:
 def test_the_check_catches_a_stage_with_hand_listed_deps() -> None:
     stage = {"cmd": "tlpipe finetune --strategy full", "deps": ["src/tlpipe/steps/finetune.py"]}
     missing = uncovered(stage)
-    for module in ("models.py", "training.py", "runner.py", "tracking.py", "joint.py"):
+    for module in ("train/models.py", "train/loop.py", "runner.py", "tracking.py", "train/joint.py"):
         assert f"src/tlpipe/{module}" in missing
 
 
@@ -105,7 +105,7 @@ def test_stages_read_their_params_sections_and_the_strategy_set() -> None:
 def test_pretrain_depends_on_exactly_the_source_files_it_reads() -> None:
     """New target images must not re-train the source model: pretrain's data deps are the
     source side only, and they are every file of the prepared dir that pretrain reads."""
-    from tlpipe.data import SOURCE_FILES
+    from tlpipe.data.prepared import SOURCE_FILES
 
     deps = stages()["pretrain"]["deps"]
     data = sorted(d.removeprefix("data/prepared/") for d in deps if d.startswith("data/"))
@@ -116,7 +116,7 @@ def test_pretrain_reads_no_target_file(tiny_prepared: Path, tmp_path: Path) -> N
     """pretrain on a prepared dir that holds only SOURCE_FILES: it reads nothing else."""
     import shutil
 
-    from tlpipe.data import SOURCE_FILES
+    from tlpipe.data.prepared import SOURCE_FILES
     from tlpipe.params import PretrainConfig, TrainConfig
     from tlpipe.steps import pretrain
 

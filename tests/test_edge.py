@@ -139,7 +139,7 @@ def test_importing_and_predicting_never_imports_torch_or_mlflow(model_file, imag
         "import sys, tlpipe.edge as e\n"
         f"m = e.EdgeModel({str(model_file)!r})\n"
         f"assert m.predict([{str(images / 'white.png')!r}])[0][0] == 'bright'\n"
-        "import tlpipe.edge.cli, tlpipe.edge.pull, tlpipe.edge.registry, tlpipe.edge.store\n"
+        "import tlpipe.edge.commands, tlpipe.edge.pull, tlpipe.edge.registry, tlpipe.edge.store\n"
         "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlflow')]\n"
         "assert not bad, bad\n"
     )
@@ -149,7 +149,7 @@ def test_importing_and_predicting_never_imports_torch_or_mlflow(model_file, imag
 
 
 def test_every_input_kind_gives_the_same_pixels(model_file, images):
-    from tlpipe.image_files import load_image
+    from tlpipe.data.image_files import load_image
 
     m = edge.EdgeModel(model_file)
     path = images / "white.png"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.data import load_manifest
-from tlpipe.models import build_model, save_checkpoint
+from tlpipe.data.prepared import load_manifest
 from tlpipe.steps import export
+from tlpipe.train.models import build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import tlpipe
-from tlpipe import config
-from tlpipe.data import load_manifest, load_split
+from tlpipe.data.prepared import load_manifest, load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import sha256_file
-from tlpipe.models import build_model, save_checkpoint
+from tlpipe.params import fields
 from tlpipe.steps import export
-from tlpipe.training import predict
+from tlpipe.train.loop import predict
+from tlpipe.train.models import build_model, save_checkpoint
 
 
 def _checkpoint(path: Path, manifest: dict, classes: list[str] | None = None) -> Path:
@@ -82,7 +82,7 @@ def test_metadata_carries_everything_the_edge_needs(exported, model_path, tiny_p
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_dynamic_batch_matches_torch(exported, model_path, tiny_prepared, batch):
-    from tlpipe.models import load_checkpoint
+    from tlpipe.train.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path)
     x = load_split(tiny_prepared, "target_test").x[:batch]
@@ -97,7 +97,7 @@ def test_dynamic_batch_matches_torch(exported, model_path, tiny_prepared, batch)
 
 
 def test_parity_failure_is_reported_not_raised(tiny_prepared, model_path, tmp_path):
-    cfg = config.build(export.ExportConfig, {"tolerance": 1e-12, "int8": False})
+    cfg = fields.build(export.ExportConfig, {"tolerance": 1e-12, "int8": False})
     result = export.run(model_path, tiny_prepared, tmp_path / "export", cfg)
     parity = json.loads(result.parity_path.read_text())
     assert parity["passed"] is False and result.passed is False
@@ -124,12 +124,12 @@ def test_wrong_classes_fail_cleanly_and_leave_nothing(tiny_prepared, tmp_path):
 )
 def test_bad_config_is_a_user_error(values, match):
     with pytest.raises(TlpipeError, match=match):
-        config.build(export.ExportConfig, values)
+        fields.build(export.ExportConfig, values)
 
 
 def test_edge_runtime_serves_the_exported_model(exported, model_path, tiny_prepared):
     from tlpipe.edge import EdgeModel
-    from tlpipe.models import load_checkpoint
+    from tlpipe.train.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path)
     x = load_split(tiny_prepared, "target_test").x[:10]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe import resume
-from tlpipe.config import build
-from tlpipe.data import load_manifest
+from tlpipe.data.prepared import load_manifest
 from tlpipe.errors import TlpipeError
-from tlpipe.models import MODELS, build_model, load_checkpoint, save_checkpoint, seeded
+from tlpipe.params.fields import build
 from tlpipe.steps import evaluate, finetune, pretrain
+from tlpipe.train import resume
+from tlpipe.train.models import MODELS, build_model, load_checkpoint, save_checkpoint, seeded
 
 TINY_TRAIN = {"epochs": 2, "batch_size": 32, "steps_per_epoch": 3, "lr": 0.05}
 
@@ -214,7 +214,7 @@ def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
     import torch
 
     from tlpipe.fsio import read_json
-    from tlpipe.models import load_checkpoint, save_checkpoint
+    from tlpipe.train.models import load_checkpoint, save_checkpoint
 
     models = {"scratch": tmp_path / "scratch.pt", names[0]: tmp_path / "a.pt"}
     finetune.run(tiny_prepared, source_model, models["scratch"], _cfg("scratch"))
@@ -233,7 +233,7 @@ def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
 
 def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tmp_path) -> None:
     from tlpipe.fsio import read_json
-    from tlpipe.models import build_model, load_checkpoint, save_checkpoint
+    from tlpipe.train.models import build_model, load_checkpoint, save_checkpoint
 
     models = {"scratch": tmp_path / "scratch.pt", "full": tmp_path / "full.pt"}
     longer = {**TINY_TRAIN, "epochs": 15, "steps_per_epoch": 5}

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe import paired
-from tlpipe.config import build
 from tlpipe.edge.pull import sign
 from tlpipe.fsio import sha256_file
-from tlpipe.gate import Candidate, decide
-from tlpipe.models import build_model, load_checkpoint, save_checkpoint
 from tlpipe.params import ExportConfig, FinetuneConfig, RegisterConfig
+from tlpipe.params.fields import build
+from tlpipe.release import paired
+from tlpipe.release.promotion import Candidate, decide
 from tlpipe.steps import export, finetune, register
+from tlpipe.train.models import build_model, load_checkpoint, save_checkpoint
 
 CFG = RegisterConfig(accuracy_floor=0.0, min_improvement=0.01, significance=0.05,
                      max_class_recall_drop=0.05)  # fmt: skip

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe import joint
-from tlpipe.config import build
-from tlpipe.data import load_manifest, load_split
+from tlpipe.data.prepared import load_manifest, load_split
 from tlpipe.errors import TlpipeError
-from tlpipe.models import build_model, load_checkpoint
+from tlpipe.params.fields import build
 from tlpipe.steps import finetune, match, pretrain
-from tlpipe.training import ArrayBatches
+from tlpipe.train import joint
+from tlpipe.train.loop import ArrayBatches
+from tlpipe.train.models import build_model, load_checkpoint
 
 TINY = {"epochs": 1, "batch_size": 16, "steps_per_epoch": 2, "lr": 0.05}
 

@@ -455,7 +455,7 @@ def test_mlflow_requires_auth_and_the_pipeline_user_comes_from_the_secret() -> N
 
 
 def test_compiled_pods_run_non_root() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "pipelines/transfer_learning.yaml").read_text()))
+    docs = list(yaml.safe_load_all((ROOT / "src/tlpipe/kfp/transfer_learning.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     spec_executors = docs[0]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec_executors)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,10 @@ from conftest import write_idx_dataset
 from projects import benchmark, merge, synthetic
 from typer.testing import CliRunner
 
-from tlpipe import config, kfp_client, kfp_runtime
 from tlpipe.errors import TlpipeError
-from tlpipe.params import SECTIONS
-from tlpipe.pipeline_cli import app
+from tlpipe.kfp import client, runtime
+from tlpipe.kfp.pipeline_cli import app
+from tlpipe.params import SECTIONS, fields, resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -36,11 +35,8 @@ TRACKED += ("register", "finish-run")
 @pytest.fixture(scope="module")
 def tl():
     """The DAG module, imported from the checkout (tests may; the package never does)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import pipelines.transfer_learning as tl
-    finally:
-        sys.path.remove(str(ROOT))
+    import pipelines.transfer_learning as tl
+
     return tl
 
 
@@ -70,7 +66,7 @@ def test_committed_yaml_is_fresh(tl, compiled) -> None:
     for doc in (*committed, *fresh):
         doc.pop("sdkVersion", None)  # the only volatile field: which kfp compiled it
     assert committed == fresh, (
-        "pipelines/transfer_learning.yaml is stale: python -m pipelines.transfer_learning"
+        "src/tlpipe/kfp/transfer_learning.yaml is stale: python -m pipelines.transfer_learning"
     )
 
 
@@ -180,7 +176,7 @@ def test_every_strategy_trains_and_the_selected_model_ships(compiled) -> None:
 
 
 def test_arguments_are_checked_json_per_section() -> None:
-    args = kfp_runtime.arguments(
+    args = runtime.arguments(
         {"prepare": {"target": {"k": 3}}}, ["pretrain.train.epochs=2", "strategies=[full,lp_ft]"]
     )
     assert set(args) == PARAMETERS
@@ -188,26 +184,26 @@ def test_arguments_are_checked_json_per_section() -> None:
     assert json.loads(args["pretrain_params"])["train"]["epochs"] == 2
     assert args["strategies"] == ["full", "lp_ft"]
     with pytest.raises(TlpipeError, match="unknown parameter"):
-        kfp_runtime.arguments({"prepare": {"kk": 3}})
+        runtime.arguments({"prepare": {"kk": 3}})
     with pytest.raises(TlpipeError, match="section.key=value"):
-        kfp_runtime.arguments({}, ["epochs=2"])
+        runtime.arguments({}, ["epochs=2"])
     # a pod rebuilds the same config from the JSON it is given
-    cfg = kfp_runtime.config_for("finetune", args["finetune_params"], strategy="scratch")
+    cfg = runtime.config_for("finetune", args["finetune_params"], strategy="scratch")
     assert cfg.strategy == "scratch" and cfg.train.lr == 0.05  # per_strategy applied
 
 
 def test_make_run_run_local_and_the_compiled_defaults_are_one_scenario(compiled) -> None:
-    """`make run` (params.yaml through config.resolve), `tlpipe pipeline run-local` (its
+    """`make run` (params.yaml through resolver.resolve), `tlpipe pipeline run-local` (its
     arguments) and a run started with the compiled pipeline's defaults train the same."""
-    make_run = config.resolve(ROOT / "params.yaml")
-    run_local = kfp_runtime.arguments(ROOT / "params.yaml")
+    make_run = resolver.resolve(ROOT / "params.yaml")
+    run_local = runtime.arguments(ROOT / "params.yaml")
     params = compiled["pipeline"]["root"]["inputDefinitions"]["parameters"]
     defaults = {name: p["defaultValue"] for name, p in params.items()}
-    kfp_client.check_arguments(compiled["pipeline"], run_local)
+    client.check_arguments(compiled["pipeline"], run_local)
     for args in (run_local, defaults):
         assert tuple(args["strategies"]) == make_run.strategies
         for section, cls in SECTIONS.items():
-            cfg = config.build(cls, json.loads(args[f"{section}_params"]), where=f"{section}.")
+            cfg = fields.build(cls, json.loads(args[f"{section}_params"]), where=f"{section}.")
             assert cfg == make_run[section], section
 
 

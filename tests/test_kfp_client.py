@@ -25,12 +25,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tlpipe import kfp_client
 from tlpipe.errors import TlpipeError
+from tlpipe.kfp import client
+from tlpipe.kfp.pipeline_cli import app
 from tlpipe.params import SECTIONS
-from tlpipe.pipeline_cli import app
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "transfer_learning.yaml"
+PACKAGE = client.SHIPPED
 PARAMETERS = {f"{s}_params" for s in SECTIONS} | {"strategies"}
 
 
@@ -47,18 +47,18 @@ def compiled() -> dict:
 
 
 def test_cron_is_converted_and_validated() -> None:
-    assert kfp_client.to_kfp_cron("0 3 * * *") == "0 0 3 * * *"
-    assert kfp_client.to_kfp_cron("30 0 3 * * MON-FRI") == "30 0 3 * * MON-FRI"
-    assert kfp_client.to_kfp_cron("*/15 * * * *") == "0 */15 * * * *"
+    assert client.to_kfp_cron("0 3 * * *") == "0 0 3 * * *"
+    assert client.to_kfp_cron("30 0 3 * * MON-FRI") == "30 0 3 * * MON-FRI"
+    assert client.to_kfp_cron("*/15 * * * *") == "0 */15 * * * *"
     for bad in ("0 3 * *", "0 25 * * *", "61 0 3 * * *", "x 3 * * *", "0 3 * * * * *"):
         with pytest.raises(TlpipeError, match="cron"):
-            kfp_client.to_kfp_cron(bad)
+            client.to_kfp_cron(bad)
 
 
 @pytest.mark.parametrize("command", [["run-local"], ["submit", "--host", "http://127.0.0.1:9"]])
-def test_pipeline_outside_a_checkout_says_what_it_needs(tmp_path: Path, command) -> None:
+def test_a_missing_package_says_what_to_do(tmp_path: Path, command) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "tlpipe.cli", "pipeline", *command],
+        [sys.executable, "-m", "tlpipe.cli", "pipeline", *command, "--package", "nope.yaml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -66,8 +66,15 @@ def test_pipeline_outside_a_checkout_says_what_it_needs(tmp_path: Path, command)
     )
     assert res.returncode == 1
     (line,) = res.stderr.strip().splitlines()
-    assert "pipelines/transfer_learning.yaml not found" in line
-    assert "--package PATH" in line and "python -m pipelines.transfer_learning" in line
+    assert "nope.yaml not found" in line and "--package PATH" in line
+
+
+def test_the_compiled_pipeline_ships_in_the_package() -> None:
+    """The wheel's package data is the file `tlpipe pipeline` runs by default (fresh: test_kfp)."""
+    from importlib.resources import files
+
+    shipped = files("tlpipe.kfp") / "transfer_learning.yaml"
+    assert shipped.is_file() and Path(str(shipped)) == client.SHIPPED
 
 
 def test_a_stale_package_fails_before_anything_runs(package, tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe import fsio, joint
-from tlpipe.data import (
+from tlpipe import fsio
+from tlpipe.data.loader import ArrayBatches, Feed, Transform
+from tlpipe.data.prepared import (
     ArrayWriter,
     Split,
     file_view,
@@ -23,10 +24,10 @@ from tlpipe.data import (
     take_rows,
 )
 from tlpipe.errors import TlpipeError
-from tlpipe.loader import ArrayBatches, Feed, Transform
-from tlpipe.models import build_model
-from tlpipe.params.training import Augment, ColorJitter, RandomResizedCrop
-from tlpipe.training import TrainConfig, fit, predict
+from tlpipe.params.learning import Augment, ColorJitter, RandomResizedCrop
+from tlpipe.train import joint
+from tlpipe.train.loop import TrainConfig, fit, predict
+from tlpipe.train.models import build_model
 
 CPU = torch.device("cpu")
 AUGMENT = Augment()  # the default recipe: pad_crop 2, hflip

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe import matching, ratio
-from tlpipe.config import build
 from tlpipe.errors import TlpipeError
-from tlpipe.matching import MATCHERS, Params
+from tlpipe.match import matchers, ratio
+from tlpipe.match.matchers import MATCHERS, Params
+from tlpipe.params.fields import build
 
 DIM = 24
 
@@ -44,7 +44,7 @@ def target_like(n: int = 50, seed: int = 1, new_class: bool = True) -> np.ndarra
 
 
 def _precision(w: np.ndarray, shifted: np.ndarray) -> float:
-    return float(shifted[matching.select_top(w, shifted.mean())].mean())
+    return float(shifted[matchers.select_top(w, shifted.mean())].mean())
 
 
 # ---------------------------------------------------------------------------- weights
@@ -53,7 +53,7 @@ def _precision(w: np.ndarray, shifted: np.ndarray) -> float:
 @pytest.mark.parametrize("name", sorted(MATCHERS))
 def test_weights_are_finite_positive_mean_one_and_capped(name: str) -> None:
     x, y, _ = shifted_source()
-    w = matching.fit_weights(matching.build_matcher(name, Params(clip=5.0)), x, target_like(), y)
+    w = matchers.fit_weights(matchers.build_matcher(name, Params(clip=5.0)), x, target_like(), y)
     assert w.dtype == np.float32 and w.shape == (len(x),)
     assert np.isfinite(w).all() and (w > 0).all()
     assert abs(float(w.astype(np.float64).mean()) - 1.0) < 1e-5
@@ -63,8 +63,8 @@ def test_weights_are_finite_positive_mean_one_and_capped(name: str) -> None:
 @pytest.mark.parametrize("name", ["discriminator", "knn"])
 def test_shifted_samples_rank_first(name: str) -> None:
     x, y, shifted = shifted_source()
-    w = matching.fit_weights(matching.build_matcher(name, Params()), x, target_like(), y)
-    assert matching.auroc(shifted, w) > 0.95
+    w = matchers.fit_weights(matchers.build_matcher(name, Params()), x, target_like(), y)
+    assert matchers.auroc(shifted, w) > 0.95
     assert _precision(w, shifted) > 0.9
 
 
@@ -74,10 +74,10 @@ def test_class_neutral_features_ignore_the_class_signal() -> None:
     x, y, shifted = shifted_source(offset=5.0)
     t = target_like()
     t[:, 0] += 3.0
-    plain = matching.fit_weights(
-        matching.DiscriminatorMatcher(Params(class_neutral=False)), x, t, y
+    plain = matchers.fit_weights(
+        matchers.DiscriminatorMatcher(Params(class_neutral=False)), x, t, y
     )
-    neutral = matching.fit_weights(matching.DiscriminatorMatcher(Params()), x, t, y)
+    neutral = matchers.fit_weights(matchers.DiscriminatorMatcher(Params()), x, t, y)
     assert _precision(neutral, shifted) > 0.9
     assert _precision(neutral, shifted) > _precision(plain, shifted) + 0.1
 
@@ -86,23 +86,23 @@ def test_same_distribution_gives_near_uniform_weights() -> None:
     x, y, _ = shifted_source(n=3000, seed=3)
     target = shifted_source(n=50, seed=4)[0]
     for name in ("discriminator", "class"):
-        m = matching.build_matcher(name, Params())
-        w = matching.fit_weights(m, x, target, y)
-        assert matching.effective_sample_size(w) / len(w) > 0.8, name
+        m = matchers.build_matcher(name, Params())
+        w = matchers.fit_weights(m, x, target, y)
+        assert matchers.effective_sample_size(w) / len(w) > 0.8, name
         assert m.diagnostics["discriminator_accuracy"] < 0.7
 
 
 def test_inductive_scoring_of_new_samples() -> None:
     x, y, _ = shifted_source(seed=0)
-    m = matching.build_matcher("discriminator", Params()).fit(x, target_like(), y)
+    m = matchers.build_matcher("discriminator", Params()).fit(x, target_like(), y)
     np.testing.assert_allclose(m.score(x), m.weights, rtol=1e-4)
     new, _, new_shifted = shifted_source(n=500, seed=9)
-    assert matching.auroc(new_shifted, m.score(new)) > 0.95
+    assert matchers.auroc(new_shifted, m.score(new)) > 0.95
 
 
 def test_discriminator_diagnostics() -> None:
     x, y, _ = shifted_source()
-    d = matching.build_matcher("discriminator", Params()).fit(x, target_like(), y).diagnostics
+    d = matchers.build_matcher("discriminator", Params()).fit(x, target_like(), y).diagnostics
     # half of the source is target-like, so the best balanced accuracy is about 0.75
     assert 0.6 < d["discriminator_accuracy"] <= 0.8
     assert d["proxy_a_distance"] == pytest.approx(2 * (1 - 2 * (1 - d["discriminator_accuracy"])))
@@ -113,8 +113,8 @@ def test_class_matcher_weights_whole_classes() -> None:
     x, y, _ = shifted_source(offset=5.0)
     t = target_like()
     t[:, 0] += 3.0  # target looks like source class 0
-    m = matching.build_matcher("class", Params())
-    w = matching.fit_weights(m, x, t, y)
+    m = matchers.build_matcher("class", Params())
+    w = matchers.fit_weights(m, x, t, y)
     per_class = [w[y == c] for c in range(5)]
     assert all(np.ptp(v) < 1e-5 for v in per_class)
     assert np.argmax([v[0] for v in per_class]) == 0
@@ -139,13 +139,13 @@ def test_auroc_and_ess_and_select_top() -> None:
     scores = np.array([0.9, 0.1, 0.5, 0.5, 0.2])
     pairs = [(p, q) for p in scores[labels] for q in scores[~labels]]
     brute = np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs])
-    assert matching.auroc(labels, scores) == pytest.approx(brute)
-    assert matching.effective_sample_size(np.ones(7)) == pytest.approx(7)
-    assert matching.effective_sample_size(np.r_[1.0, np.zeros(6)]) == pytest.approx(1)
-    assert matching.select_top(np.array([0.9, 0.1, 0.5, 0.4, 0.2]), 0.4).tolist() == [0, 2]
-    assert set(matching.select_top(np.ones(10), 0.5)) != set(range(5))  # ties: random order
+    assert matchers.auroc(labels, scores) == pytest.approx(brute)
+    assert matchers.effective_sample_size(np.ones(7)) == pytest.approx(7)
+    assert matchers.effective_sample_size(np.r_[1.0, np.zeros(6)]) == pytest.approx(1)
+    assert matchers.select_top(np.array([0.9, 0.1, 0.5, 0.4, 0.2]), 0.4).tolist() == [0, 2]
+    assert set(matchers.select_top(np.ones(10), 0.5)) != set(range(5))  # ties: random order
     with pytest.raises(TlpipeError, match="top_fraction"):
-        matching.select_top(scores, 0)
+        matchers.select_top(scores, 0)
 
 
 # ---------------------------------------------------------------------------- bad inputs
@@ -163,7 +163,7 @@ def test_auroc_and_ess_and_select_top() -> None:
 def test_bad_embeddings_are_clear_errors(source, target, message) -> None:
     for name in MATCHERS:
         with pytest.raises(TlpipeError, match=message):
-            matching.build_matcher(name, Params()).fit(source, target, np.zeros(len(source), int))
+            matchers.build_matcher(name, Params()).fit(source, target, np.zeros(len(source), int))
 
 
 def test_bad_config_is_a_clear_error() -> None:
@@ -178,7 +178,7 @@ def test_bad_config_is_a_clear_error() -> None:
     with pytest.raises(TlpipeError, match="discriminator.folds"):
         build(MatchConfig, {"discriminator": {"folds": 1}})
     with pytest.raises(TlpipeError, match="unknown matcher"):
-        matching.build_matcher("magic", Params())
+        matchers.build_matcher("magic", Params())
 
 
 # ---------------------------------------------------------------------------- the step
@@ -195,7 +195,7 @@ def tiny_source_model(tiny_prepared: Path, tmp_path_factory) -> Path:
 
 
 def test_match_step_end_to_end(tiny_prepared: Path, tiny_source_model: Path, tmp_path) -> None:
-    from tlpipe.data import load_manifest, load_split
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.steps import match
 
     out = tmp_path / "matching"

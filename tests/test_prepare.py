@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from conftest import fetched, make_patterns, write_idx, write_idx_dataset, write_imagefolder
 
-from tlpipe import config
-from tlpipe.data import SPLITS, dataset_sha256, load_manifest, load_split, split_sha256
+from tlpipe.data.prepared import SPLITS, dataset_sha256, load_manifest, load_split, split_sha256
+from tlpipe.data.readers import read_raw
+from tlpipe.data.splitting import ShiftOp, apply_shift, conform_images
 from tlpipe.errors import TlpipeError
-from tlpipe.readers import read_raw
-from tlpipe.scenario import ShiftOp, apply_shift, conform_images
+from tlpipe.params import fields, resolver
 from tlpipe.steps import fetch, prepare
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _cfg(values: dict) -> prepare.PrepareConfig:
-    return config.resolve({"prepare": values})["prepare"]
+    return resolver.resolve({"prepare": values})["prepare"]
 
 
 def _run(raw: Path, out: Path, **values) -> Path:
@@ -290,11 +290,11 @@ def test_conform_images() -> None:
 )  # fmt: skip
 def test_shift_op_validation(op: dict, match: str) -> None:
     with pytest.raises(TlpipeError, match=match):
-        config.build(prepare.PrepareConfig, {"shift": [op]})
+        fields.build(prepare.PrepareConfig, {"shift": [op]})
 
 
 def test_shift_from_params_mapping() -> None:
-    cfg = config.build(
+    cfg = fields.build(
         prepare.PrepareConfig, {"shift": [{"op": "invert"}, {"op": "rotate", "degrees": 30}]}
     )
     assert cfg.shift == (ShiftOp("invert"), ShiftOp("rotate", degrees=30.0))

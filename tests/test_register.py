@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tlpipe.errors import TlpipeError
-from tlpipe.gate import Candidate, decide
+from tlpipe.release.promotion import Candidate, decide
 from tlpipe.steps import register
 from tlpipe.steps.register import RegisterConfig
 
@@ -58,7 +58,7 @@ def test_missing_parity_is_a_tlpipe_error(tmp_path, checkpoint):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from tlpipe.models import build_model, save_checkpoint
+    from tlpipe.train.models import build_model, save_checkpoint
 
     path = tmp_path_factory.mktemp("models") / "target.pt"
     net = build_model("small_cnn", 3, in_chans=1, input_size=28)

@@ -45,9 +45,9 @@ import yaml
 from projects import benchmark, dvc_project, merge, project_env, synthetic
 
 from tlpipe import edge
-from tlpipe.data import load_split
+from tlpipe.data.prepared import load_split
 from tlpipe.edge.store import ModelStore
-from tlpipe.paired import Paired
+from tlpipe.release.paired import Paired
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SPLITS = ("target_train", "target_val", "target_test")

@@ -17,8 +17,9 @@ import pytest
 from mlflow_server import start_server, stop_server
 from projects import dvc_project, project_env
 
-from tlpipe import config, fsio, runner, tracking
+from tlpipe import fsio, runner, tracking
 from tlpipe.errors import TlpipeError
+from tlpipe.params import resolver
 
 # A pretrain on the tiny data that lasts ~20-30 s on 2 busy cores: long enough to lose the
 # server in the middle of it, short enough to resume.
@@ -121,7 +122,7 @@ def test_a_failing_step_leaves_a_failed_run_with_its_error(
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     (tmp_path / "raw").mkdir()
-    cfg = config.resolve({})["prepare"]
+    cfg = resolver.resolve({})["prepare"]
     with pytest.raises(TlpipeError):
         runner.run_step("prepare", cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
     client = mlflow.MlflowClient(mlflow_server)

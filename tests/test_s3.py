@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import fetched, write_imagefolder
 
-from tlpipe import config
-from tlpipe.data import load_manifest
+from tlpipe.data.prepared import load_manifest
 from tlpipe.errors import TlpipeError
+from tlpipe.params import fields, resolver
 from tlpipe.steps import fetch, prepare
 
 
@@ -46,7 +46,7 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
 
 def _spec(url: str, fmt: str = "imagefolder", **kw) -> fetch.FetchConfig:
     target = {"dataset": "pets", "format": fmt, "sources": [url], **kw}
-    return config.build(fetch.FetchConfig, {"source": None, "target": target})
+    return fields.build(fetch.FetchConfig, {"source": None, "target": target})
 
 
 def test_fetch_an_imagefolder_prefix_from_s3(bucket, tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_fetch_an_imagefolder_prefix_from_s3(bucket, tmp_path: Path) -> None:
     side = tmp_path / "raw/target"
     got = sorted(p.relative_to(side) for p in side.rglob("*") if p.is_file())
     assert got == [p.relative_to(folder) for p in files]
-    cfg = config.resolve({"prepare": {"target": {"classes": []}, "input_size": 16}})["prepare"]
+    cfg = resolver.resolve({"prepare": {"target": {"classes": []}, "input_size": 16}})["prepare"]
     prepare.run(tmp_path / "raw", tmp_path / "p", cfg)
     local = fetched(tmp_path / "raw2", folder, "imagefolder", None)
     prepare.run(local, tmp_path / "q", cfg)

@@ -6,22 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe import config, params
+from tlpipe import params
 from tlpipe.errors import TlpipeError
+from tlpipe.params import resolver
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_scenario_is_the_dataclass_defaults() -> None:
-    resolved = config.resolve(REPO / "params.yaml")
+    resolved = resolver.resolve(REPO / "params.yaml")
     for section, cls in params.SECTIONS.items():
         assert resolved[section] == cls(), section
     assert resolved.strategies == params.DEFAULT_STRATEGIES
 
 
 def test_mixed_source_changes_only_the_shift() -> None:
-    base = config.resolve(REPO / "params.yaml").as_dict()
-    mixed = config.resolve(REPO / "scenarios/mixed-source.yaml").as_dict()
+    base = resolver.resolve(REPO / "params.yaml").as_dict()
+    mixed = resolver.resolve(REPO / "scenarios/mixed-source.yaml").as_dict()
     assert mixed["prepare"].pop("shift") == [{"op": "invert", "degrees": None, "sigma": None,
                                               "std": None}]  # fmt: skip
     assert mixed["prepare"].pop("source_shift_fraction") == 0.5
@@ -32,9 +33,9 @@ def test_mixed_source_changes_only_the_shift() -> None:
 
 def test_every_preset_resolves_and_lists_every_section() -> None:
     for path in [REPO / "params.yaml", *sorted((REPO / "scenarios").glob("*.yaml"))]:
-        assert config.resolve(path)["fetch"].target.dataset
+        assert resolver.resolve(path)["fetch"].target.dataset
         # DVC tracks each section by name: a preset without one would make `dvc repro` fail
-        assert set(config.read_params(path)) == {*params.SECTIONS, "strategies"}, path
+        assert set(resolver.read_params(path)) == {*params.SECTIONS, "strategies"}, path
 
 
 @pytest.mark.parametrize(
@@ -60,14 +61,15 @@ def test_every_preset_resolves_and_lists_every_section() -> None:
 )
 def test_bad_params_are_named(data, overrides, message) -> None:
     with pytest.raises(TlpipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config.resolve(data, overrides)
+        resolver.resolve(data, overrides)
 
 
 def test_registries_match_the_names_params_accepts() -> None:
-    from tlpipe import matching, readers, scenario
+    from tlpipe.data import readers, splitting
+    from tlpipe.match import matchers
     from tlpipe.steps import finetune
 
     assert set(readers.READERS) == set(params.DATA_FORMATS)
     assert set(finetune.STRATEGIES) == set(params.STRATEGY_NAMES)
-    assert set(matching.MATCHERS) == set(params.MATCHER_NAMES)
-    assert set(scenario.SHIFTS) == set(params.SHIFT_PARAMS)
+    assert set(matchers.MATCHERS) == set(params.MATCHER_NAMES)
+    assert set(splitting.SHIFTS) == set(params.SHIFT_PARAMS)

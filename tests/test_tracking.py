@@ -12,9 +12,9 @@ import uuid
 import pytest
 
 from tlpipe import tracking
-from tlpipe.config import params_hash
 from tlpipe.errors import TlpipeError
 from tlpipe.params import RegisterConfig
+from tlpipe.params.fields import params_hash
 
 # A wrapper as a DVC stage or KFP pod would run it: a separate process that only knows the
 # tracking URI and the parent run id from its environment.

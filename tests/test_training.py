@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from tlpipe import runner
-from tlpipe.data import load_manifest, load_split
+from tlpipe.data.loader import augment
+from tlpipe.data.prepared import load_manifest, load_split
 from tlpipe.errors import TlpipeError
-from tlpipe.loader import augment
-from tlpipe.models import build_model
-from tlpipe.params.training import Augment, ColorJitter, RandomResizedCrop
-from tlpipe.training import ArrayBatches, TrainConfig, accuracy, augment_batch, fit, predict
+from tlpipe.params.learning import Augment, ColorJitter, RandomResizedCrop
+from tlpipe.train.loop import ArrayBatches, TrainConfig, accuracy, augment_batch, fit, predict
+from tlpipe.train.models import build_model
 
 FAST = TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=0)
 
@@ -101,7 +101,7 @@ def test_v2_augmentation_depends_only_on_its_seed() -> None:
 
 
 def test_augment_params_take_a_section_or_true_false() -> None:
-    from tlpipe.config import resolve
+    from tlpipe.params.resolver import resolve
 
     def augment_of(values: dict, section: str = "pretrain") -> Augment:
         return resolve({section: {"train": {"augment": values}}})[section].train.augment
@@ -153,9 +153,9 @@ KILLER = textwrap.dedent(
     """
     import os, sys, torch
     from pathlib import Path
-    from tlpipe.data import load_manifest, load_split
-    from tlpipe.models import build_model
-    from tlpipe.training import ArrayBatches, TrainConfig, fit
+    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.train.models import build_model
+    from tlpipe.train.loop import ArrayBatches, TrainConfig, fit
 
     prepared, ckpt, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     die_at, limit = int(sys.argv[4]), float(sys.argv[5])
@@ -209,7 +209,7 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     tiny_prepared: Path, tmp_path: Path, capsys
 ) -> None:
     """A re-run after a params change (`dvc repro`) must train afresh, not reload old epochs."""
-    from tlpipe.config import build
+    from tlpipe.params.fields import build
     from tlpipe.steps import pretrain
 
     m, src = load_manifest(tiny_prepared), load_split(tiny_prepared, "source")

@@ -23,13 +23,13 @@ import pytest
 import torch
 from conftest import fetched, make_patterns, mine, write_idx_dataset, write_imagefolder
 
-from tlpipe import config
-from tlpipe.data import load_manifest, load_split
+from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.readers import read_raw
 from tlpipe.errors import TlpipeError
-from tlpipe.models import build_model
-from tlpipe.readers import read_raw
+from tlpipe.params import fields, resolver
 from tlpipe.steps import fetch, prepare
-from tlpipe.training import ArrayBatches, TrainConfig, fit
+from tlpipe.train.loop import ArrayBatches, TrainConfig, fit
+from tlpipe.train.models import build_model
 
 # ---------------------------------------------------------------------------- symlinks
 
@@ -156,7 +156,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side, m
     bomb = folder / "train" / "cat" / "bomb.png"
     bomb.write_bytes(_png_header_only(side, side))
     # the check reads the header only: decoding this file would fail with another message
-    cfg = config.resolve({"prepare": {"input_size": 16, "source": {"classes": [0]},
+    cfg = resolver.resolve({"prepare": {"input_size": 16, "source": {"classes": [0]},
                                       "target": {"classes": [1, 2]}}})["prepare"]  # fmt: skip
     assert cfg.max_image_pixels == 50_000_000
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
@@ -170,14 +170,14 @@ def test_the_pixel_limit_is_a_per_dataset_param(tmp_path: Path) -> None:
     values = {"input_size": 16, "source": {"classes": [0]},
               "target": {"classes": [1, 2], "val_fraction": 0.3}}  # fmt: skip
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
-    small = config.resolve({"prepare": {**values, "max_image_pixels": 1000}})["prepare"]
+    small = resolver.resolve({"prepare": {**values, "max_image_pixels": 1000}})["prepare"]
     with pytest.raises(TlpipeError, match=r"cat/img2.jpg: 30x34 = 1,020 pixels is over .* = 1,000"):
         prepare.run(raw, tmp_path / "p", small)
-    enough = config.resolve({"prepare": {**values, "max_image_pixels": 1360}})["prepare"]
+    enough = resolver.resolve({"prepare": {**values, "max_image_pixels": 1360}})["prepare"]
     prepare.run(raw, tmp_path / "p", enough)
     assert load_manifest(tmp_path / "p")["scenario"]["max_image_pixels"] == 1360
     with pytest.raises(TlpipeError, match="max_image_pixels must be >= 1"):
-        config.build(prepare.PrepareConfig, {**values, "max_image_pixels": 0})
+        fields.build(prepare.PrepareConfig, {**values, "max_image_pixels": 0})
 
 
 # ---------------------------------------------------------------------------- downloads
@@ -357,7 +357,7 @@ class _Payload:
 
 
 def test_a_resume_file_runs_no_code(tiny_prepared: Path, tmp_path: Path) -> None:
-    from tlpipe.resume import _RESUME_MAGIC
+    from tlpipe.train.resume import _RESUME_MAGIC
 
     marker, ckpt = tmp_path / "pwned", tmp_path / "ck.pt"
     buf = io.BytesIO()

@@ -15,8 +15,8 @@ from typing import Any
 
 import typer
 
-from tlpipe import pipeline_cli
 from tlpipe.errors import Terminated, TlpipeError
+from tlpipe.kfp import pipeline_cli
 
 app = typer.Typer(
     help="tlpipe: transfer learning from a big source dataset to a small target dataset, "
@@ -44,9 +44,10 @@ EVAL = typer.Option(Path("eval"), "--eval", help="Output of `evaluate` (names th
 
 def _step(step: str, params: Path, set_: list[str] | None, track: bool, **inputs: Any) -> Any:
     """Resolve the step's config, run it through the runner, print its summary line."""
-    from tlpipe import config, runner
+    from tlpipe import runner
+    from tlpipe.params import resolver
 
-    cfg = config.resolve(params, set_)[step]
+    cfg = resolver.resolve(params, set_)[step]
     with _stopped_by_signal():
         result = runner.run_step(step, cfg, track=track, **inputs)
     typer.echo(result.summary, err=True)
@@ -262,9 +263,9 @@ def run(
 
 
 def _resolve(params: Path, set_: list[str] | None) -> Any:
-    from tlpipe import config
+    from tlpipe.params import resolver
 
-    return config.resolve(params, set_)
+    return resolver.resolve(params, set_)
 
 
 def main() -> None:

@@ -34,14 +34,15 @@ LOCK = Path(".tlpipe/run.lock")
 
 def run(force: bool = False, track: bool = True) -> list[str]:
     """Run the pipeline here; returns the stages whose lock entry changed (empty: a no-op)."""
-    from tlpipe import config, runner, tracking
+    from tlpipe import runner, tracking
+    from tlpipe.params import fields, resolver
 
-    resolved = config.resolve("params.yaml")  # a bad params.yaml fails before any stage
+    resolved = resolver.resolve("params.yaml")  # a bad params.yaml fails before any stage
     with _lock():
         before = _lock_entries()
         env, parent = dict(os.environ), None
         if track and not env.get(runner.NO_TRACK_ENV):
-            tags = {"tlpipe.params_hash": config.params_hash(resolved.as_dict())}
+            tags = {"tlpipe.params_hash": fields.params_hash(resolved.as_dict())}
             parent = env[tracking.PARENT_ENV] = tracking.start_pipeline_run("pipeline", tags)
         else:
             env[runner.NO_TRACK_ENV] = "1"

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tlpipe.config import params_hash, to_dict
 from tlpipe.errors import TlpipeError
+from tlpipe.params.fields import params_hash, to_dict
 
 PARENT_ENV = "TLPIPE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "TLPIPE_EXPERIMENT"

@@ -10,7 +10,9 @@ file's metadata_props (written by the export step)::
     tlpipe-edge bench --batch 1 --runs 200
 
 Modules: `model` (the ONNX wrapper and image loading), `registry` (MLflow REST client),
-`store` (the model directory), `pull` (verify and swap), `cli`.
+`store` (the model directory), `pull` (verify and swap), `commands` (the CLI).
+
+May import: `tlpipe.errors` only.
 
 Python::
 
@@ -18,7 +20,7 @@ Python::
     EdgeModel("model.onnx").predict(["shoe.png"])   # → [("Sandal", 0.97)]
 """
 
-from tlpipe.edge.cli import main
+from tlpipe.edge.commands import main
 from tlpipe.edge.model import EdgeModel, bench, image_files, select_providers, softmax
 from tlpipe.edge.pull import pull
 from tlpipe.edge.registry import Registry

@@ -1,5 +1,5 @@
 import sys
 
-from tlpipe.edge.cli import main
+from tlpipe.edge.commands import main
 
 sys.exit(main())

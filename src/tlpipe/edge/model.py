@@ -175,7 +175,7 @@ def load_file(
 
 
 def _to_chw(img: Any, c: int, h: int, w: int) -> np.ndarray:
-    """PIL image → uint8 (C, H, W); the same conversion as `tlpipe.image_files.load_image`."""
+    """PIL image → uint8 (C, H, W); the same conversion as `tlpipe.data.image_files.load_image`."""
     from PIL import Image
 
     img = img.convert("L" if c == 1 else "RGB")

@@ -3,22 +3,15 @@
 These dataclasses *are* the defaults. `make run`, `tlpipe <step>`, the Kubeflow pipeline's
 parameter defaults and the benchmarks all start from them; params.yaml (and the presets in
 scenarios/) only says what a scenario changes, and `--set section.key=value` changes one field
-for one run (`tlpipe.config.resolve`). `tlpipe params` prints the resolved values.
+for one run (`tlpipe.params.resolver.resolve`). `tlpipe params` prints the resolved values.
 
 No torch here (nor numpy): `tlpipe pipeline submit` and the KFP compiler import this module. The
-registries that the names below point into (`tlpipe.matching.MATCHERS`,
-`tlpipe.steps.finetune.STRATEGIES`, `tlpipe.scenario.SHIFTS`) are checked against these names
+registries that the names below point into (`tlpipe.match.matchers.MATCHERS`,
+`tlpipe.steps.finetune.STRATEGIES`, `tlpipe.data.splitting.SHIFTS`) are checked against these names
 by the tests.
 """
 
-from tlpipe.params.release import (
-    CALIBRATION_SPLITS,
-    Calibration,
-    EvaluateConfig,
-    ExportConfig,
-    RegisterConfig,
-)
-from tlpipe.params.scenario import (
+from tlpipe.params.inputs import (
     CHECK_FINDINGS,
     DATA_FORMATS,
     SHIFT_PARAMS,
@@ -31,7 +24,8 @@ from tlpipe.params.scenario import (
     TargetSplit,
     caps,
 )
-from tlpipe.params.training import (
+from tlpipe.params.learning import (
+    DEFAULT_STRATEGIES,
     MATCHER_NAMES,
     SOURCE_STRATEGIES,
     STRATEGY_NAMES,
@@ -48,29 +42,49 @@ from tlpipe.params.training import (
     check_source_strategies,
     check_strategies,
 )
-
-# task each) train and compare; params.yaml's top-level `strategies:` overrides it.
-DEFAULT_STRATEGIES = ("linear_probe", "partial", "full", "lp_ft", "joint")
-
-# params.yaml section → its config class, in pipeline order
-SECTIONS: dict[str, type] = {
-    "fetch": FetchConfig,
-    "prepare": PrepareConfig,
-    "check": CheckConfig,
-    "pretrain": PretrainConfig,
-    "match": MatchConfig,
-    "finetune": FinetuneConfig,
-    "evaluate": EvaluateConfig,
-    "export": ExportConfig,
-    "register": RegisterConfig,
-}
+from tlpipe.params.outputs import (
+    CALIBRATION_SPLITS,
+    Calibration,
+    EvaluateConfig,
+    ExportConfig,
+    RegisterConfig,
+)
+from tlpipe.params.resolver import SECTIONS, Resolved, resolve
 
 __all__ = [
-    "CALIBRATION_SPLITS", "CHECK_FINDINGS", "DATA_FORMATS", "DEFAULT_STRATEGIES",
-    "MATCHER_NAMES", "SECTIONS", "SHIFT_PARAMS", "SOURCE_STRATEGIES", "STRATEGY_NAMES", "Augment",
-    "Calibration", "CheckConfig", "ColorJitter", "RandomResizedCrop",
-    "DataSpec", "DiscriminatorSettings", "EvaluateConfig", "ExportConfig", "FetchConfig",
-    "FinetuneConfig", "JointConfig", "KnnSettings", "MatchConfig", "PrepareConfig",
-    "PretrainConfig", "RegisterConfig", "ShiftOp", "SourceSplit", "TargetSplit", "TrainConfig",
-    "caps", "check_source_strategies", "check_strategies",
-]  # fmt: skip
+    "CALIBRATION_SPLITS",
+    "CHECK_FINDINGS",
+    "DATA_FORMATS",
+    "DEFAULT_STRATEGIES",
+    "MATCHER_NAMES",
+    "SECTIONS",
+    "SHIFT_PARAMS",
+    "SOURCE_STRATEGIES",
+    "STRATEGY_NAMES",
+    "Augment",
+    "Calibration",
+    "CheckConfig",
+    "ColorJitter",
+    "RandomResizedCrop",
+    "DataSpec",
+    "DiscriminatorSettings",
+    "EvaluateConfig",
+    "ExportConfig",
+    "FetchConfig",
+    "FinetuneConfig",
+    "JointConfig",
+    "KnnSettings",
+    "MatchConfig",
+    "PrepareConfig",
+    "PretrainConfig",
+    "RegisterConfig",
+    "ShiftOp",
+    "SourceSplit",
+    "TargetSplit",
+    "TrainConfig",
+    "caps",
+    "check_source_strategies",
+    "check_strategies",
+    "Resolved",
+    "resolve",
+]

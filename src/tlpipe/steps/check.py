@@ -48,7 +48,7 @@ def run(
 ) -> CheckResult:
     """Compare `prepared_dir` with the champion of registered model `model_name`; write
     `out_dir/report.json`; raise a TlpipeError on a failure listed in `cfg.fail_on`."""
-    from tlpipe.data import load_manifest
+    from tlpipe.data.prepared import load_manifest
     from tlpipe.fsio import write_json
 
     new = load_manifest(prepared_dir)
@@ -120,7 +120,7 @@ def _per_class(manifest: dict[str, Any], split: str) -> dict[str, int]:
 
 def duplicates_across_splits(prepared_dir: Path) -> list[dict[str, Any]]:
     """Images (same pixels) that stand in two target splits at once."""
-    from tlpipe.data import load_split
+    from tlpipe.data.prepared import load_split
 
     seen: dict[str, str] = {}
     found = []

@@ -51,7 +51,7 @@ def run(
     prepared_dir: Path, models: dict[str, Path], out_dir: Path, cfg: EvaluateConfig
 ) -> EvaluateResult:
     """Evaluate `models` (name → checkpoint) and write metrics.json, plots and curves.csv."""
-    from tlpipe.data import load_manifest, load_split
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.fsio import atomic_path, write_json
 
     if cfg.baseline not in models:
@@ -133,8 +133,8 @@ def _score(
     models: dict[str, Path], test: Any, val: Any, classes: list[str]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list]]:
     """Test metrics + validation accuracy and loss of every model; test predictions; histories."""
-    from tlpipe.models import load_checkpoint
-    from tlpipe.training import predict
+    from tlpipe.train.loop import predict
+    from tlpipe.train.models import load_checkpoint
 
     report: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}

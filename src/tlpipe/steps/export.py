@@ -43,10 +43,10 @@ class ExportResult(StepResult):
 
 def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) -> ExportResult:
     """Write `model.onnx`, `model.int8.onnx` (if `cfg.int8`) and `parity.json` into `out_dir`."""
-    from tlpipe.data import load_manifest, load_split
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.fsio import atomic_path, write_json
-    from tlpipe.models import load_checkpoint
-    from tlpipe.training import predict
+    from tlpipe.train.loop import predict
+    from tlpipe.train.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path)
     manifest = load_manifest(prepared_dir)
@@ -222,7 +222,7 @@ def _first_and_last(model: Any) -> list[str]:
 
 def calibration_set(prepared_dir: Path, cfg: ExportConfig) -> tuple[np.ndarray, dict]:
     """Up to `calibration_images` images, taken from `calibration_splits` in order (shuffled)."""
-    from tlpipe.data import load_split
+    from tlpipe.data.prepared import load_split
 
     rng = np.random.default_rng(0)
     parts, counts, missing = [], {}, cfg.calibration_images
@@ -246,7 +246,7 @@ def normalise(x: np.ndarray, mean, std) -> np.ndarray:
     """uint8 (N,C,H,W) → float32 `(x/255 - mean)/std`, bit-identical to `training.to_input`."""
     import torch
 
-    from tlpipe.training import to_input
+    from tlpipe.train.loop import to_input
 
     return to_input(torch.from_numpy(np.ascontiguousarray(x)), mean, std).numpy()
 

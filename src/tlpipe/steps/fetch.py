@@ -8,9 +8,10 @@ says that.
 
 Sources are tried in order; a local path that does not exist or a URL that cannot be reached
 moves on to the next one, while a checksum mismatch stops with an error (a wrong file is not a
-reason to try elsewhere silently). A known dataset (`tlpipe.data.DATASETS`, e.g. fashion-mnist)
-fetches its files from a local directory or a base URL and checks each against its known
-sha256; any other dataset is one local path (a directory or a file), one http(s) URL, or one
+reason to try elsewhere silently). A known dataset (`tlpipe.data.prepared.DATASETS`, e.g.
+fashion-mnist) fetches its files from a local directory or a base URL and checks each against
+its known sha256; any other dataset is one local path (a directory or a file), one http(s)
+URL, or one
 ``s3://bucket/prefix`` (an object or every object under the prefix, read with boto3), with an
 optional `sha256`. Archives (.zip, .tar, .tar.gz, .tgz, …) are unpacked. A local manifest file
 (manifest format) brings only the images it lists.
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tlpipe import fsio, s3
-from tlpipe.data import DATASETS, DatasetSpec
-from tlpipe.download import ARCHIVES, Unreachable, download, verify_sha256
+from tlpipe import fsio
+from tlpipe.data import s3
+from tlpipe.data.download import ARCHIVES, Unreachable, download, verify_sha256
+from tlpipe.data.image_files import MANIFEST_NAMES, check_inside, read_manifest_rows
+from tlpipe.data.prepared import DATASETS, DatasetSpec
 from tlpipe.errors import TlpipeError
-from tlpipe.image_files import MANIFEST_NAMES, check_inside, read_manifest_rows
 from tlpipe.params import DataSpec, FetchConfig
 from tlpipe.steps import StepResult
 

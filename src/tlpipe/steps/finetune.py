@@ -2,8 +2,8 @@
 
 A strategy is a function `(model, source_state, cfg) -> list[Phase]`: which parameters train,
 at which learning-rate scale, for how long, with which penalty. They all run through the one
-loop in `tlpipe.training`; `lp_ft` is simply two phases. `joint` is `full` plus a stream of
-match-weighted source batches through a second head (`tlpipe.joint`); `specialist` first
+loop in `tlpipe.train.loop`; `lp_ft` is simply two phases. `joint` is `full` plus a stream of
+match-weighted source batches through a second head (`tlpipe.train.joint`); `specialist` first
 continues training on the matched source alone, then runs `full`. Model selection uses the
 target *validation* split only.
 """
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlpipe import joint
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
-from tlpipe.params.training import check_source_strategies
+from tlpipe.params.learning import check_source_strategies
 from tlpipe.steps.pretrain import TrainResult, checkpoint_meta, has_source
-from tlpipe.training import ArrayBatches, TrainConfig
+from tlpipe.train import joint
+from tlpipe.train.loop import ArrayBatches, TrainConfig
 
 
 @dataclass
@@ -170,9 +170,9 @@ def run(
         match_dir: output of `match` (weights.npy, selected.npy): `joint` needs it.
         checkpoint_dir: per-epoch resume checkpoints, one file per phase.
     """
-    from tlpipe.data import load_manifest, load_split
-    from tlpipe.models import save_checkpoint
-    from tlpipe.training import fit
+    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.train.loop import fit
+    from tlpipe.train.models import save_checkpoint
 
     if cfg.strategy not in STRATEGIES:
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
@@ -240,7 +240,7 @@ def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
 
     Returns (model, the source's state or None, `Start`).
     """
-    from tlpipe.models import build_model, load_checkpoint, seeded
+    from tlpipe.train.models import build_model, load_checkpoint, seeded
 
     in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
     if cfg.strategy == "scratch":

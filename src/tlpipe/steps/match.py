@@ -1,7 +1,7 @@
 """Step 3b: weight every source sample by how much it resembles the target domain.
 
 Source and target images are embedded with the pretrained backbone, a matcher from
-`tlpipe.matching.MATCHERS` turns the embeddings into importance weights (mean 1), and the top
+`tlpipe.match.matchers.MATCHERS` turns the embeddings into importance weights (mean 1), and the top
 `top_fraction` is the selected subset. `finetune --strategy joint` co-trains on them.
 
 The target side is `target_train` (+ `target_val` with `use_target_val`): images only, never
@@ -9,7 +9,7 @@ labels, and never `target_test`.
 
 Embeddings (`features`): ``blocks`` (default) concatenates the per-channel mean and standard
 deviation of every backbone stage's output; ``backbone`` is the final pooled feature vector
-(`tlpipe.training.embed`). A classifier's last layer is trained to ignore what a domain shift
+(`tlpipe.train.loop.embed`). A classifier's last layer is trained to ignore what a domain shift
 changes (contrast, blur, …) — a source that already mixes both domains teaches it exactly that
 — while the early stages' activation statistics keep it (the "style" of an image). On the
 mixed-source scenario, ``backbone`` features give a selection precision near 0.75, ``blocks``
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe import matching
-from tlpipe.config import to_dict
 from tlpipe.errors import TlpipeError
+from tlpipe.match import matchers
 from tlpipe.params import MatchConfig
+from tlpipe.params.fields import to_dict
 from tlpipe.steps import StepResult
 
 
@@ -48,9 +48,9 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     Without a source dataset there is nothing to weight: `out_dir` then gets empty weights and
     a report saying matching was skipped (the pipeline's stage still has its outputs).
     """
-    from tlpipe.data import load_manifest, load_split
-    from tlpipe.models import load_checkpoint
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.steps.pretrain import has_source
+    from tlpipe.train.models import load_checkpoint
 
     manifest = load_manifest(prepared_dir)
     if not has_source(manifest):
@@ -73,11 +73,11 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     t_emb = np.concatenate([embed_images(model, x, mean, std, cfg.features, cfg.batch_size)
                             for x in targets if len(x)])  # fmt: skip
     t1 = time.perf_counter()
-    matcher = matching.build_matcher(cfg.matcher, cfg)
-    weights = matching.fit_weights(matcher, s_emb, t_emb, source.y)
-    selected = matching.select_top(weights, cfg.top_fraction, cfg.seed)
+    matcher = matchers.build_matcher(cfg.matcher, cfg)
+    weights = matchers.fit_weights(matcher, s_emb, t_emb, source.y)
+    selected = matchers.select_top(weights, cfg.top_fraction, cfg.seed)
     t2 = time.perf_counter()
-    diagnostics = matcher.diagnostics or matching.domain_diagnostics(s_emb, t_emb, source.y, cfg)
+    diagnostics = matcher.diagnostics or matchers.domain_diagnostics(s_emb, t_emb, source.y, cfg)
     timings = {"embedding_seconds": t1 - t0, "weighting_seconds": t2 - t1,
                "diagnostics_seconds": time.perf_counter() - t2}  # fmt: skip
     shifted = source.shifted if source.shifted.any() else None
@@ -89,7 +89,7 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
         "target_splits": target_splits,
         "top_fraction": cfg.top_fraction,
         **diagnostics,
-        **matching.summary(weights, source.y, manifest["source_classes"], shifted, selected),
+        **matchers.summary(weights, source.y, manifest["source_classes"], shifted, selected),
         "timings": timings,
         "dataset_sha256": manifest.get("dataset_sha256", ""),
         "config": to_dict(cfg),
@@ -148,8 +148,8 @@ def embed_images(
     """Embeddings of uint8 images (no grad, batched): see the module docstring for `features`."""
     import torch
 
-    from tlpipe.data import chunks, read_rows
-    from tlpipe.training import embed, resolve_device, to_input
+    from tlpipe.data.prepared import chunks, read_rows
+    from tlpipe.train.loop import embed, resolve_device, to_input
 
     if features == "backbone":
         return embed(model, x, mean, std, batch_size)
@@ -200,7 +200,7 @@ def plot_extremes(path: Path, x: np.ndarray, weights: np.ndarray, n: int = 10) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tlpipe.data import take_rows
+    from tlpipe.data.prepared import take_rows
 
     n = min(n, len(weights))
     order = np.argsort(-weights, kind="stable")

@@ -1,4 +1,4 @@
-"""prepare: raw data → the scenario's five splits + manifest.json (see `tlpipe.scenario`).
+"""prepare: raw data → the scenario's five splits + manifest.json (see `tlpipe.data.splitting`).
 
 Reads what `fetch` wrote (``data/raw/source``, ``data/raw/target`` and their descriptions),
 picks each side's classes, assigns images to splits by content hash, and writes the splits
@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe import config, fsio
-from tlpipe.data import SPLITS, RawDataset, dataset_sha256, split_sha256
-from tlpipe.errors import TlpipeError
-from tlpipe.params import PrepareConfig
-from tlpipe.readers import read_raw
-from tlpipe.scenario import (
+from tlpipe import fsio
+from tlpipe.data.prepared import SPLITS, RawDataset, dataset_sha256, split_sha256
+from tlpipe.data.readers import read_raw
+from tlpipe.data.splitting import (
     channel_stats,
     class_ids,
     class_names,
@@ -31,6 +29,8 @@ from tlpipe.scenario import (
     size_summary,
     write_split,
 )
+from tlpipe.errors import TlpipeError
+from tlpipe.params import PrepareConfig, fields
 from tlpipe.steps import StepResult
 from tlpipe.steps.fetch import read_sides
 
@@ -88,7 +88,7 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
             "one_dataset": one,
             "source": _side(sides["source"], source, src_ids, cfg.source) if source else None,
             "target": _side(sides["target"], target, tgt_ids, cfg.target),
-            "scenario": config.to_dict(cfg),
+            "scenario": fields.to_dict(cfg),
             "source_classes": class_names(src_ids, cfg.source, source) if source else [],
             "target_classes": class_names(tgt_ids, cfg.target, target),
             "input_shape": list(shape),

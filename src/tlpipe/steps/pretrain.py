@@ -16,7 +16,7 @@ from tlpipe.params import PretrainConfig
 from tlpipe.steps import StepResult
 
 if TYPE_CHECKING:
-    from tlpipe.models import Weights
+    from tlpipe.train.models import Weights
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ def run(
         checkpoint_dir: per-epoch resume checkpoints; a killed run restarted with the same
             directory continues after the last finished epoch.
     """
-    from tlpipe.data import load_source_manifest, load_split
-    from tlpipe.models import build_model, load_weights, save_checkpoint
-    from tlpipe.training import ArrayBatches, FitResult, fit
+    from tlpipe.data.prepared import load_source_manifest, load_split
+    from tlpipe.train.loop import ArrayBatches, FitResult, fit
+    from tlpipe.train.models import build_model, load_weights, save_checkpoint
 
     manifest = load_source_manifest(prepared_dir)  # only the source side: see dvc.yaml
     weights = load_weights(cfg.model, cfg.pretrained) if cfg.pretrained else None

@@ -1,9 +1,9 @@
 """register: log the exported model to MLflow, create a registry version, gate `champion`.
 
-The gate (`tlpipe.gate.decide`) moves alias `champion` to the new version only if ONNX
+The gate (`tlpipe.release.promotion.decide`) moves alias `champion` to the new version only if ONNX
 parity passed, its accuracy is at least `accuracy_floor`, and it beats the current champion.
 With this run's prepared data, `run` scores the champion's own ONNX file on this run's test
-split next to the new one (`tlpipe.paired`): the new model must gain more than
+split next to the new one (`tlpipe.release.paired`): the new model must gain more than
 `min_improvement` on the same images, the gain must be significant (McNemar p <
 `significance`) and no class may lose more than `max_class_recall_drop` recall. Without a
 paired comparison, accuracies measured on the *same test data* (tag `test_sha256`) are
@@ -35,9 +35,9 @@ from typing import Any
 from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import sha256_file, write_json
-from tlpipe.gate import CHALLENGER, CHAMPION, Candidate, Decision, decide, replay
-from tlpipe.paired import Paired
 from tlpipe.params import RegisterConfig
+from tlpipe.release.paired import Paired
+from tlpipe.release.promotion import CHALLENGER, CHAMPION, Candidate, Decision, decide, replay
 from tlpipe.steps import StepResult
 from tlpipe.steps.export import read_parity
 
@@ -277,7 +277,7 @@ def _score_champion(name: str, export_dir: Path, prepared_dir: Path) -> Paired |
 
     import mlflow
 
-    from tlpipe import paired
+    from tlpipe.release import paired
 
     client = mlflow.MlflowClient()
     champion = _champion(client, name)
@@ -296,7 +296,7 @@ def _log_pytorch(model_path: Path) -> tuple[str, str]:
     import numpy as np
     import torch
 
-    from tlpipe.models import load_checkpoint
+    from tlpipe.train.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path)
     size = int(meta.get("input_size", 28))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from tlpipe.paired import Paired
 from tlpipe.params import RegisterConfig
+from tlpipe.release.paired import Paired
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 _EPS = 1e-9  # accuracies are ratios of counts; float noise must not decide a tie

@@ -167,7 +167,7 @@ def _torchvision_builder(name: str, family: Family) -> Builder:
         stages, neck = family(m, in_chans, input_size < 64)
         return Net(stages, feat_dim, num_classes, neck), m
 
-    build.__doc__ = f"torchvision {name}, cut into stages (see `tlpipe.models`)."
+    build.__doc__ = f"torchvision {name}, cut into stages (see `tlpipe.train.models`)."
     return build
 
 

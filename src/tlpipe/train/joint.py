@@ -22,7 +22,7 @@ larger validation split, never on test and never on the benchmark's seeds: mixed
 joint+discriminator 0.840 (selected) vs 0.813 (weighted) vs 0.810 (all); default 0.797 vs
 0.790.
 
-Everything runs through the one loop, `tlpipe.training.fit`: `JointBatches` is the batches
+Everything runs through the one loop, `tlpipe.train.loop.fit`: `JointBatches` is the batches
 object and `joint_loss` the loss. The source head is removed before the model is saved.
 """
 
@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlpipe.data.loader import ArrayBatches, Batch, Images, step_seed, take, to_device
 from tlpipe.errors import TlpipeError
-from tlpipe.loader import ArrayBatches, Batch, Images, step_seed, take, to_device
 from tlpipe.params import JointConfig
-from tlpipe.training import LossFn
+from tlpipe.train.loop import LossFn
 
 SOURCE_HEAD = "source_head"
 
@@ -60,7 +60,7 @@ def load_source_stream(
     prepared_dir: Path, match_dir: Path | None, strategy: str = "joint"
 ) -> SourceStream:
     """Source split + weights.npy/selected.npy, checked against each other."""
-    from tlpipe.data import load_manifest, load_split
+    from tlpipe.data.prepared import load_manifest, load_split
     from tlpipe.fsio import read_json
 
     if match_dir is None:

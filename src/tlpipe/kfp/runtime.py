@@ -45,8 +45,8 @@ def arguments(
         params: params.yaml (or its data); `{}` = the dataclass defaults.
         overrides: `section.key=value` strings, as for the step commands.
     """
-    from tlpipe.config import resolve
     from tlpipe.params import SECTIONS
+    from tlpipe.params.resolver import resolve
 
     data = resolve(params, overrides).as_dict()
     args: dict[str, Any] = {f"{s}_params": json.dumps(data[s], sort_keys=True) for s in SECTIONS}
@@ -65,8 +65,8 @@ def config_for(section: str, params_json: str, strategy: str | None = None) -> A
     Args:
         strategy: For `finetune`: the strategy to train (`per_strategy` overrides applied).
     """
-    from tlpipe.config import build
     from tlpipe.params import SECTIONS
+    from tlpipe.params.fields import build
 
     try:
         values = json.loads(params_json or "{}")

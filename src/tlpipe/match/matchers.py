@@ -4,7 +4,7 @@ A *matcher* is fitted on source and target embeddings and then scores any embedd
 importance weight w(x) ≈ p_target(x) / p_source(x), normalised to mean 1 over the source it was
 fitted on and clipped at `clip` × the mean. It is inductive: `score` works on new samples.
 
-Every matcher sees the embeddings through the same `tlpipe.ratio.Features` map: standardise
+Every matcher sees the embeddings through the same `tlpipe.match.ratio.Features` map: standardise
 (source mean and std), L2-normalise, remove the directions that separate the *source classes*
 from each other (`class_neutral`; see below), then keep the top `dims` principal components of
 the source (directions along which the source itself varies, as a mixed domain does).
@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tlpipe import ratio
 from tlpipe.errors import TlpipeError
+from tlpipe.match import ratio
 from tlpipe.params import DiscriminatorSettings, KnnSettings
 
 

@@ -1,6 +1,6 @@
 """The data layer: known datasets, the raw and prepared data types, prepared splits.
 
-The raw readers are in `tlpipe.readers`. Prepared splits (written by `tlpipe.steps.prepare`
+The raw readers are in `tlpipe.data.readers`. Prepared splits (written by `tlpipe.steps.prepare`
 with `save_split`) are read back with `load_split` (images memory-mapped) and `load_manifest`.
 """
 
@@ -77,7 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 KEY_DTYPE = np.dtype(
     "S32"
-)  # an image's content key: 32 hex digits (`tlpipe.image_files.content_key`)
+)  # an image's content key: 32 hex digits (`tlpipe.data.image_files.content_key`)
 
 
 @dataclass(frozen=True)

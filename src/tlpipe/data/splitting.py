@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.data import (
+from tlpipe.data.prepared import (
     KEY_DTYPE,
     ArrayWriter,
     RawDataset,
@@ -297,7 +297,7 @@ def duplicates(selections: dict[str, Selection]) -> dict[str, int]:
 def write_split(out_dir: Path, name: str, sel: Selection, cfg: PrepareConfig,
                 shape: tuple[int, int, int]) -> Split:  # fmt: skip
     """Write `sel`'s images (conformed to `shape`, shifted where flagged) chunk by chunk."""
-    from tlpipe.data import load_split, save_labels
+    from tlpipe.data.prepared import load_split, save_labels
 
     c, h, w = shape
     x_path = out_dir / f"{name}.x.npy"

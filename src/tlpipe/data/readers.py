@@ -6,7 +6,7 @@ Raw data comes in one of four layouts (`READERS`):
   style, gzipped or raw).
 - ``npz``: ``train.npz`` (and optionally ``test.npz``) with ``x`` (uint8 images) and ``y`` (int
   labels), and optionally ``classes`` (names).
-- ``imagefolder`` and ``manifest``: image files, read by `tlpipe.image_files`.
+- ``imagefolder`` and ``manifest``: image files, read by `tlpipe.data.image_files`.
 
 Every reader returns every labelled image as uint8 ``(N, C, H, W)``, a flag for the images of the
 dataset's own test set, and a content key per image (a hash of its file, or of its pixels for
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.data import DATASETS, KEY_DTYPE, RawDataset
+from tlpipe.data.image_files import check_inside, content_key, read_imagefolder, read_manifest
+from tlpipe.data.prepared import DATASETS, KEY_DTYPE, RawDataset
 from tlpipe.errors import TlpipeError
-from tlpipe.image_files import check_inside, content_key, read_imagefolder, read_manifest
 
 # ---------------------------------------------------------------------------- IDX
 

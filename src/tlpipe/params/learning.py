@@ -10,6 +10,9 @@ from typing import Any, Literal
 from tlpipe.errors import TlpipeError
 
 STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "full", "lp_ft", "joint", "specialist")
+# The strategies `make run` and the Kubeflow pipeline train and compare (one DVC stage / KFP
+# task each); params.yaml's top-level `strategies:` overrides it.
+DEFAULT_STRATEGIES = ("linear_probe", "partial", "full", "lp_ft", "joint")
 SOURCE_STRATEGIES = ("joint", "specialist")  # they train on source images, not just a backbone
 MATCHER_NAMES = ("discriminator", "knn", "class", "uniform")
 
@@ -65,7 +68,7 @@ class Augment:
     """`<trainer>.train.augment`: random changes to each training image, redrawn every step.
 
     Applied in this order: random_resized_crop → color_jitter → pad_crop → hflip, with
-    `torchvision.transforms.v2` for the first two (`tlpipe.loader.augment`). What a batch gets
+    `torchvision.transforms.v2` for the first two (`tlpipe.data.loader.augment`). What a batch gets
     depends only on (train.seed, epoch, step). The defaults are the recipe for small images
     (a translation by up to 2 px and a horizontal flip); for photos at 224 px the usual recipe
     is ``{random_resized_crop: {scale: [0.08, 1]}, pad_crop: 0}``. A section given in
@@ -152,7 +155,7 @@ class PretrainConfig:
     Attributes:
         model: small_cnn (CPU-friendly) or a torchvision classifier by name: resnet18/34/50/101,
             mobilenet_v2, mobilenet_v3_small/large, efficientnet_b0-b3, convnext_tiny/small
-            (`tlpipe.models.MODELS`).
+            (`tlpipe.train.models.MODELS`).
         pretrained: Starting weights for `model`: ``imagenet`` (torchvision's default weights
             for it) or a torchvision weights name such as ``IMAGENET1K_V2``, read from the torch
             hub cache ($TORCH_HOME/hub/checkpoints, downloaded there if missing and online); or
@@ -217,15 +220,15 @@ class KnnSettings:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """`match:`: which source samples look like the target domain (`tlpipe.matching`).
+    """`match:`: which source samples look like the target domain (`tlpipe.match.matchers`).
 
     Attributes:
-        matcher: discriminator, knn, class or uniform (`tlpipe.matching.MATCHERS`).
+        matcher: discriminator, knn, class or uniform (`tlpipe.match.matchers.MATCHERS`).
         top_fraction: Share of the source, by weight, written to selected.npy.
         clip: Largest weight as a multiple of the mean (caps the influence of one sample).
         features: ``blocks`` (per-stage activation statistics) or ``backbone`` (final features).
         dims: Principal components the matchers work in.
-        class_neutral: Remove the source-class directions first (see `tlpipe.matching`).
+        class_neutral: Remove the source-class directions first (see `tlpipe.match.matchers`).
         use_target_val: Use the target_val images too (not their labels) as target samples.
         discriminator: C (null = cross-validated), folds, max_fit_source.
         knn: k, temperature.
@@ -265,7 +268,7 @@ class MatchConfig:
 
 @dataclass(frozen=True)
 class JointConfig:
-    """`finetune.joint:`, strategy `joint` (`tlpipe.joint`).
+    """`finetune.joint:`, strategy `joint` (`tlpipe.train.joint`).
 
     Attributes:
         source_weight: λ, the source loss's weight relative to the target loss.
@@ -324,7 +327,7 @@ class FinetuneConfig:
 
     def for_strategy(self, name: str) -> FinetuneConfig:
         """This config with `per_strategy[name]` applied (and `strategy` set to `name`)."""
-        from tlpipe.config import build, to_dict
+        from tlpipe.params.fields import build, to_dict
 
         merged = _merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
         merged["strategy"] = name

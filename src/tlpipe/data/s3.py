@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from tlpipe.download import Unreachable
+from tlpipe.data.download import Unreachable
 from tlpipe.errors import TlpipeError
 
 

@@ -4,11 +4,11 @@
     tlpipe pipeline submit   --host URL          # one run on a KFP cluster
     tlpipe pipeline schedule --host URL --cron "0 3 * * *"
 
-Every command takes the compiled pipeline (`--package`, default
-pipelines/transfer_learning.yaml of the checkout you are in; compile it with
-`python -m pipelines.transfer_learning`) and builds its arguments from params.yaml and
-`--set section.key=value`, checked against the step configs first, so a typo fails here and not
-in a pod an hour later. Only typer and the standard library are imported at module level.
+Every command takes the compiled pipeline (`--package`, default: the one shipped inside
+tlpipe, compiled from a checkout's pipelines/ by `make pipeline`) and builds its arguments from
+params.yaml and `--set section.key=value`, checked against the step configs first, so a typo
+fails here and not in a pod an hour later. Only typer and the standard library are imported at
+module level.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ app = typer.Typer(
 )
 
 PACKAGE = typer.Option(
-    Path("pipelines/transfer_learning.yaml"),
+    None,
     "--package",
-    help="The compiled pipeline (python -m pipelines.transfer_learning writes it).",
+    help="A compiled pipeline (python -m pipelines.transfer_learning writes one). "
+    "Default: the pipeline shipped with this tlpipe.",
+    show_default=False,
 )
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.")
 SET = typer.Option(
@@ -64,7 +66,7 @@ ACCOUNT = typer.Option(None, help="Kubernetes service account of the pods, e.g. 
     "only apply on a cluster.",
 )
 def run_local(
-    package: Path = PACKAGE,
+    package: Path | None = PACKAGE,
     params: Path = PARAMS,
     set_: list[str] = SET,
     root: Path = typer.Option(Path("local_outputs"), help="kfp.local pipeline root (outputs)."),
@@ -73,11 +75,11 @@ def run_local(
     ),
 ) -> None:
     """Run the DAG here with kfp.local (see the command's help)."""
-    from tlpipe import kfp_client, kfp_runtime
+    from tlpipe.kfp import client, runtime
     from tlpipe.tracking import RUN_KEY_TAG
 
-    arguments = kfp_runtime.arguments(params, set_)
-    result = kfp_client.run_local(package, arguments, root, cache=cache)
+    arguments = runtime.arguments(params, set_)
+    result = client.run_local(package or client.SHIPPED, arguments, root, cache=cache)
     cached = "unchanged (cached)"
     typer.echo(f"outputs: {result.run_dir}")
     typer.echo(
@@ -89,7 +91,7 @@ def run_local(
 @app.command()
 def submit(
     host: str = HOST,
-    package: Path = PACKAGE,
+    package: Path | None = PACKAGE,
     params: Path = PARAMS,
     set_: list[str] = SET,
     experiment: str = EXPERIMENT,
@@ -101,12 +103,12 @@ def submit(
     ),
 ) -> None:
     """Start one run of the compiled pipeline on a Kubeflow Pipelines cluster."""
-    from tlpipe import kfp_client, kfp_runtime
+    from tlpipe.kfp import client, runtime
 
-    arguments = kfp_runtime.arguments(params, set_)
-    run_id = kfp_client.submit(
+    arguments = runtime.arguments(params, set_)
+    run_id = client.submit(
         _need_host(host),
-        package,
+        package or client.SHIPPED,
         arguments,
         experiment=experiment,
         run_name=run_name,
@@ -132,7 +134,7 @@ def schedule(
         "with seconds first.",
     ),
     name: str = typer.Option("tlpipe-nightly", help="Recurring run name."),
-    package: Path = PACKAGE,
+    package: Path | None = PACKAGE,
     params: Path = PARAMS,
     set_: list[str] = SET,
     experiment: str = EXPERIMENT,
@@ -140,13 +142,13 @@ def schedule(
     service_account: str = ACCOUNT,
 ) -> None:
     """Schedule the compiled pipeline on a KFP cluster (see the command's help)."""
-    from tlpipe import kfp_client, kfp_runtime
+    from tlpipe.kfp import client, runtime
 
-    kfp_cron = kfp_client.to_kfp_cron(cron)  # a bad expression fails before any request
-    arguments = kfp_runtime.arguments(params, set_)
-    job_id = kfp_client.schedule(
+    kfp_cron = client.to_kfp_cron(cron)  # a bad expression fails before any request
+    arguments = runtime.arguments(params, set_)
+    job_id = client.schedule(
         _need_host(host),
-        package,
+        package or client.SHIPPED,
         kfp_cron,
         arguments,
         name=name,

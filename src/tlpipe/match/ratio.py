@@ -1,4 +1,4 @@
-"""Density-ratio building blocks for `tlpipe.matching` (numpy only).
+"""Density-ratio building blocks for `tlpipe.match.matchers` (numpy only).
 
 `Features` (the shared embedding map), `Normaliser` (log-ratio → capped, mean-1 weights), a
 small class-balanced L2 logistic regression solved by Newton steps with k-fold choice of C and

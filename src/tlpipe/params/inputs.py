@@ -7,7 +7,7 @@ from typing import Literal
 
 from tlpipe.errors import TlpipeError
 
-# shift op → the name of its one parameter (None: it takes none); functions: tlpipe.scenario
+# shift op → the name of its one parameter (None: it takes none); functions: tlpipe.data.splitting
 SHIFT_PARAMS: dict[str, str | None] = {
     "invert": None,
     "rotate": "degrees",
@@ -16,7 +16,7 @@ SHIFT_PARAMS: dict[str, str | None] = {
 }
 
 
-DATA_FORMATS = ("idx", "imagefolder", "npz", "manifest")  # readers: tlpipe.readers.READERS
+DATA_FORMATS = ("idx", "imagefolder", "npz", "manifest")  # readers: tlpipe.data.readers.READERS
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ShiftOp:
     """One shift operation, e.g. ``{op: rotate, degrees: 30}`` in params.yaml.
 
     Attributes:
-        op: One of invert, rotate, gaussian_blur, noise (`tlpipe.scenario.SHIFTS`).
+        op: One of invert, rotate, gaussian_blur, noise (`tlpipe.data.splitting.SHIFTS`).
         degrees: Counter-clockwise rotation (rotate only).
         sigma: Blur standard deviation in pixels, > 0 (gaussian_blur only).
         std: Noise standard deviation on the 0–1 intensity scale, >= 0 (noise only).

@@ -2,8 +2,8 @@
 
 Strategies differ only in what they pass in: which parameters train with which learning rate
 (`param_groups`), an optional `penalty` (L2-SP), and an optional `loss_fn` (joint training).
-Batches come through `tlpipe.loader.Feed`: small data lives on the device as uint8 and is
-augmented (`TrainConfig.augment`, `tlpipe.loader.augment`) and normalised there; larger data
+Batches come through `tlpipe.data.loader.Feed`: small data lives on the device as uint8 and is
+augmented (`TrainConfig.augment`, `tlpipe.data.loader.augment`) and normalised there; larger data
 streams from the memory-mapped split through a DataLoader whose workers augment it. Either way
 batch order and augmentation depend only on (seed, epoch, step), which makes a resumed run see
 exactly the batches the killed one would have, and a streamed run the same batches as an
@@ -25,11 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlpipe import resume
-from tlpipe.data import chunks, read_rows
+from tlpipe.data.loader import (
+    ArrayBatches,
+    Batch,
+    Batches,
+    Feed,
+    Transform,
+    augment_batch,
+    to_input,
+)
+from tlpipe.data.prepared import chunks, read_rows
 from tlpipe.errors import TlpipeError
-from tlpipe.loader import ArrayBatches, Batch, Batches, Feed, Transform, augment_batch, to_input
 from tlpipe.params import TrainConfig
+from tlpipe.train import resume
 
 __all__ = ["ArrayBatches", "Batch", "TrainConfig", "augment_batch", "fit", "predict", "to_input"]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -86,10 +94,10 @@ def fit(
     """Train `model` and leave it holding the weights of the best validation epoch.
 
     Args:
-        train: the batches (`ArrayBatches`, `JointBatches`: see `tlpipe.loader.Batches`); kept
+        train: the batches (`ArrayBatches`, `JointBatches`: see `tlpipe.data.loader.Batches`); kept
             in memory on the device up to `cfg.max_in_memory_mb`, else streamed from disk.
         mean, std: per-channel normalisation: the data's, or the pretrained weights' own
-            (ImageNet's for torchvision weights; `tlpipe.models.Weights.normalisation`).
+            (ImageNet's for torchvision weights; `tlpipe.train.models.Weights.normalisation`).
         val: (x, y) used for model selection; without it the last epoch is kept.
         param_groups: `[{"params": [...], "lr_scale": s}, ...]`; default all trainable params.
         loss_fn: `(model, batch) -> loss`; batch has `input` (normalised) plus the raw keys.

@@ -35,6 +35,10 @@ class LocalRun:
     run_key: str
 
 
+# The DAG compiled from pipelines/ (`make pipeline`), shipped in the wheel: the default package.
+SHIPPED = Path(__file__).with_name("transfer_learning.yaml")
+
+
 def read_package(package: str | Path) -> dict[str, Any]:
     """The pipeline spec (first YAML document) of a compiled package."""
     import yaml
@@ -42,8 +46,8 @@ def read_package(package: str | Path) -> dict[str, Any]:
     package = Path(package)
     if not package.is_file():
         raise TlpipeError(
-            f"{package} not found: run `tlpipe pipeline` in a tlpipe checkout or pass "
-            "--package PATH (compile one with `python -m pipelines.transfer_learning`)"
+            f"{package} not found: pass --package PATH to a compiled pipeline, or leave it out "
+            "to run the one shipped with tlpipe"
         )
     try:
         spec = next(yaml.safe_load_all(package.read_text()), None)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.data import KEY_DTYPE, RawDataset
+from tlpipe.data.prepared import KEY_DTYPE, RawDataset
 from tlpipe.errors import TlpipeError
 
 
@@ -127,7 +127,7 @@ def _load_images(
     """
     from tqdm import tqdm
 
-    from tlpipe.data import ArrayWriter, open_array
+    from tlpipe.data.prepared import ArrayWriter, open_array
 
     tty = sys.stderr.isatty()
     start = time.perf_counter()

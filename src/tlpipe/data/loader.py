@@ -1,14 +1,14 @@
 """Training batches: what a batch holds, how it is augmented, and how it reaches the device.
 
-A batches object (`ArrayBatches`, `tlpipe.joint.JointBatches`) defines batch `step` of
+A batches object (`ArrayBatches`, `tlpipe.train.joint.JointBatches`) defines batch `step` of
 `epoch` as a pure function of (seed, epoch, step) over its images, which are either in memory
-or a memory-mapped prepared split (`tlpipe.data.load_split`). `Feed` then takes one of two
+or a memory-mapped prepared split (`tlpipe.data.prepared.load_split`). `Feed` then takes one of two
 routes, chosen by size (`TrainConfig.max_in_memory_mb`):
 
 - **in memory** (small data, the fast path): the whole uint8 dataset moves to the device once;
   each batch is gathered, augmented and normalised there. No workers to tune.
 - **streaming** (large data): a `torch.utils.data.DataLoader` whose items are whole batches
-  `(epoch, step)`: worker processes read the rows from disk (pread, see `tlpipe.data`),
+  `(epoch, step)`: worker processes read the rows from disk (pread, see `tlpipe.data.prepared`),
   augment and (on a CPU device) normalise them; batches come back through pinned memory.
   Memory stays flat in the dataset's size: rows are read per batch, nothing holds the split.
 
@@ -31,16 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tlpipe.data import read_rows, take_rows
+from tlpipe.data.prepared import read_rows, take_rows
 from tlpipe.errors import TlpipeError
-from tlpipe.params.training import Augment
+from tlpipe.params.learning import Augment
 
 Batch = dict[str, torch.Tensor]
 Images = np.ndarray | torch.Tensor  # uint8 (N, C, H, W): in memory, memory-mapped, or on device
 
 
 class Batches(Protocol):
-    """What `tlpipe.training.fit` trains on."""
+    """What `tlpipe.train.loop.fit` trains on."""
 
     def __len__(self) -> int: ...
 

@@ -1,0 +1,9 @@
+"""Release: which model is allowed to replace the champion, and on what evidence.
+
+`promotion` is the pure rule (a candidate against the champion: paired McNemar test and a
+per-class floor); `paired` scores two ONNX files on the very same images through the edge
+runtime.
+
+May import: `tlpipe.edge` (the runtime that scores ONNX files), `tlpipe.data`,
+`tlpipe.params`, `tlpipe.fsio`, `tlpipe.errors`.
+"""
