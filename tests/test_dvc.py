@@ -88,7 +88,13 @@ def test_every_stage_depends_on_the_code_its_command_imports() -> None:
 def test_the_check_catches_a_stage_with_hand_listed_deps() -> None:
     stage = {"cmd": "tlpipe finetune --strategy full", "deps": ["src/tlpipe/steps/finetune.py"]}
     missing = uncovered(stage)
-    for module in ("train/models.py", "train/loop.py", "runner.py", "tracking.py", "train/joint.py"):
+    for module in (
+        "train/models.py",
+        "train/loop.py",
+        "runner.py",
+        "tracking.py",
+        "train/joint.py",
+    ):
         assert f"src/tlpipe/{module}" in missing
 
 
