@@ -139,7 +139,9 @@ def test_full_with_l2sp_stays_closer_to_source(tiny_prepared, source_model, tmp_
 def test_lp_ft_runs_two_phases_and_scratch_ignores_source(tiny_prepared, source_model, tmp_path):
     res = finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", _cfg("lp_ft"))
     assert [r["phase"] for r in res.history] == ["probe", "probe", "full", "full"]
-    res = finetune.run(tiny_prepared, None, tmp_path / "scratch.pt", _cfg("scratch"))
+    res = finetune.run(
+        tiny_prepared, None, tmp_path / "scratch.pt", _cfg("scratch", model="small_cnn")
+    )
     assert 0 <= res.metrics["target_val_accuracy"] <= 1
 
 
@@ -201,6 +203,7 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
         assert (tmp_path / "eval" / f).stat().st_size > 0
     table = evaluate.format_table(report)
     assert "scratch" in table and "selected (by val)" in table
+    assert "architectures: transfer small_cnn vs scratch small_cnn (like for like)" in table
     with pytest.raises(TlpipeError, match="baseline model 'scratch' missing"):
         evaluate.run(
             tiny_prepared, {"full": models["full"]}, tmp_path / "e2", evaluate.EvaluateConfig()
@@ -237,7 +240,9 @@ def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tm
 
     models = {"scratch": tmp_path / "scratch.pt", "full": tmp_path / "full.pt"}
     longer = {**TINY_TRAIN, "epochs": 15, "steps_per_epoch": 5}
-    finetune.run(tiny_prepared, None, models["scratch"], _cfg("scratch", train=longer))
+    finetune.run(
+        tiny_prepared, None, models["scratch"], _cfg("scratch", train=longer, model="small_cnn")
+    )
     _, meta = load_checkpoint(models["scratch"])
     with seeded(123):  # an untrained "transfer" model: worse than scratch on validation
         untrained = build_model("small_cnn", meta["num_classes"], meta["in_chans"])
@@ -249,3 +254,35 @@ def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tm
     assert "transfer did NOT help" in res.summary and "scratch ships" in report["verdict"]
     assert (tmp_path / "eval/selected.txt").read_text().strip() == "scratch"
     assert "transfer did NOT help" in evaluate.format_table(report)
+
+
+def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) -> None:
+    """Like for like: scratch trains the transfer models' network with random weights."""
+    from tlpipe.params.resolver import resolve
+
+    assert resolve({"pretrain": {"model": "resnet18"}})["finetune"].model == "resnet18"
+    explicit = {"pretrain": {"model": "resnet18"}, "finetune": {"model": "small_cnn"}}
+    assert resolve(explicit)["finetune"].model == "small_cnn"
+    tiny = {**TINY_TRAIN, "epochs": 1}
+    src = tmp_path / "source.pt"
+    pretrain.run(tiny_prepared, src, build(pretrain.PretrainConfig,
+                                           {"model": "resnet18", "train": tiny}))  # fmt: skip
+    finetune.run(tiny_prepared, src, tmp_path / "scratch.pt", _cfg("scratch", train=tiny))
+    finetune.run(tiny_prepared, src, tmp_path / "lp.pt", _cfg("linear_probe", probe=tiny))
+    scratch, meta = load_checkpoint(tmp_path / "scratch.pt")
+    assert meta["arch"] == "resnet18" and meta["strategy"] == "scratch"
+    source, _ = load_checkpoint(src)
+    assert any(_changed(source.backbone, scratch.backbone))  # random init, not the source's
+    models = {"scratch": tmp_path / "scratch.pt", "linear_probe": tmp_path / "lp.pt"}
+    finetune.run(tiny_prepared, src, tmp_path / "small.pt",
+                 _cfg("scratch", train=tiny, model="small_cnn"))  # fmt: skip
+    report = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
+    from tlpipe.fsio import read_json
+
+    line = read_json(report.metrics_path)["architectures"]
+    assert line == "architectures: transfer resnet18 vs scratch resnet18 (like for like)"
+    models["scratch"] = tmp_path / "small.pt"
+    report = evaluate.run(tiny_prepared, models, tmp_path / "e2", evaluate.EvaluateConfig())
+    assert "NOT like for like" in read_json(report.metrics_path)["architectures"]
+    with pytest.raises(TlpipeError, match="no source model"):
+        finetune.run(tiny_prepared, None, tmp_path / "x.pt", _cfg("scratch", train=tiny))

@@ -78,7 +78,10 @@ def trained(tiny_prepared: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("paired") / "good.pt"
     train = {"epochs": 15, "batch_size": 32, "steps_per_epoch": 5, "lr": 0.05}
     finetune.run(
-        tiny_prepared, None, out, build(FinetuneConfig, {"strategy": "scratch", "train": train})
+        tiny_prepared,
+        None,
+        out,
+        build(FinetuneConfig, {"strategy": "scratch", "model": "small_cnn", "train": train}),
     )
     return out
 

@@ -291,7 +291,9 @@ class FinetuneConfig:
 
     Attributes:
         strategy: What `tlpipe finetune` trains without --strategy.
-        model: The scratch baseline's architecture (the others keep the source model's).
+        model: The scratch baseline's architecture. null (the default) = the transfer models'
+            own, `pretrain.model`, so that scratch is the same network with random weights
+            (like for like); set it only to compare against another architecture on purpose.
         train: Same step budget for every strategy and the scratch baseline (30 × 10 steps).
         probe: The linear-probe phase of linear_probe and lp_ft.
         backbone_lr_scale: Discriminative LR: the backbone learns this much slower (chosen on
@@ -305,7 +307,7 @@ class FinetuneConfig:
     """
 
     strategy: str = "lp_ft"
-    model: str = "small_cnn"
+    model: str | None = None
     train: TrainConfig = field(default_factory=_few_shot)
     probe: TrainConfig = field(default_factory=lambda: _few_shot(epochs=10, lr=0.05))
     backbone_lr_scale: float = 0.3

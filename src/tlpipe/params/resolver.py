@@ -117,6 +117,10 @@ def resolve(
         if not isinstance(values, dict):
             raise TlpipeError(f"params section {section} must be a mapping, got {values!r}")
         configs[section] = build(cls, values, where=f"{section}.")
+    if configs["finetune"].model is None:  # like for like: scratch is the transfer network
+        configs["finetune"] = dataclasses.replace(
+            configs["finetune"], model=configs["pretrain"].model
+        )
     strategies = data.get("strategies", DEFAULT_STRATEGIES)
     if not isinstance(strategies, list | tuple) or not strategies:
         raise TlpipeError(f"strategies must be a non-empty list, got {strategies!r}")

@@ -72,6 +72,7 @@ def run(
         "transfer_helped": selected != cfg.baseline,
         "verdict": verdict,
         "baseline": cfg.baseline,
+        "architectures": architectures(report, cfg.baseline),
         "test_sha256": manifest["splits"]["target_test"]["sha256"],
         "dataset_sha256": manifest.get("dataset_sha256", ""),
         "models": report,
@@ -121,6 +122,15 @@ def select(report: dict[str, dict[str, Any]], baseline: str) -> tuple[str, str]:
     )
 
 
+def architectures(report: dict[str, dict[str, Any]], baseline: str) -> str:
+    """One line naming the networks compared, and whether the comparison is like for like."""
+    transfer = sorted({m["arch"] for n, m in report.items() if n != baseline})
+    base = report[baseline]["arch"]
+    same = transfer == [base]
+    how = "like for like" if same else "NOT like for like (finetune.model set to another one)"
+    return f"architectures: transfer {', '.join(transfer)} vs {baseline} {base} ({how})"
+
+
 def selected_model(eval_dir: Path, finetuned: Path) -> Path:
     """The checkpoint in `finetuned` of the model an evaluate run in `eval_dir` selected."""
     selected = Path(eval_dir) / "selected.txt"
@@ -149,6 +159,7 @@ def _score(
         m = classification_metrics(test.y, preds[name], classes)
         m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
         m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
+        m["arch"] = str(meta.get("arch", "?"))
         report[name] = m
         histories[name] = meta.get("history", [])
     return report, preds, histories
@@ -220,6 +231,7 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} "
             f"{m['val_accuracy']:>8.3f} {gain:>11}{mark}"
         )
-    if "verdict" in metrics:
-        lines.append(metrics["verdict"])
+    for key in ("architectures", "verdict"):
+        if key in metrics:
+            lines.append(metrics[key])
     return "\n".join(lines)

@@ -224,6 +224,18 @@ def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) ->
     return f"{cfg!r}|{manifest.get('dataset_sha256')}|{'|'.join(hashes)}"
 
 
+def _source_arch(source_model: Path | None) -> str:
+    """The source model's architecture: what scratch trains when finetune.model is null."""
+    from tlpipe.train.models import load_checkpoint
+
+    if source_model is None or not Path(source_model).is_file():
+        raise TlpipeError(
+            "scratch copies the source model's architecture (finetune.model: null), but there "
+            "is no source model: set finetune.model (e.g. to pretrain.model) or run pretrain"
+        )
+    return str(load_checkpoint(source_model)[1]["arch"])
+
+
 @dataclass(frozen=True)
 class Start:
     """What fine-tuning starts from: the architecture, its input normalisation (the source
@@ -244,8 +256,9 @@ def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
 
     in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
     if cfg.strategy == "scratch":
-        model = build_model(cfg.model, num_classes, in_chans, input_size, seed=cfg.train.seed)
-        return model, None, Start(cfg.model, manifest["mean"], manifest["std"])
+        arch = cfg.model or _source_arch(source_model)
+        model = build_model(arch, num_classes, in_chans, input_size, seed=cfg.train.seed)
+        return model, None, Start(arch, manifest["mean"], manifest["std"])
     if source_model is None:
         raise TlpipeError(f"strategy {cfg.strategy!r} needs a source model (run pretrain first)")
     source, meta = load_checkpoint(source_model)
