@@ -38,9 +38,9 @@ def model_path(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def exported(tiny_prepared: Path, model_path: Path) -> export.ExportResult:
-    return export.run(
-        model_path, tiny_prepared, model_path.parent / "export", export.ExportConfig()
-    )
+    # a random-weight model: INT8 published whatever its agreement (the thresholds have a test)
+    cfg = export.ExportConfig(int8_min_agreement=0.0, int8_max_accuracy_drop=100.0)
+    return export.run(model_path, tiny_prepared, model_path.parent / "export", cfg)
 
 
 def test_export_passes_parity_and_writes_the_contract_files(exported, tiny_prepared):
@@ -119,6 +119,9 @@ def test_wrong_classes_fail_cleanly_and_leave_nothing(tiny_prepared, tmp_path):
         ({"opset": 17}, "opset"),
         ({"calibration_splits": ["target_test"]}, "calibration_splits"),
         ({"min_agreement": 1.5}, "min_agreement"),
+        ({"int8_min_agreement": 1.5}, "int8_min_agreement"),
+        ({"int8_max_accuracy_drop": -1}, "int8_max_accuracy_drop"),
+        ({"int8_method": "fast"}, "int8_method"),
         ({"calibration_method": "magic"}, "calibration_method"),
     ],
 )
@@ -153,3 +156,58 @@ def test_calibration_tops_up_from_later_splits(tiny_prepared):
     cfg = export.ExportConfig(calibration_images=30, calibration_splits=splits)
     x, counts = export.calibration_set(tiny_prepared, cfg)
     assert counts == {"target_val": 25, "source_val": 5} and x.shape == (30, 1, 28, 28)
+
+
+def _near_tie(path: Path, model_path: Path) -> Path:
+    """The model with its head rows almost equal and centred: test images sit next to decision
+    boundaries, where INT8's rounding flips the argmax."""
+    from tlpipe.train.models import load_checkpoint
+
+    model, meta = load_checkpoint(model_path)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        w = model.head.weight
+        w.copy_(1e-2 * torch.randn_like(w))
+        model.head.bias.zero_()
+    return save_checkpoint(path, model, meta)
+
+
+def test_int8_is_published_only_when_it_passes_its_own_parity(tiny_prepared, model_path, tmp_path):
+    # one calibration image: activation ranges far too narrow, so INT8 clips and disagrees
+    tied = _near_tie(tmp_path / "tied.pt", model_path)
+    starved = export.ExportConfig(calibration_images=1)
+    result = export.run(tied, tiny_prepared, tmp_path / "export", starved)
+    int8 = json.loads(result.parity_path.read_text())["int8"]
+    assert int8["argmax_agreement"] < 0.99  # the premise: this INT8 disagrees with fp32
+    assert int8["published"] is False and "argmax agreement with fp32" in int8["reason"]
+    assert result.int8_path is None and not (tmp_path / "export" / "model.int8.onnx").exists()
+    assert result.passed and "INT8 NOT published" in result.summary  # fp32 still ships
+    assert result.metrics["int8_published"] == 0.0 and int8["method"] == "static"
+    lenient = export.ExportConfig(
+        calibration_images=1, int8_min_agreement=0.0, int8_max_accuracy_drop=100.0
+    )
+    result = export.run(tied, tiny_prepared, tmp_path / "lenient", lenient)
+    int8 = json.loads(result.parity_path.read_text())["int8"]
+    assert int8["published"] is True and result.int8_path.is_file()
+
+
+def test_int8_verdict_names_each_threshold_missed() -> None:
+    cfg = export.ExportConfig(int8_min_agreement=0.99, int8_max_accuracy_drop=1.0)
+    fp32 = {"accuracy": 0.90}
+    ok = export.int8_verdict({"argmax_agreement": 0.995, "accuracy": 0.895}, fp32, cfg)
+    assert ok["published"] is True
+    bad = export.int8_verdict({"argmax_agreement": 0.83, "accuracy": 0.85}, fp32, cfg)
+    assert bad["published"] is False
+    assert "0.8300 < export.int8_min_agreement 0.99" in bad["reason"]
+    assert "accuracy drop 5.00 pt > export.int8_max_accuracy_drop 1.0" in bad["reason"]
+
+
+def test_dynamic_int8_needs_no_calibration(tiny_prepared, model_path, tmp_path) -> None:
+    cfg = export.ExportConfig(
+        int8_method="dynamic", int8_min_agreement=0.0, int8_max_accuracy_drop=100.0
+    )
+    result = export.run(model_path, tiny_prepared, tmp_path / "export", cfg)
+    int8 = json.loads(result.parity_path.read_text())["int8"]
+    assert int8["method"] == "dynamic" and int8["calibration"] == {}
+    ops = {n.op_type for n in onnx.load(str(result.int8_path)).graph.node}
+    assert "ConvInteger" in ops or "DynamicQuantizeLinear" in ops

@@ -68,17 +68,22 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(path, net, meta)
 
 
-def make_export(root: Path, accuracy: float, passed: bool = True, test_sha: str = "t1") -> Path:
-    """An export/ dir: register only logs the ONNX files, so any bytes will do."""
+def make_export(
+    root: Path, accuracy: float, passed: bool = True, test_sha: str = "t1", int8: bool = True
+) -> Path:
+    """An export/ dir: register only logs the ONNX files, so any bytes will do.
+
+    `int8=False`: the INT8 file failed its parity at export, so there is none."""
     root.mkdir(parents=True)
     (root / "model.onnx").write_bytes(b"fp32 onnx")
-    (root / "model.int8.onnx").write_bytes(b"int8 onnx")
+    if int8:
+        (root / "model.int8.onnx").write_bytes(b"int8 onnx")
     parity = {
         "passed": passed,
         "max_abs_diff": 1e-6,
         "argmax_agreement": 1.0,
         "fp32": {"accuracy": accuracy, "size_bytes": 9},
-        "int8": {"accuracy": accuracy - 0.01, "size_bytes": 9},
+        "int8": {"accuracy": accuracy - 0.01, "size_bytes": 9, "published": int8},
         "test_sha256": test_sha,
     }
     (root / "parity.json").write_text(json.dumps(parity))
@@ -112,6 +117,17 @@ def test_gate_promotes_better_and_refuses_worse(server, tmp_path, checkpoint):
     files = {a.path for a in client.list_artifacts(run_id, "onnx")}
     assert files == {"onnx/model.onnx", "onnx/model.int8.onnx"}
     assert worse.metrics == {"accuracy": 0.855, "promoted": 0.0, "parity_passed": 1.0}
+
+
+def test_an_unpublished_int8_is_neither_logged_nor_tagged(server, tmp_path, checkpoint):
+    import mlflow
+
+    cfg = RegisterConfig(model_name=f"m-{uuid.uuid4().hex[:8]}")
+    client = mlflow.MlflowClient(tracking_uri=server)
+    result = register.run(make_export(tmp_path / "a", 0.80, int8=False), checkpoint, cfg)
+    version = client.get_model_version(cfg.model_name, result.version)
+    assert {a.path for a in client.list_artifacts(version.run_id, "onnx")} == {"onnx/model.onnx"}
+    assert "onnx_int8_sha256" not in version.tags and "onnx_sha256" in version.tags
 
 
 def test_parity_floor_and_test_data_block_promotion(server, tmp_path, checkpoint):

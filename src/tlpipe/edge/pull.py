@@ -102,6 +102,11 @@ def published_sha256(mv: ModelVersion, variant: str) -> str:
     tag = VARIANTS[variant][1]
     sha = mv.tags.get(tag, "").strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        if variant == "int8" and not sha:
+            raise TlpipeError(
+                f"{mv.name} v{mv.version} has no INT8 file: it failed its parity at export "
+                "(parity.json's int8.reason) or was not made; pull the fp32 variant"
+            )
         raise TlpipeError(
             f"{mv.name} v{mv.version} has no valid {tag} tag, so its {variant} "
             "file cannot be verified: refused (register it with a tlpipe that "

@@ -31,7 +31,13 @@ class ExportConfig:
         opset: ONNX opset (≥ 18: the torch.export-based exporter's lowest).
         tolerance: Largest allowed |logit difference| between ONNX Runtime and torch.
         min_agreement: Smallest allowed share of test images with the same argmax.
-        int8: Also write the statically quantized `model.int8.onnx`.
+        int8: Also quantize to `model.int8.onnx`; it is published (kept in the export) only
+            when it passes the two thresholds below on the test split, else parity.json says why.
+        int8_method: ``static`` (QDQ, per-channel int8 weights, uint8 activations calibrated
+            on target images: the fast one on x86) or ``dynamic`` (weights only, activations
+            quantized at run time; no calibration).
+        int8_min_agreement: Smallest share of test images where INT8 and fp32 agree (argmax).
+        int8_max_accuracy_drop: Largest test-accuracy loss of INT8 against fp32, in points.
         calibration_images: How many images calibrate the INT8 activation ranges.
         calibration_splits: Prepared splits the calibration images come from, in order: all
             of the first (up to `calibration_images`), then the next, … Never the test split.
@@ -47,6 +53,9 @@ class ExportConfig:
     tolerance: float = 1e-4
     min_agreement: float = 0.999
     int8: bool = True
+    int8_method: Literal["static", "dynamic"] = "static"
+    int8_min_agreement: float = 0.99
+    int8_max_accuracy_drop: float = 1.0
     calibration_images: int = 500
     calibration_splits: tuple[str, ...] = ("target_val", "target_train")
     calibration_method: Calibration = "minmax"
@@ -61,6 +70,8 @@ class ExportConfig:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         if not 0 < self.min_agreement <= 1:
             raise ValueError(f"min_agreement must be in (0, 1], got {self.min_agreement}")
+        if not 0 <= self.int8_min_agreement <= 1 or not self.int8_max_accuracy_drop >= 0:
+            raise ValueError("int8_min_agreement must be in [0, 1], int8_max_accuracy_drop ≥ 0")
         bad = set(self.calibration_splits) - set(CALIBRATION_SPLITS)
         if bad or not self.calibration_splits:
             raise ValueError(f"calibration_splits must be from {CALIBRATION_SPLITS}, got {bad}")

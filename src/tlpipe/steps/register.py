@@ -85,7 +85,10 @@ def run(
     """
     export_dir = Path(export_dir)
     parity = read_parity(export_dir)
-    onnx_files = [export_dir / "model.onnx", export_dir / "model.int8.onnx"]
+    onnx_files = [export_dir / "model.onnx"]
+    int8 = parity.get("int8")
+    if int8 is not None and int8.get("published", True):
+        onnx_files.append(export_dir / "model.int8.onnx")  # only an INT8 that passed its parity
     for path in onnx_files:
         if not path.exists():
             raise TlpipeError(f"{path} not found: run `tlpipe export` first")
@@ -101,18 +104,19 @@ def run(
         paired = _score_champion(cfg.model_name, export_dir, prepared_dir) if prepared_dir else None
         tags = {
             "accuracy": repr(parity["fp32"]["accuracy"]),
-            "int8_accuracy": repr(parity.get("int8", {}).get("accuracy", float("nan"))),
+            "int8_accuracy": repr((parity.get("int8") or {}).get("accuracy", float("nan"))),
             "test_sha256": parity["test_sha256"],
             "dataset_sha256": dataset_sha,
             "parity_passed": str(bool(parity["passed"])).lower(),
             "onnx_uri": f"runs:/{run_id}/onnx/model.onnx",
             "onnx_sha256": sha256_file(onnx_files[0]),
-            "onnx_int8_sha256": sha256_file(onnx_files[1]),
             "gate_decision": PENDING,
             **(paired.tags() if paired else {}),
         }
+        if len(onnx_files) > 1:  # no tag, no INT8 for devices: `pull --variant int8` refuses
+            tags["onnx_int8_sha256"] = sha256_file(onnx_files[1])
         if key := os.environ.get("TLPIPE_SIGNING_KEY"):  # devices with the key check these
-            for name in ("onnx_sha256", "onnx_int8_sha256"):
+            for name in ("onnx_sha256", "onnx_int8_sha256")[: len(onnx_files)]:
                 tags[f"{name}_hmac"] = sign(tags[name], key)
         version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
         decision = gate(cfg.model_name, str(version), cfg)
