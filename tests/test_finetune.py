@@ -44,7 +44,14 @@ def test_pretrain_is_reproducible_whatever_ran_before(tiny_prepared: Path, tmp_p
 
 
 def _cfg(strategy: str, **extra) -> finetune.FinetuneConfig:
-    values = {"strategy": strategy, "train": TINY_TRAIN, "probe": TINY_TRAIN, **extra}
+    # selection by validation alone (min_val 0) unless a test asks for cross-validation
+    values = {
+        "strategy": strategy,
+        "train": TINY_TRAIN,
+        "probe": TINY_TRAIN,
+        "selection": {"min_val": 0},
+        **extra,
+    }
     return build(finetune.FinetuneConfig, values)
 
 
@@ -286,3 +293,97 @@ def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) 
     assert "NOT like for like" in read_json(report.metrics_path)["architectures"]
     with pytest.raises(TlpipeError, match="no source model"):
         finetune.run(tiny_prepared, None, tmp_path / "x.pt", _cfg("scratch", train=tiny))
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def test_stratified_folds_are_balanced_and_the_same_for_the_same_labels() -> None:
+    y = np.repeat(np.arange(5), 10)
+    fold = finetune.stratified_folds(y, 3, seed=0)
+    assert np.array_equal(fold, finetune.stratified_folds(y, 3, seed=0))
+    assert not np.array_equal(fold, finetune.stratified_folds(y, 3, seed=1))
+    assert sorted(np.bincount(fold).tolist()) == [16, 17, 17]
+    for c in range(5):  # each class spread over every fold (10 images: 3/3/4)
+        assert sorted(np.bincount(fold[y == c], minlength=3).tolist()) == [3, 3, 4]
+
+
+def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, source_model, tmp_path):
+    from tlpipe.data.prepared import load_split
+
+    cv_cfg = {"min_val": 26, "folds": 3, "epoch_fraction": 0.5}  # tiny val has 25 images
+    res = finetune.run(
+        tiny_prepared, source_model, tmp_path / "lp.pt", _cfg("linear_probe", selection=cv_cfg)
+    )
+    cv = load_checkpoint(tmp_path / "lp.pt")[1]["selection_cv"]
+    train, val = load_split(tiny_prepared, "target_train"), load_split(tiny_prepared, "target_val")
+    assert len(cv["ids"]) == len(cv["correct"]) == len(train) + len(val) == 50
+    assert cv["ids"][: len(train)] == [str(k) for k in train.ids]  # never a test image
+    assert cv["folds"] == cv["fits"] == 3 and cv["accuracy"] == pytest.approx(
+        np.mean(cv["correct"])
+    )
+    assert res.metrics["cv_extra_fits"] == 3.0 and "3-fold CV accuracy" in res.summary
+    finetune.run(
+        tiny_prepared,
+        source_model,
+        tmp_path / "big.pt",
+        _cfg("linear_probe", selection={**cv_cfg, "min_val": 25}),
+    )
+    assert "selection_cv" not in load_checkpoint(tmp_path / "big.pt")[1]
+
+
+def _with_cv(src: Path, out: Path, correct: list[int]) -> Path:
+    """A copy of checkpoint `src` carrying made-up out-of-fold results on 50 images."""
+    model, meta = load_checkpoint(src)
+    meta["selection_cv"] = {
+        "ids": [str(i) for i in range(50)],
+        "correct": correct,
+        "folds": 3,
+        "fits": 3,
+        "epoch_fraction": 0.34,
+        "seed": 0,
+        "accuracy": float(np.mean(correct)),
+    }
+    return save_checkpoint(out, model, meta)
+
+
+@pytest.mark.parametrize(
+    "scratch_right, full_right, verdict",
+    [
+        (20, 45, "transfer helped: full beats scratch"),
+        (30, 32, "tie: full vs scratch"),
+        (40, 20, "transfer did NOT help"),
+    ],
+)
+def test_cross_validated_selection_says_helped_only_when_the_interval_excludes_0(
+    scratch_right, full_right, verdict, tiny_prepared, source_model, tmp_path
+) -> None:
+    from tlpipe.fsio import read_json
+
+    plain = tmp_path / "plain.pt"
+    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", model="small_cnn"))
+    models = {
+        "scratch": _with_cv(
+            plain, tmp_path / "scratch.pt", [1] * scratch_right + [0] * (50 - scratch_right)
+        ),
+        "full": _with_cv(plain, tmp_path / "full.pt", [1] * full_right + [0] * (50 - full_right)),
+    }
+    res = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
+    report = read_json(res.metrics_path)
+    assert report["verdict"].startswith(verdict), report["verdict"]
+    assert report["selected"] == ("full" if full_right > scratch_right else "scratch")
+    assert report["transfer_helped"] is (verdict.startswith("transfer helped"))
+    assert report["tie"] is verdict.startswith("tie")
+    lo, hi = report["paired"]["ci95_points"]
+    assert lo <= report["paired"]["diff_points"] == 2 * (full_right - scratch_right) <= hi
+    assert (
+        report["extra_fits"] == 6 and "3-fold stratified cross-validation" in report["selected_by"]
+    )
+    table = evaluate.format_table(report)
+    assert "cv acc" in table and "selected (by CV)" in table and "6 extra fits" in table
+
+
+def test_paired_interval_of_identical_models_is_zero() -> None:
+    assert evaluate.paired_interval(np.zeros(30)) == (0.0, 0.0, 0.0)
+    mean, lo, hi = evaluate.paired_interval(np.r_[np.ones(10), np.zeros(40)])
+    assert lo < mean == 0.2 < hi and lo > 0

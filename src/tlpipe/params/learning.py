@@ -286,6 +286,36 @@ class JointConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """`finetune.selection:`: choosing the model to ship when target validation is small.
+
+    With fewer than `min_val` validation images, every model (scratch included) is also scored
+    by stratified k-fold cross-validation over the labelled target, target_train +
+    target_val (never test): fold by fold, the strategy trains on the other folds for
+    `epoch_fraction` of its epochs and predicts the held-out one. `evaluate` then selects on
+    these out-of-fold predictions (k × more images than validation alone) and pairs them image
+    by image against scratch for an interval. It costs `folds` extra fits per model.
+
+    Attributes:
+        min_val: Cross-validate when target_val has fewer images than this; 0 = never.
+        folds: k (≥ 2).
+        epoch_fraction: Share of each phase's epochs a CV fit trains (at least one epoch).
+        seed: Fold assignment; the same for every strategy, so comparisons are paired.
+    """
+
+    min_val: int = 100
+    folds: int = 3
+    epoch_fraction: float = 0.34
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_val < 0 or self.folds < 2 or not 0 < self.epoch_fraction <= 1:
+            raise TlpipeError(
+                "finetune.selection: min_val must be >= 0, folds >= 2, epoch_fraction in (0, 1]"
+            )
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """`finetune:`; `per_strategy.<name>` overrides any field for one strategy.
 
@@ -303,6 +333,7 @@ class FinetuneConfig:
         l2sp: L2-SP strength α: penalty α/2·‖w − w_source‖² on the backbone.
         joint: Strategy `joint`: co-training on the match-weighted source.
         specialist: Strategy `specialist`: its phase on the matched source alone.
+        selection: Cross-validated selection when validation is small (`SelectionConfig`).
         per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``.
     """
 
@@ -320,6 +351,7 @@ class FinetuneConfig:
             epochs=4, batch_size=128, lr=0.03, schedule="cosine", augment=True
         )
     )
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     per_strategy: dict[str, Any] = field(
         default_factory=lambda: {"scratch": {"train": {"lr": 0.05}}}
     )

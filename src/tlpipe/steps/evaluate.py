@@ -61,16 +61,20 @@ def run(
     manifest = load_manifest(prepared_dir)
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = manifest["target_classes"]
-    report, preds, histories = _score(models, test, val, classes)
-    selected, verdict = select(report, cfg.baseline)
+    report, preds, histories, evidence = _score(models, test, val, classes)
+    choice = select(report, cfg.baseline, evidence)
+    selected, verdict = choice.selected, choice.verdict
     base = report[cfg.baseline]["accuracy"]
     gain = {n: round(100 * (m["accuracy"] - base), 2) for n, m in report.items()
             if n != cfg.baseline}  # fmt: skip
     out = {
         "selected": selected,
-        "selected_by": "target validation accuracy (ties: validation loss); the baseline too",
-        "transfer_helped": selected != cfg.baseline,
+        "selected_by": choice.selected_by,
+        "transfer_helped": choice.helped,
+        "tie": choice.tie,
         "verdict": verdict,
+        "paired": choice.paired,
+        "extra_fits": choice.extra_fits,
         "baseline": cfg.baseline,
         "architectures": architectures(report, cfg.baseline),
         "test_sha256": manifest["splits"]["target_test"]["sha256"],
@@ -89,37 +93,124 @@ def run(
             for name, m in report.items():
                 plot_confusion(tmp / "plots" / f"confusion_{name}.png", m["confusion"],
                                classes, f"{name}: accuracy {m['accuracy']:.3f}")  # fmt: skip
-    summary = {"selected_accuracy": report[selected]["accuracy"], "baseline_accuracy": base,
-               "gain_points": gain.get(selected, 0.0),
-               "transfer_helped": float(selected != cfg.baseline)}  # fmt: skip
+    summary = {
+        "selected_accuracy": report[selected]["accuracy"],
+        "baseline_accuracy": base,
+        "gain_points": gain.get(selected, 0.0),
+        "transfer_helped": float(choice.helped),
+        "extra_fits": float(choice.extra_fits),
+    }
     line = f"selected {selected} (test accuracy {report[selected]['accuracy']:.4f}); {verdict}"
     return EvaluateResult(Path(out_dir) / "metrics.json", selected, metrics=summary,
                           artifacts=(Path(out_dir),), summary=line)  # fmt: skip
 
 
-def select(report: dict[str, dict[str, Any]], baseline: str) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Choice:
+    """What ships, on what evidence, and whether transfer demonstrably helped."""
+
+    selected: str
+    verdict: str
+    selected_by: str
+    helped: bool
+    tie: bool
+    paired: dict[str, Any]
+    extra_fits: int
+
+
+def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str, Any]) -> Choice:
     """The model to ship, and a sentence saying whether transfer helped.
 
-    The best target validation accuracy wins; 25 validation images tie often, and a tie goes
-    to the lower validation loss, never to a name. The baseline is a candidate like any
-    strategy: when no strategy beats it, the baseline ships.
+    Evidence: every model's per-image correctness on the same labelled target images: the
+    out-of-fold predictions of k-fold CV when finetune cross-validated (small validation), else
+    target validation. The highest accuracy on it ships; a tie goes to the lower validation
+    loss, never to a name. The baseline is a candidate like any strategy. "Transfer helped" is
+    said only when the paired 95 % bootstrap interval of (best strategy − baseline) excludes 0;
+    when it includes 0 the verdict is "tie" and the rule is unchanged: the higher accuracy
+    ships (the best estimate we have), with the baseline on an exact tie of both keys.
     """
+    score = {
+        n: float(np.mean(evidence["correct"][n])) if len(evidence["correct"][n]) else float("nan")
+        for n in report
+    }
 
-    def key(name: str) -> tuple[float, float]:
-        return report[name]["val_accuracy"], -report[name]["val_loss"]
+    def key(name: str) -> tuple[float, float, bool]:
+        return score[name], -report[name]["val_loss"], name == baseline
 
     selected = max(report, key=key)
     best = max((n for n in report if n != baseline), key=key)
-    a, b = report[best]["val_accuracy"], report[baseline]["val_accuracy"]
-    if selected != baseline:
-        return (
-            selected,
-            f"transfer helped: {selected} beats {baseline} on validation ({a:.3f} vs {b:.3f})",
+    d = np.asarray(evidence["correct"][best], float) - evidence["correct"][baseline]
+    mean, lo, hi = (100 * v for v in paired_interval(d))
+    paired = {
+        "model": best,
+        "vs": baseline,
+        "diff_points": round(mean, 2),
+        "ci95_points": [round(lo, 2), round(hi, 2)],
+        "images": len(d),
+        "on": evidence["on"],
+    }
+    on, ci = evidence["on"], f"{mean:+.1f} pt, 95% CI {lo:+.1f} … {hi:+.1f}"
+    helped = selected != baseline and lo > 0
+    tie = selected != baseline and not helped
+    if helped:
+        verdict = f"transfer helped: {best} beats {baseline} ({ci}) on {on}"
+    elif tie:
+        verdict = (
+            f"tie: {best} vs {baseline} {ci} on {on}: the interval includes 0; "
+            f"{best} ships (rule: the higher accuracy there)"
         )
-    return selected, (
-        f"transfer did NOT help: no strategy beats {baseline} on validation (best: "
-        f"{best}, {a:.3f} vs {b:.3f}), so {baseline} ships"
+    else:
+        verdict = (
+            f"transfer did NOT help: no strategy beats {baseline} on {on} (best: "
+            f"{best}, {ci}), so {baseline} ships"
+        )
+    return Choice(
+        selected, verdict, evidence["selected_by"], helped, tie, paired, evidence["extra_fits"]
     )
+
+
+def paired_interval(d: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, ...]:
+    """Mean of the paired differences `d` and its 95 % percentile-bootstrap interval."""
+    if len(d) == 0:
+        return (float("nan"),) * 3
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _val_evidence(correct: dict[str, np.ndarray]) -> dict[str, Any]:
+    n = len(next(iter(correct.values())))
+    return {
+        "correct": {name: np.asarray(c, float) for name, c in correct.items()},
+        "on": f"target validation ({n} images)",
+        "selected_by": f"target validation accuracy ({n} images; ties: validation loss); "
+        "the baseline too; no extra fits",
+        "extra_fits": 0,
+    }
+
+
+def _cv_evidence(cvs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Cross-validation evidence when every model has it on the same images and folds."""
+    if not cvs or any(cv is None for cv in cvs.values()):
+        return None
+    first = next(iter(cvs.values()))
+    same = ("ids", "folds", "seed", "epoch_fraction")
+    if any(any(cv[k] != first[k] for k in same) for cv in cvs.values()):
+        return None
+    fits = sum(int(cv["fits"]) for cv in cvs.values())
+    n, k = len(first["ids"]), first["folds"]
+    return {
+        "correct": {name: np.asarray(cv["correct"], float) for name, cv in cvs.items()},
+        "on": f"{k}-fold CV over {n} labelled target images",
+        "selected_by": (
+            f"{k}-fold stratified cross-validation over target_train + target_val ({n} labelled "
+            f"images, never test; validation is below finetune.selection.min_val), "
+            f"{first['epoch_fraction']:.0%} of the epochs per fit; ties: validation loss; "
+            f"{fits} extra fits ({k} per model × {len(cvs)} models)"
+        ),
+        "extra_fits": fits,
+    }
 
 
 def architectures(report: dict[str, dict[str, Any]], baseline: str) -> str:
@@ -141,14 +232,17 @@ def selected_model(eval_dir: Path, finetuned: Path) -> Path:
 
 def _score(
     models: dict[str, Path], test: Any, val: Any, classes: list[str]
-) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list]]:
-    """Test metrics + validation accuracy and loss of every model; test predictions; histories."""
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list], dict[str, Any]]:
+    """Test metrics + validation accuracy and loss of every model; test predictions; histories;
+    the selection evidence (cross-validation if every model has it, else validation)."""
     from tlpipe.train.loop import predict
     from tlpipe.train.models import load_checkpoint
 
     report: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
     histories: dict[str, list] = {}
+    cvs: dict[str, Any] = {}
+    val_correct: dict[str, np.ndarray] = {}
     nan = float("nan")
     for name, path in sorted(models.items()):
         model, meta = load_checkpoint(path)
@@ -160,9 +254,14 @@ def _score(
         m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
         m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
         m["arch"] = str(meta.get("arch", "?"))
+        val_correct[name] = val_logits.argmax(1) == val.y
+        cvs[name] = meta.get("selection_cv")
+        if cvs[name] is not None:
+            m["cv_accuracy"] = float(cvs[name]["accuracy"])
         report[name] = m
         histories[name] = meta.get("history", [])
-    return report, preds, histories
+    evidence = _cv_evidence(cvs) or _val_evidence(val_correct)
+    return report, preds, histories, evidence
 
 
 def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -220,17 +319,19 @@ def format_table(metrics: dict[str, Any]) -> str:
     """The table `make run` prints: test accuracy per strategy next to the baseline."""
     base_name = metrics["baseline"]
     base = metrics["models"][base_name]
-    lines = [
-        f"{'model':<14} {'test acc':>9} {'macro-F1':>9} {'val acc':>8} {'vs scratch':>11}",
-        "-" * 55,
-    ]
+    cv = all("cv_accuracy" in m for m in metrics["models"].values())
+    by = "by CV" if cv and metrics.get("extra_fits") else "by val"
+    head = f"{'model':<14} {'test acc':>9} {'macro-F1':>9} {'val acc':>8}"
+    head += f" {'cv acc':>7}" if cv else ""
+    lines = [f"{head} {'vs scratch':>11}", "-" * (len(head) + 12)]
     for name, m in sorted(metrics["models"].items(), key=lambda kv: -kv[1]["accuracy"]):
         gain = "" if name == base_name else f"{100 * (m['accuracy'] - base['accuracy']):+.1f} pt"
-        mark = " ← selected (by val)" if name == metrics["selected"] else ""
-        lines.append(
-            f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} "
-            f"{m['val_accuracy']:>8.3f} {gain:>11}{mark}"
-        )
+        mark = f" ← selected ({by})" if name == metrics["selected"] else ""
+        row = f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['val_accuracy']:>8.3f}"
+        row += f" {m['cv_accuracy']:>7.3f}" if cv else ""
+        lines.append(f"{row} {gain:>11}{mark}")
+    if "selected_by" in metrics:
+        lines.append(f"selected by: {metrics['selected_by']}")
     for key in ("architectures", "verdict"):
         if key in metrics:
             lines.append(metrics[key])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -171,7 +172,6 @@ def run(
         checkpoint_dir: per-epoch resume checkpoints, one file per phase.
     """
     from tlpipe.data.prepared import load_manifest, load_split
-    from tlpipe.train.loop import fit
     from tlpipe.train.models import save_checkpoint
 
     if cfg.strategy not in STRATEGIES:
@@ -180,37 +180,159 @@ def run(
     manifest = load_manifest(prepared_dir)
     check_source_strategies([cfg.strategy], has_source(manifest))
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
-    classes = manifest["target_classes"]
-    model, source_state, start = _start_model(cfg, source_model, manifest, len(classes))
-    history, result, seconds, resume_files = [], None, 0.0, []
     key = _resume_key(cfg, manifest, source_model, match_dir)
+    data = Data(prepared_dir, source_model, match_dir, manifest)
+    trained = _train(cfg, data, (train.x, train.y), (val.x, val.y), checkpoint_dir, key)
+    model, result, start = trained.model, trained.result, trained.start
+    classes = manifest["target_classes"]
+    meta = checkpoint_meta(
+        manifest,
+        start.arch,
+        cfg.strategy,
+        classes,
+        result,
+        norm=(start.mean, start.std),
+        pretrained=start.pretrained,
+    )
+    meta["history"] = trained.history
+    cv = None
+    if 0 < len(val) < cfg.selection.min_val:  # too few to choose by: k-fold over train + val
+        cv = cross_validate(cfg, data, train, val)
+        meta["selection_cv"] = cv
+    save_checkpoint(out_model, model, meta)
+    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": trained.seconds}
+    summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
+    if cv is not None:
+        metrics |= {"cv_accuracy": cv["accuracy"], "cv_extra_fits": float(cv["fits"])}
+        summary += (
+            f"; {cv['folds']}-fold CV accuracy {cv['accuracy']:.4f} ({cv['fits']} extra fits)"
+        )
+    return TrainResult(
+        Path(out_model),
+        history=trained.history,
+        metrics=metrics,
+        summary=summary,
+        resume_files=trained.resume_files,
+    )
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where a fit's inputs besides the target images live."""
+
+    prepared_dir: Path
+    source_model: Path | None
+    match_dir: Path | None
+    manifest: dict
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    result: Any
+    history: list[dict]
+    seconds: float
+    start: Start
+    resume_files: tuple[Path, ...]
+
+
+def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, key) -> Trained:
+    """Run the strategy's phases on (train x, y), selecting epochs on val (None: the last)."""
+    from tlpipe.train.loop import fit
+
+    num_classes = len(data.manifest["target_classes"])
+    model, source_state, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
+    history, result, seconds, resume_files = [], None, 0.0, []
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
         t = phase.train
-        batches = ArrayBatches(train.x, train.y, t.batch_size, seed=t.seed,
+        batches = ArrayBatches(*train_xy, t.batch_size, seed=t.seed,
                                steps_per_epoch=t.steps_per_epoch)  # fmt: skip
         loss_fn = None
         if phase.source_stream is not None:
-            batches, loss_fn = phase.source_stream(batches, prepared_dir, match_dir)
+            batches, loss_fn = phase.source_stream(batches, data.prepared_dir, data.match_dir)
         resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
         resume_files.append(resume)
         _trainable(phase.groups, model)  # phases are built up front: each sets its own again
+        validate = val_xy is not None and len(val_xy[1]) and phase.validate
         result = fit(
             model, batches, t, mean=start.mean, std=start.std,
-            val=(val.x, val.y) if len(val) and phase.validate else None, param_groups=phase.groups,
+            val=val_xy if validate else None, param_groups=phase.groups,
             loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume, resume_key=key,
             desc=f"{cfg.strategy}:{phase.name}",
         )  # fmt: skip
         history += [{**row, "phase": phase.name} for row in result.history]
         seconds += result.seconds
     joint.detach_extra_heads(model)
-    meta = checkpoint_meta(manifest, start.arch, cfg.strategy, classes, result,
-                           norm=(start.mean, start.std), pretrained=start.pretrained)  # fmt: skip
-    meta["history"] = history
-    save_checkpoint(out_model, model, meta)
-    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": seconds}
-    summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
-    return TrainResult(Path(out_model), history=history, metrics=metrics, summary=summary,
-                       resume_files=tuple(f for f in resume_files if f))  # fmt: skip
+    files = tuple(f for f in resume_files if f)
+    return Trained(model, result, history, seconds, start, files)
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per image: each class's images shuffled (seeded) and dealt round-robin, so
+    every fold holds each class in proportion. The same labels give the same folds, whichever
+    strategy asks: the comparisons between strategies are paired, image by image."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        fold[rng.permutation(rows)] = (offset + np.arange(len(rows))) % folds
+        offset += len(rows)  # the next class starts where this one ended: balanced fold sizes
+    return fold
+
+
+def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any]:
+    """k-fold CV of this strategy over target_train + target_val (labels; never test).
+
+    Each fold trains from the same start (the source model, or a fresh init for scratch) on the
+    other folds, for `selection.epoch_fraction` of the epochs, keeps the last epoch (no data is
+    left to choose one on) and predicts its held-out fold. Returns the per-image out-of-fold
+    correctness, which `evaluate` pairs across strategies.
+    """
+    sel = cfg.selection
+    x = np.concatenate([np.asarray(train.x), np.asarray(val.x)])
+    y = np.concatenate([np.asarray(train.y), np.asarray(val.y)])
+    ids = [*_ids(train, "target_train"), *_ids(val, "target_val")]
+    fold = stratified_folds(y, sel.folds, sel.seed)
+    short = shorter(cfg, sel.epoch_fraction)
+    correct = np.zeros(len(y), dtype=bool)
+    from tlpipe.train.loop import predict
+
+    for k in range(sel.folds):
+        held = fold == k
+        if not held.any() or held.all():
+            continue
+        trained = _train(short, data, (x[~held], y[~held]), None, None, "")
+        s = trained.start
+        correct[held] = predict(trained.model, x[held], s.mean, s.std).argmax(1) == y[held]
+    return {
+        "ids": ids,
+        "correct": correct.astype(int).tolist(),
+        "folds": sel.folds,
+        "fits": sel.folds,
+        "epoch_fraction": sel.epoch_fraction,
+        "seed": sel.seed,
+        "accuracy": float(correct.mean()),
+    }
+
+
+def _ids(split: Any, name: str) -> list[str]:
+    """The images' content keys (positions where a split has none): what pairs the strategies."""
+    if split.ids is None:
+        return [f"{name}:{i}" for i in range(len(split))]
+    return [str(k) for k in split.ids]
+
+
+def shorter(cfg: FinetuneConfig, fraction: float) -> FinetuneConfig:
+    """`cfg` with every phase's epochs scaled by `fraction` (at least one)."""
+    import dataclasses
+
+    def cut(t: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(t, epochs=max(1, round(t.epochs * fraction)))
+
+    return dataclasses.replace(
+        cfg, train=cut(cfg.train), probe=cut(cfg.probe), specialist=cut(cfg.specialist)
+    )
 
 
 def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) -> str:
