@@ -387,3 +387,52 @@ def test_paired_interval_of_identical_models_is_zero() -> None:
     assert evaluate.paired_interval(np.zeros(30)) == (0.0, 0.0, 0.0)
     mean, lo, hi = evaluate.paired_interval(np.r_[np.ones(10), np.zeros(40)])
     assert lo < mean == 0.2 < hi and lo > 0
+
+
+# ---------------------------------------------------------------------------- cheaper to find out
+
+
+def test_logme_ranks_informative_features_above_noise() -> None:
+    from tlpipe.train.logme import logme
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    signal = np.eye(5)[y] @ rng.standard_normal((5, 32))
+    noise = rng.standard_normal((300, 32))
+    scores = [logme(signal + s * noise, y) for s in (0.1, 1.0, 10.0)]
+    assert scores[0] > scores[1] > scores[2]
+    assert logme(noise, y) < scores[1]
+
+
+def test_logme_is_recorded_and_the_opt_in_skip_rule_skips(tiny_prepared, source_model, tmp_path):
+    from tlpipe.fsio import read_json
+
+    res = finetune.run(tiny_prepared, source_model, tmp_path / "lp.pt", _cfg("linear_probe"))
+    meta = load_checkpoint(tmp_path / "lp.pt")[1]
+    assert np.isfinite(res.metrics["logme"]) and meta["logme"] == res.metrics["logme"]
+    # a "source model" that is a random init: its features cannot beat a random init's
+    model, source_meta = load_checkpoint(source_model)
+    with seeded(7):
+        noise = build_model("small_cnn", len(source_meta["classes"]))
+    save_checkpoint(tmp_path / "noise.pt", noise, source_meta)
+    skipped = finetune.run(
+        tiny_prepared, tmp_path / "noise.pt", tmp_path / "full.pt", _cfg("full", skip="logme")
+    )
+    assert skipped.metrics["skipped"] == 1.0 and skipped.metrics["skipped_epochs"] == 2
+    assert "skipped: LogME of the source features" in skipped.summary
+    models = {"scratch": tmp_path / "scratch.pt", "full": tmp_path / "full.pt"}
+    finetune.run(tiny_prepared, source_model, models["scratch"], _cfg("scratch"))
+    report = read_json(
+        evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig()).metrics_path
+    )
+    assert report["selected"] == "scratch" and "every strategy was skipped" in report["verdict"]
+    assert "LogME" in evaluate.format_table(report) and report["models"]["full"]["skipped"]
+
+
+def test_validation_is_capped_to_a_fixed_subset() -> None:
+    from tlpipe.train.loop import cap_validation
+
+    x, y = np.arange(100)[:, None], np.arange(100) % 5
+    a, b = cap_validation((x, y), 30, seed=0), cap_validation((x, y), 30, seed=0)
+    assert len(a[1]) == 30 and np.array_equal(a[0], b[0]) and np.all(np.diff(a[0][:, 0]) > 0)
+    assert cap_validation((x, y), 0, seed=0)[0] is x and cap_validation(None, 5, 0) is None

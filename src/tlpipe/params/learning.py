@@ -126,12 +126,16 @@ class TrainConfig:
     device: str = "auto"
     max_in_memory_mb: float = 256.0  # up to this much uint8 image data trains from the device
     num_workers: int = 2  # DataLoader workers when the data streams from disk (above the limit)
+    # Validation scored each epoch (to keep the best epoch) on at most this many images: a
+    # fixed random subset (seeded by `seed`, the same every epoch); 0 = all. A large target_val
+    # (thousands) otherwise costs more per epoch than the training steps.
+    val_max_images: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.augment, Augment):  # true / false (older params files), None
             object.__setattr__(self, "augment", Augment() if self.augment else Augment.off())
-        if self.max_in_memory_mb < 0 or self.num_workers < 0:
-            raise ValueError("max_in_memory_mb and num_workers must be ≥ 0")
+        if self.max_in_memory_mb < 0 or self.num_workers < 0 or self.val_max_images < 0:
+            raise ValueError("max_in_memory_mb, num_workers and val_max_images must be ≥ 0")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -334,6 +338,11 @@ class FinetuneConfig:
         joint: Strategy `joint`: co-training on the match-weighted source.
         specialist: Strategy `specialist`: its phase on the matched source alone.
         selection: Cross-validated selection when validation is small (`SelectionConfig`).
+        skip: ``never`` (default) or ``logme``: skip a transfer strategy (write it untrained,
+            marked skipped; evaluate never ships it) when the LogME score of the source
+            features on the labelled target is no higher than that of the same network at
+            random init (`tlpipe.steps.finetune.transferability`). Opt-in: it saves the
+            strategy's whole training budget when pretraining evidently does not transfer.
         per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``.
     """
 
@@ -352,6 +361,7 @@ class FinetuneConfig:
         )
     )
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    skip: Literal["never", "logme"] = "never"
     per_strategy: dict[str, Any] = field(
         default_factory=lambda: {"scratch": {"train": {"lr": 0.05}}}
     )

@@ -129,16 +129,22 @@ def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str,
     when it includes 0 the verdict is "tie" and the rule is unchanged: the higher accuracy
     ships (the best estimate we have), with the baseline on an exact tie of both keys.
     """
+    correct = evidence["correct"]
     score = {
-        n: float(np.mean(evidence["correct"][n])) if len(evidence["correct"][n]) else float("nan")
-        for n in report
+        n: float(np.mean(correct[n])) if len(correct.get(n, [])) else float("nan") for n in report
     }
 
     def key(name: str) -> tuple[float, float, bool]:
         return score[name], -report[name]["val_loss"], name == baseline
 
-    selected = max(report, key=key)
-    best = max((n for n in report if n != baseline), key=key)
+    candidates = [n for n in report if n == baseline or not report[n].get("skipped")]
+    selected = max(candidates, key=key)
+    if len(candidates) == 1:
+        verdict = f"transfer did NOT help: every strategy was skipped, so {baseline} ships"
+        return Choice(
+            selected, verdict, evidence["selected_by"], False, False, {}, evidence["extra_fits"]
+        )
+    best = max((n for n in candidates if n != baseline), key=key)
     d = np.asarray(evidence["correct"][best], float) - evidence["correct"][baseline]
     mean, lo, hi = (100 * v for v in paired_interval(d))
     paired = {
@@ -254,13 +260,17 @@ def _score(
         m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
         m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
         m["arch"] = str(meta.get("arch", "?"))
+        m["logme"] = meta.get("logme")
+        if meta.get("skipped"):
+            m["skipped"] = meta["skipped"]
         val_correct[name] = val_logits.argmax(1) == val.y
         cvs[name] = meta.get("selection_cv")
         if cvs[name] is not None:
             m["cv_accuracy"] = float(cvs[name]["accuracy"])
         report[name] = m
         histories[name] = meta.get("history", [])
-    evidence = _cv_evidence(cvs) or _val_evidence(val_correct)
+    trained = {n: cv for n, cv in cvs.items() if not report[n].get("skipped")}
+    evidence = _cv_evidence(trained) or _val_evidence(val_correct)
     return report, preds, histories, evidence
 
 
@@ -319,16 +329,20 @@ def format_table(metrics: dict[str, Any]) -> str:
     """The table `make run` prints: test accuracy per strategy next to the baseline."""
     base_name = metrics["baseline"]
     base = metrics["models"][base_name]
-    cv = all("cv_accuracy" in m for m in metrics["models"].values())
+    cv = all("cv_accuracy" in m or m.get("skipped") for m in metrics["models"].values())
+    logme = all(m.get("logme") is not None for m in metrics["models"].values())
     by = "by CV" if cv and metrics.get("extra_fits") else "by val"
     head = f"{'model':<14} {'test acc':>9} {'macro-F1':>9} {'val acc':>8}"
     head += f" {'cv acc':>7}" if cv else ""
+    head += f" {'LogME':>7}" if logme else ""
     lines = [f"{head} {'vs scratch':>11}", "-" * (len(head) + 12)]
     for name, m in sorted(metrics["models"].items(), key=lambda kv: -kv[1]["accuracy"]):
         gain = "" if name == base_name else f"{100 * (m['accuracy'] - base['accuracy']):+.1f} pt"
         mark = f" ← selected ({by})" if name == metrics["selected"] else ""
         row = f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['val_accuracy']:>8.3f}"
-        row += f" {m['cv_accuracy']:>7.3f}" if cv else ""
+        row += f" {m.get('cv_accuracy', float('nan')):>7.3f}" if cv else ""
+        row += f" {m['logme']:>7.3f}" if logme else ""
+        mark += f" ({m['skipped']})" if m.get("skipped") else ""
         lines.append(f"{row} {gain:>11}{mark}")
     if "selected_by" in metrics:
         lines.append(f"selected by: {metrics['selected_by']}")

@@ -10,6 +10,7 @@ target *validation* split only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,10 @@ def run(
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
     key = _resume_key(cfg, manifest, source_model, match_dir)
     data = Data(prepared_dir, source_model, match_dir, manifest)
+    labelled = (np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y]))
+    score = transferability(cfg, data, labelled)
+    if score.get("skip"):  # opt-in: the score rules this strategy out; nothing trains
+        return _skipped(cfg, data, out_model, score)
     trained = _train(cfg, data, (train.x, train.y), (val.x, val.y), checkpoint_dir, key)
     model, result, start = trained.model, trained.result, trained.start
     classes = manifest["target_classes"]
@@ -195,12 +200,17 @@ def run(
         pretrained=start.pretrained,
     )
     meta["history"] = trained.history
+    meta["logme"] = score["logme"]
     cv = None
     if 0 < len(val) < cfg.selection.min_val:  # too few to choose by: k-fold over train + val
         cv = cross_validate(cfg, data, train, val)
         meta["selection_cv"] = cv
     save_checkpoint(out_model, model, meta)
-    metrics = {"target_val_accuracy": result.best_val_accuracy, "train_seconds": trained.seconds}
+    metrics = {
+        "target_val_accuracy": result.best_val_accuracy,
+        "train_seconds": trained.seconds,
+        "logme": score["logme"],
+    }
     summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
     if cv is not None:
         metrics |= {"cv_accuracy": cv["accuracy"], "cv_extra_fits": float(cv["fits"])}
@@ -213,6 +223,63 @@ def run(
         metrics=metrics,
         summary=summary,
         resume_files=trained.resume_files,
+    )
+
+
+def transferability(cfg: FinetuneConfig, data: Data, labelled: tuple) -> dict[str, Any]:
+    """LogME of the starting model's features on the labelled target images (train + val),
+    before any fine-tuning (`tlpipe.train.logme`); scratch: of its random init.
+
+    With `finetune.skip: logme`, a transfer strategy is skipped when the source features score
+    no higher than the same architecture's random-init features (seeded): the pretrained
+    backbone explains the target labels no better than no pretraining at all.
+    """
+    from tlpipe.train.logme import logme
+    from tlpipe.train.loop import embed
+
+    num_classes = len(data.manifest["target_classes"])
+    model, _, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
+    x, y = labelled
+    out: dict[str, Any] = {"logme": logme(embed(model, x, start.mean, start.std), y)}
+    if cfg.skip == "logme" and cfg.strategy != "scratch":
+        scratch = dataclasses.replace(cfg, strategy="scratch", model=start.arch)
+        rand, _, rstart = _start_model(scratch, None, data.manifest, num_classes)
+        out["logme_random_init"] = logme(embed(rand, x, rstart.mean, rstart.std), y)
+        if out["logme"] <= out["logme_random_init"]:
+            out["skip"] = (
+                f"skipped: LogME of the source features {out['logme']:.3f} <= "
+                f"{out['logme_random_init']:.3f} at random init (finetune.skip: logme)"
+            )
+    return out
+
+
+def _skipped(cfg: FinetuneConfig, data: Data, out_model: Path, score: dict) -> TrainResult:
+    """The starting model, untrained, marked skipped: evaluate lists it but never ships it."""
+    from tlpipe.train.loop import FitResult
+    from tlpipe.train.models import save_checkpoint
+
+    classes = data.manifest["target_classes"]
+    model, _, start = _start_model(cfg, data.source_model, data.manifest, len(classes))
+    meta = checkpoint_meta(
+        data.manifest,
+        start.arch,
+        cfg.strategy,
+        classes,
+        FitResult(),
+        norm=(start.mean, start.std),
+        pretrained=start.pretrained,
+    )
+    meta |= {"history": [], "logme": score["logme"], "skipped": score["skip"]}
+    save_checkpoint(out_model, model, meta)
+    phases = {
+        "linear_probe": [cfg.probe],
+        "lp_ft": [cfg.probe, cfg.train],
+        "specialist": [cfg.specialist, cfg.train],
+    }.get(cfg.strategy, [cfg.train])
+    epochs = sum(t.epochs for t in phases)
+    metrics = {"logme": score["logme"], "skipped": 1.0, "skipped_epochs": float(epochs)}
+    return TrainResult(
+        Path(out_model), history=[], metrics=metrics, summary=f"{out_model}: {score['skip']}"
     )
 
 
@@ -325,7 +392,6 @@ def _ids(split: Any, name: str) -> list[str]:
 
 def shorter(cfg: FinetuneConfig, fraction: float) -> FinetuneConfig:
     """`cfg` with every phase's epochs scaled by `fraction` (at least one)."""
-    import dataclasses
 
     def cut(t: TrainConfig) -> TrainConfig:
         return dataclasses.replace(t, epochs=max(1, round(t.epochs * fraction)))

@@ -98,7 +98,8 @@ def fit(
             in memory on the device up to `cfg.max_in_memory_mb`, else streamed from disk.
         mean, std: per-channel normalisation: the data's, or the pretrained weights' own
             (ImageNet's for torchvision weights; `tlpipe.train.models.Weights.normalisation`).
-        val: (x, y) used for model selection; without it the last epoch is kept.
+        val: (x, y) used for model selection; without it the last epoch is kept. Capped at
+            `cfg.val_max_images` (a fixed subset) per epoch.
         param_groups: `[{"params": [...], "lr_scale": s}, ...]`; default all trainable params.
         loss_fn: `(model, batch) -> loss`; batch has `input` (normalised) plus the raw keys.
         penalty: extra loss term (L2-SP), called once per step.
@@ -108,6 +109,7 @@ def fit(
         desc: progress-bar label.
     """
     device = resolve_device(cfg.device)
+    val = cap_validation(val, cfg.val_max_images, cfg.seed)
     torch.manual_seed(cfg.seed)
     model.to(device)
     if device.type == "cuda":
@@ -149,6 +151,14 @@ def fit(
     if val is None:
         result.best_val_accuracy = float("nan")
     return result
+
+
+def cap_validation(val, cap: int, seed: int):
+    """At most `cap` rows of `val` (x, y), a fixed seeded subset in their order; 0 = all."""
+    if val is None or not cap or len(val[1]) <= cap:
+        return val
+    rows = np.sort(np.random.default_rng(seed).choice(len(val[1]), cap, replace=False))
+    return val[0][rows], val[1][rows]
 
 
 def _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty, desc) -> float:
