@@ -81,3 +81,22 @@ def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
     assert table[0] == "| model | k = 10 | all labels |"
     last = done.stdout.splitlines()[-1]
     assert last.startswith("gain over scratch (points) — k = 10: best transfer "), last
+
+
+@pytest.mark.slow  # about 30 s of real training; the selection logic has fast tests
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_selection_benchmark_quick(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/selection.py"),
+        "--quick",
+        "--work",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| default | 0 |")]
+    assert len(rows) == 1 and "Kendall τ(LogME" in done.stdout
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("selection regret mean = ") and last.endswith(" of 1 runs"), last
