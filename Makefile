@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-slow test-containers format bench clean data pipeline pipeline-local
+.PHONY: run test test-slow test-containers format bench bench-matching clean data pipeline pipeline-local
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/transfer_table.py
+
+bench-matching: $(STAMP)
+	$(BIN)/python benchmarks/matching.py --precision-only
 
 clean:
 	rm -rf data models matching eval export checkpoints mlflow.db mlruns

@@ -11,20 +11,23 @@ import pytest
 from tlpipe.errors import TlpipeError
 from tlpipe.match import matchers, ratio
 from tlpipe.match.matchers import MATCHERS, Params
+from tlpipe.params import DiscriminatorSettings
 from tlpipe.params.fields import build
 
 DIM = 24
 
 
-def shifted_source(n: int = 2000, seed: int = 0, n_classes: int = 5, offset: float = 3.0):
-    """Source: `n_classes` Gaussian classes; half of the samples carry a domain shift.
+def shifted_source(
+    n: int = 2000, seed: int = 0, n_classes: int = 5, offset: float = 3.0, fraction: float = 0.5
+):
+    """Source: `n_classes` Gaussian classes; a `fraction` of the samples carry a domain shift.
 
     Class c sits at `offset`·e_c; the shift adds 3.0 along the last axis and 1.5 to axes
     10-14. Returns (embeddings, labels, shifted flags).
     """
     rng = np.random.default_rng(seed)
     y = rng.integers(0, n_classes, n)
-    shifted = rng.random(n) < 0.5
+    shifted = rng.random(n) < fraction
     x = rng.standard_normal((n, DIM))
     x[np.arange(n), y] += offset
     x[shifted, -1] += 3.0
@@ -70,16 +73,50 @@ def test_shifted_samples_rank_first(name: str) -> None:
 
 def test_class_neutral_features_ignore_the_class_signal() -> None:
     # The target resembles source class 0: a plain discriminator ranks class 0 (shifted or not)
-    # first; removing the source-class directions leaves the domain shift to rank by.
+    # first; removing the source-class directions leaves the domain shift to rank by. (Without
+    # refinement: refining on the source's own split recovers the shift either way.)
     x, y, shifted = shifted_source(offset=5.0)
     t = target_like()
     t[:, 0] += 3.0
+    unrefined = DiscriminatorSettings(refine=0)
     plain = matchers.fit_weights(
+        matchers.DiscriminatorMatcher(Params(class_neutral=False, discriminator=unrefined)), x, t, y
+    )
+    neutral = matchers.fit_weights(
+        matchers.DiscriminatorMatcher(Params(discriminator=unrefined)), x, t, y
+    )
+    refined = matchers.fit_weights(
         matchers.DiscriminatorMatcher(Params(class_neutral=False)), x, t, y
     )
-    neutral = matchers.fit_weights(matchers.DiscriminatorMatcher(Params()), x, t, y)
     assert _precision(neutral, shifted) > 0.9
     assert _precision(neutral, shifted) > _precision(plain, shifted) + 0.1
+    assert _precision(refined, shifted) > 0.9
+
+
+def test_two_means_splits_at_the_gap_whatever_the_shares() -> None:
+    rng = np.random.default_rng(0)
+    for share in (0.1, 0.5, 0.8):
+        high = rng.random(4000) < share
+        score = rng.standard_normal(4000) + 6.0 * high
+        assert (ratio.two_means(score) == high).mean() > 0.99
+    assert not ratio.two_means(np.ones(5)).any()  # no spread: no split
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.7])
+def test_refinement_finds_the_source_domain_axis_at_any_share(fraction: float) -> None:
+    # The target is 25 images of a new class: the plain discriminator's direction leans on
+    # that class's content, refinement recovers the source's own shifted / clean split.
+    x, y, shifted = shifted_source(n=3000, offset=5.0, fraction=fraction)
+    t = target_like(n=25)
+    t[:, 0] += 3.0
+    t[:, 20:23] += 2.0  # content no source class has
+    m = matchers.DiscriminatorMatcher(Params()).fit(x, t, y)
+    assert _precision(m.weights, shifted) > 0.97
+    assert m.diagnostics["refined_high_share"] == pytest.approx(fraction, abs=0.05)
+    assert 1 <= m.diagnostics["refine_rounds"] <= Params().discriminator.refine
+    plain = DiscriminatorSettings(refine=0)
+    w = matchers.DiscriminatorMatcher(Params(discriminator=plain)).fit(x, t, y).weights
+    assert _precision(w, shifted) < _precision(m.weights, shifted)
 
 
 def test_same_distribution_gives_near_uniform_weights() -> None:

@@ -265,6 +265,11 @@ def test_shift_ops_change_pixels_as_expected() -> None:
     assert abs(noisy[0].astype(float).std() - 25.5) < 1.0
     both = apply_shift(x, (ShiftOp("invert"), ShiftOp("rotate", degrees=90)), rng)
     assert np.array_equal(both, np.rot90(255 - x, 1, (2, 3)))
+    washed = apply_shift(x, (ShiftOp("contrast", factor=0.4),), rng).astype(float)
+    per_image = x.astype(float).mean(axis=(2, 3))
+    assert np.allclose(washed.mean(axis=(2, 3)), per_image, atol=0.5)  # its own mean stays
+    assert np.allclose(washed.std(axis=(2, 3)), 0.4 * x.astype(float).std(axis=(2, 3)), atol=0.5)
+    assert np.array_equal(apply_shift(x, (ShiftOp("contrast", factor=1.0),), rng), x)
 
 
 def test_conform_images() -> None:
@@ -286,7 +291,9 @@ def test_conform_images() -> None:
     [({"op": "sepia"}, "unknown shift op 'sepia'"),
      ({"op": "rotate"}, "rotate needs degrees"),
      ({"op": "invert", "degrees": 3}, "invert takes no degrees"),
-     ({"op": "gaussian_blur", "sigma": 0}, "sigma must be > 0")],
+     ({"op": "gaussian_blur", "sigma": 0}, "sigma must be > 0"),
+     ({"op": "contrast", "factor": -1}, "factor must be a finite number >= 0"),
+     ({"op": "noise", "std": 0.1, "factor": 2}, "noise takes no factor")],
 )  # fmt: skip
 def test_shift_op_validation(op: dict, match: str) -> None:
     with pytest.raises(TlpipeError, match=match):

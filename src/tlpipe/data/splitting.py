@@ -92,12 +92,19 @@ def _noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     return x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(std * 255.0)
 
 
+def _contrast(x: np.ndarray, factor: float, _rng: np.random.Generator) -> np.ndarray:
+    """Scale each image's deviation from its own mean intensity by `factor` (per channel)."""
+    mean = x.mean(axis=(2, 3), keepdims=True)
+    return mean + np.float32(factor) * (x - mean)
+
+
 # op name → function(images, the op's parameter, rng); parameter names: params.SHIFT_PARAMS
 SHIFTS: dict[str, ShiftFn] = {
     "invert": _invert,
     "rotate": _rotate,
     "gaussian_blur": _gaussian_blur,
     "noise": _noise,
+    "contrast": _contrast,
 }
 
 

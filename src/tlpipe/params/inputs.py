@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,7 @@ SHIFT_PARAMS: dict[str, str | None] = {
     "rotate": "degrees",
     "gaussian_blur": "sigma",
     "noise": "std",
+    "contrast": "factor",
 }
 
 
@@ -87,22 +89,26 @@ class ShiftOp:
     """One shift operation, e.g. ``{op: rotate, degrees: 30}`` in params.yaml.
 
     Attributes:
-        op: One of invert, rotate, gaussian_blur, noise (`tlpipe.data.splitting.SHIFTS`).
+        op: One of invert, rotate, gaussian_blur, noise, contrast
+            (`tlpipe.data.splitting.SHIFTS`).
         degrees: Counter-clockwise rotation (rotate only).
         sigma: Blur standard deviation in pixels, > 0 (gaussian_blur only).
         std: Noise standard deviation on the 0–1 intensity scale, >= 0 (noise only).
+        factor: Each image's deviation from its own mean intensity times `factor`, >= 0
+            (contrast only): 0.4 washes it out, 1.5 sharpens it.
     """
 
     op: str
     degrees: float | None = None
     sigma: float | None = None
     std: float | None = None
+    factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.op not in SHIFT_PARAMS:
             raise TlpipeError(f"unknown shift op {self.op!r}; known: {', '.join(SHIFT_PARAMS)}")
         wanted = SHIFT_PARAMS[self.op]
-        for name in ("degrees", "sigma", "std"):
+        for name in ("degrees", "sigma", "std", "factor"):
             given = getattr(self, name) is not None
             if name == wanted and not given:
                 raise TlpipeError(f"shift op {self.op} needs {name}")
@@ -110,6 +116,8 @@ class ShiftOp:
                 raise TlpipeError(f"shift op {self.op} takes no {name}")
         if (self.sigma is not None and self.sigma <= 0) or (self.std is not None and self.std < 0):
             raise TlpipeError(f"shift op {self.op}: sigma must be > 0 and std >= 0")
+        if self.factor is not None and not (self.factor >= 0 and math.isfinite(self.factor)):
+            raise TlpipeError(f"shift op {self.op}: factor must be a finite number >= 0")
 
     @property
     def value(self) -> float:

@@ -190,11 +190,16 @@ class DiscriminatorSettings:
         folds: Stratified folds for choosing C, the Platt calibration and held-out accuracy.
         max_fit_source: Source samples the classifier is fitted on (a class-stratified random
             subset; every source sample is still scored). Keeps fitting time flat in n.
+        refine: Most rounds of domain-axis refinement (`tlpipe.match.ratio.refine_axis`): the
+            discriminator's direction is re-fitted *within the source*, on the source's own
+            split along it, until the split stops moving; then calibrated against the target
+            along that axis. 0 = the plain target-vs-source discriminator.
     """
 
     C: float | None = None
     folds: int = 5
     max_fit_source: int = 5000
+    refine: int = 30
 
     def __post_init__(self) -> None:
         if self.C is not None and not self.C > 0:
@@ -203,6 +208,8 @@ class DiscriminatorSettings:
             raise TlpipeError(f"match.discriminator.folds must be >= 2, got {self.folds}")
         if self.max_fit_source < 10:
             raise TlpipeError("match.discriminator.max_fit_source must be >= 10")
+        if self.refine < 0:
+            raise TlpipeError(f"match.discriminator.refine must be >= 0, got {self.refine}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Selection precision on real images: a small mixed-source scenario through prepare, pretrain
+and match, the path `make run` takes (issue 22: a drop went unseen while only synthetic
+embeddings were tested).
+
+Fashion-MNIST classes 0-4 as source (300 images each, half inverted like the target), 5-9 as
+target (50 images for matching), small_cnn pretrained for 2 epochs: seconds per seed on a quiet
+machine. The floor comes from measured runs at exactly this setting (2026-12-04, see
+benchmarks/README.md, "Sample matching precision"): seeds 0-4 gave 0.968, 0.972, 0.983, 0.982,
+0.938 with the refined discriminator (mean 0.969, sd 0.018), and 0.901, 0.881, 0.928, 0.937 on
+main 2152335 (seeds 0-3, the plain discriminator). The floor, 0.93 for the mean of seeds 0 and
+1, is the refined mean less two standard deviations; 2152335 gives 0.891 there.
+The full-size benchmark (14 250 source images, seeds 0-2, four shifts) is the slow test below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlpipe.params.resolver import resolve
+from tlpipe.steps import fetch, match, prepare, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FLOOR = 0.93  # the mean over SEEDS; see the module docstring
+SEEDS = (0, 1)
+
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist"
+)
+
+
+def mixed_source_report(work: Path, seed: int) -> dict:
+    """prepare → pretrain → match on the small mixed-source scenario; match's report."""
+    cfg = resolve(
+        REPO / "scenarios/mixed-source.yaml",
+        [
+            f"prepare.seed={seed}",
+            "prepare.source.max_per_class=300",
+            f"pretrain.train.seed={seed}",
+            "pretrain.train.epochs=2",
+            f"match.seed={seed}",
+            "match.plots=false",
+        ],
+    )
+    raw, prepared, model = work / "raw", work / f"prepared{seed}", work / f"source{seed}.pt"
+    if not raw.exists():
+        fetch.run(cfg["fetch"], raw)
+    prepare.run(raw, prepared, cfg["prepare"])
+    pretrain.run(prepared, model, cfg["pretrain"])
+    result = match.run(prepared, model, work / f"match{seed}", cfg["match"])
+    return json.loads(result.report.read_text())
+
+
+@needs_fmnist
+def test_mixed_source_selection_precision(tmp_path: Path) -> None:
+    reports = [mixed_source_report(tmp_path, seed) for seed in SEEDS]
+    precision = [r["selection_precision"] for r in reports]
+    assert all(r["n_target"] == 50 and 0.45 < r["shifted_fraction"] < 0.55 for r in reports)
+    assert sum(precision) / len(precision) >= FLOOR, precision
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_matching_benchmark_full(tmp_path: Path) -> None:
+    """benchmarks/matching.py --precision-only: ≥ 0.9 (mean of seeds 0-2) where it holds.
+
+    Not on rotate-90, whose target looks like the *clean* source (benchmarks/README.md).
+    """
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/matching.py"),
+        "--precision-only",
+        "--work",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    precision = {
+        row.split(" | ")[0][2:]: float(row.split(" | ")[2].split(" ")[0])
+        for row in rows
+        if " | discriminator | " in row
+    }
+    assert set(precision) == {
+        "mixed-source",
+        "blur+noise",
+        "rotate-90",
+        "low-contrast",
+        "rotate-30",
+    }
+    for scenario in ("mixed-source", "blur+noise", "low-contrast", "rotate-30"):
+        assert precision[scenario] >= 0.9, (scenario, precision)
