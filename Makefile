@@ -31,6 +31,7 @@ TEST_ENV := OMP_NUM_THREADS=1
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	PATH=$(CURDIR)/$(BIN):$$PATH $(TEST_ENV) $(BIN)/pytest -q
 
 ## test-slow: the long tests (fresh-venv installs, full-size end-to-end, the DAG twice)

@@ -46,9 +46,9 @@ import numpy as np
 from tlpipe.data.prepared import load_manifest, load_split
 from tlpipe.fsio import write_json
 from tlpipe.match import matchers, ratio
+from tlpipe.params.fields import merge
 from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
-from tlpipe.steps.finetune import _merge
 from tlpipe.train.loop import accuracy
 from tlpipe.train.models import load_checkpoint
 
@@ -82,7 +82,7 @@ MATCHER_NAMES = ("discriminator", "knn", "class", "uniform")
 
 
 def section(params: dict, name: str, over: dict) -> dict:
-    return {**params, name: _merge(dict(params.get(name) or {}), over)}
+    return {**params, name: merge(dict(params.get(name) or {}), over)}
 
 
 def prepared_and_model(work: Path, params: dict, seed: int, args) -> tuple[Path, Path]:
@@ -180,7 +180,7 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         over = {"strategy": strategy, "train": {"seed": seed}, "specialist": {"seed": seed}}
         if args.finetune_epochs:
             over["train"]["epochs"] = args.finetune_epochs
-        cfg = resolve(section(params, "finetune", over))["finetune"]
+        cfg = resolve(section(params, "finetune", over))["finetune"].for_strategy(strategy)
         out = work / f"{variant}.pt"
         t0 = time.perf_counter()
         r = finetune.run(prepared, model, out, cfg,

@@ -33,6 +33,7 @@ from typing import Any
 
 from tlpipe.fsio import read_json
 from tlpipe.params import EvaluateConfig
+from tlpipe.params.fields import merge
 from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import evaluate, fetch, finetune, prepare, pretrain
 
@@ -60,17 +61,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def run_once(params: dict, raw: Path, source: Path, work: Path, seed: int) -> dict[str, Any]:
     """Prepare with `seed`, fine-tune scratch and every strategy, evaluate: metrics.json."""
     seeded = {"train": {"seed": seed}, "probe": {"seed": seed}}
-    resolved = resolve(_merge(params, {"prepare": {"seed": seed}, "finetune": seeded}))
+    resolved = resolve(merge(params, {"prepare": {"seed": seed}, "finetune": seeded}))
     prep = work / f"prep-s{seed}"
     if not prep.exists():
         prepare.run(raw, prep, resolved["prepare"])
@@ -114,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|")
     for scenario in args.scenarios:
         preset, over = SCENARIOS[scenario]
-        params = _merge(_merge(read_params(preset), over), BUDGETS[args.budget])
+        params = merge(merge(read_params(preset), over), BUDGETS[args.budget])
         sdir = work / scenario
         sdir.mkdir(parents=True, exist_ok=True)
         raw, source = sdir / "raw", sdir / "source.pt"

@@ -33,6 +33,7 @@ from digits_imagefolder import write_digits
 
 from tlpipe.fsio import read_json
 from tlpipe.params import EvaluateConfig
+from tlpipe.params.fields import merge
 from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import evaluate, fetch, finetune, match, prepare, pretrain
 
@@ -51,20 +52,12 @@ QUICK = {  # --quick: small enough for a test, every part still run
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """`base` with `over` laid over it, section by section (neither is changed)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def run_setting(
     params: dict, raw: Path, source: Path, work: Path, setting: str, seed: int
 ) -> dict[str, Any]:
     """Prepare, match, fine-tune every strategy and evaluate, for one setting and seed."""
     seeded = {"train": {"seed": seed}, "probe": {"seed": seed}}
-    params = _merge(params, {"prepare": {"target": SETTINGS[setting], "seed": seed},
+    params = merge(params, {"prepare": {"target": SETTINGS[setting], "seed": seed},
                              "finetune": seeded})  # fmt: skip
     resolved = resolve(params)
     tag = f"{setting.replace(' ', '').replace('=', '')}-s{seed}"
@@ -97,9 +90,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     params = read_params(args.params)
     if args.quick:
-        params, args.seeds = _merge(params, QUICK), [0]
+        params, args.seeds = merge(params, QUICK), [0]
     write_digits(work / "digits")  # idempotent
-    params = _merge(params, {"fetch": {"target": {"sources": [str(work / "digits")]}}})
+    params = merge(params, {"fetch": {"target": {"sources": [str(work / "digits")]}}})
     raw = work / "raw"
     if not raw.exists():
         fetch.run(resolve(params)["fetch"], raw)

@@ -1,8 +1,9 @@
 """KFP v2 components: one file per pipeline step, each the typed interface of one step.
 
-A component body is one call into `tlpipe.kfp.runtime`, which builds the step's config from
-the JSON parameter, runs the step through the one runner (`tlpipe.runner.run_step`) and fills
-the KFP outputs. Nothing else: the logic lives in the package. Dependencies point one way:
+A component body is one call, `tlpipe.kfp.runtime.<component>(<its parameters in order>)`,
+which builds the step's config from the JSON parameters, runs the step through the one runner
+(`tlpipe.runner.run_step`) and fills the KFP outputs (metadata included). Nothing else: the
+logic lives in the package. Dependencies point one way:
 pipelines/ → components/ → tlpipe.
 
 They are lightweight components on the tlpipe image with `install_kfp_package=False` and no

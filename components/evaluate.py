@@ -29,11 +29,11 @@ def evaluate(
     from tlpipe.kfp import runtime
 
     selected = runtime.evaluate(
-        evaluate_params,
-        dataset_sha256,
         prepared,
+        dataset_sha256,
         baseline_model,
         models,
+        evaluate_params,
         evaluation,
         model,
         metrics,

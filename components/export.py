@@ -18,13 +18,4 @@ def export(
     """Write model.onnx, model.int8.onnx and parity.json (ONNX Runtime vs PyTorch)."""
     from tlpipe.kfp import runtime
 
-    runtime.run(
-        "export",
-        export_params,
-        dataset_sha256,
-        metrics=metrics,
-        model_path=model,
-        prepared_dir=prepared,
-        out_dir=onnx,
-    )
-    onnx.metadata.update({"framework": "onnx", "strategy": model.metadata.get("strategy", "")})
+    runtime.export(model, prepared, dataset_sha256, export_params, onnx, metrics)

@@ -24,16 +24,7 @@ def finetune(
     """
     from tlpipe.kfp import runtime
 
-    runtime.run(
-        "finetune",
-        finetune_params,
-        strategy=strategy,
-        metrics=metrics,
-        prepared_dir=prepared,
-        source_model=source_model,
-        match_dir=matching,
-        out_model=model,
-    )
+    runtime.finetune(prepared, source_model, matching, strategy, finetune_params, model, metrics)
 
 
 @dsl.component(base_image=TLPIPE_GPU_IMAGE, install_kfp_package=False)
@@ -47,13 +38,4 @@ def baseline(
     """Train the from-scratch baseline on the target images only: the bar to beat."""
     from tlpipe.kfp import runtime
 
-    runtime.run(
-        "finetune",
-        finetune_params,
-        dataset_sha256,
-        strategy="scratch",
-        metrics=metrics,
-        prepared_dir=prepared,
-        source_model=None,
-        out_model=model,
-    )
+    runtime.baseline(prepared, dataset_sha256, finetune_params, model, metrics)

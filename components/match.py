@@ -19,13 +19,4 @@ def match(
     """Weight the source samples by how much they resemble the target (domain classifier)."""
     from tlpipe.kfp import runtime
 
-    runtime.run(
-        "match",
-        match_params,
-        dataset_sha256,
-        metrics=metrics,
-        report=report,
-        prepared_dir=prepared,
-        source_model=source_model,
-        out_dir=matching,
-    )
+    runtime.match(prepared, dataset_sha256, source_model, match_params, matching, metrics, report)

@@ -17,11 +17,4 @@ def pretrain(
     """Train the source model on the source split, selected by source-val accuracy."""
     from tlpipe.kfp import runtime
 
-    runtime.run(
-        "pretrain",
-        pretrain_params,
-        dataset_sha256,
-        metrics=metrics,
-        prepared_dir=prepared,
-        out_model=model,
-    )
+    runtime.pretrain(prepared, dataset_sha256, pretrain_params, model, metrics)

@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 from conftest import write_idx_dataset
 
+from tlpipe.params.fields import merge
+
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("fetch", "prepare", "check", "pretrain", "match", "finetune", "evaluate", "export",
             "register")  # fmt: skip
@@ -30,13 +32,6 @@ def benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def merge(base: dict, over: dict) -> dict:
-    """`base` with `over` laid over it, nested sections merged key by key (in place)."""
-    for k, v in over.items():
-        base[k] = merge(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return base
 
 
 def synthetic(tmp_path: Path) -> dict:

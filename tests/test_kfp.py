@@ -19,6 +19,7 @@ from conftest import write_idx_dataset
 from projects import benchmark, merge, synthetic
 from typer.testing import CliRunner
 
+from tlpipe import runner
 from tlpipe.errors import TlpipeError
 from tlpipe.kfp import client, runtime
 from tlpipe.kfp.pipeline_cli import app
@@ -188,7 +189,8 @@ def test_arguments_are_checked_json_per_section() -> None:
     with pytest.raises(TlpipeError, match="section.key=value"):
         runtime.arguments({}, ["epochs=2"])
     # a pod rebuilds the same config from the JSON it is given
-    cfg = runtime.config_for("finetune", args["finetune_params"], strategy="scratch")
+    finetune = {"finetune": runtime.config_for("finetune", args["finetune_params"])}
+    cfg, _ = runner.step_config("finetune", finetune, strategy="scratch")
     assert cfg.strategy == "scratch" and cfg.train.lr == 0.05  # per_strategy applied
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tlpipe.errors import TlpipeError
+from tlpipe.release import registry
 from tlpipe.release.promotion import Candidate, decide
 from tlpipe.steps import register
 from tlpipe.steps.register import RegisterConfig
@@ -165,12 +166,12 @@ def test_gate_replays_a_register_still_in_flight(server):
 
     good, bad = pending(0.9), pending(0.7)  # `good` is registered but its gate has not run
     mlflow.set_tracking_uri(server)
-    decision = register.gate(cfg.model_name, bad, cfg)
+    decision = registry.promote(cfg.model_name, bad, cfg)
     assert not decision.promoted and f"does not beat champion v{good}" in decision.reason
     assert _champion(client, cfg.model_name) == good
     # `good`'s register now writes the alias late from a stale read; its own gate repairs it
     client.set_registered_model_alias(cfg.model_name, "champion", bad)
-    assert register.gate(cfg.model_name, good, cfg).promoted
+    assert registry.promote(cfg.model_name, good, cfg).promoted
     assert _champion(client, cfg.model_name) == good
 
 

@@ -122,9 +122,10 @@ def test_a_failing_step_leaves_a_failed_run_with_its_error(
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     (tmp_path / "raw").mkdir()
-    cfg = resolver.resolve({})["prepare"]
     with pytest.raises(TlpipeError):
-        runner.run_step("prepare", cfg, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+        runner.run_step(
+            "prepare", resolver.resolve({}), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out"
+        )
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(os.environ["TLPIPE_EXPERIMENT"]).experiment_id
     (run,) = client.search_runs([experiment])

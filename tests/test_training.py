@@ -229,7 +229,7 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     assert run(0.01, key="other data") == 0
     # a whole step run deletes its resume files once the model is written
     cfg = build(pretrain.PretrainConfig, {"train": {"epochs": 1, "steps_per_epoch": 2}})
-    runner.run_step("pretrain", cfg, track=False, prepared_dir=tiny_prepared,
+    runner.run_step("pretrain", {"pretrain": cfg}, track=False, prepared_dir=tiny_prepared,
                     out_model=tmp_path / "source.pt", checkpoint_dir=tmp_path / "ck")  # fmt: skip
     assert (tmp_path / "source.pt").exists() and not list((tmp_path / "ck").iterdir())
 

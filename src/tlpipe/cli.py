@@ -17,6 +17,8 @@ import typer
 
 from tlpipe.errors import Terminated, TlpipeError
 from tlpipe.kfp import pipeline_cli
+from tlpipe.params import SOURCE_STRATEGIES, STRATEGY_NAMES
+from tlpipe.params.options import PARAMS, SET
 
 app = typer.Typer(
     help="tlpipe: transfer learning from a big source dataset to a small target dataset, "
@@ -29,27 +31,18 @@ app = typer.Typer(
 
 app.add_typer(pipeline_cli.app, name="pipeline")
 
-PARAMS = typer.Option(
-    Path("params.yaml"), "--params", "-p", help="Scenario file: overrides of the defaults."
-)
-SET = typer.Option(
-    None, "--set", "-s", help="Override one param for this run: section.key=value "
-    "(repeatable), e.g. --set pretrain.train.epochs=2 --set 'strategies=[full,lp_ft]'."
-)  # fmt: skip
 TRACK = typer.Option(True, "--track/--no-track", help="Log the step to MLflow.")
 PREPARED = typer.Option(Path("data/prepared"), help="Prepared data (output of `prepare`).")
 FINETUNED = typer.Option(Path("models/finetuned"), help="Folder of fine-tuned models.")
 EVAL = typer.Option(Path("eval"), "--eval", help="Output of `evaluate` (names the selected model).")
 
 
-def _step(step: str, params: Path, set_: list[str] | None, track: bool, **inputs: Any) -> Any:
-    """Resolve the step's config, run it through the runner, print its summary line."""
+def _step(step: str, resolved: Any, track: bool, **inputs: Any) -> Any:
+    """Run the step through the runner (which picks its config), print its summary line."""
     from tlpipe import runner
-    from tlpipe.params import resolver
 
-    cfg = resolver.resolve(params, set_)[step]
     with _stopped_by_signal():
-        result = runner.run_step(step, cfg, track=track, **inputs)
+        result = runner.run_step(step, resolved, track=track, **inputs)
     typer.echo(result.summary, err=True)
     return result
 
@@ -71,6 +64,14 @@ def _stopped_by_signal() -> Iterator[None]:
         raise Stopped(isinstance(e, Terminated)) from e
 
 
+STRATEGY_HELP = (
+    " | ".join(n for n in STRATEGY_NAMES if n not in SOURCE_STRATEGIES)
+    + ", and with `--match` (the output of `tlpipe match`): "
+    + " | ".join(SOURCE_STRATEGIES)
+    + ". Default: finetune.strategy."
+)
+
+
 @app.command()
 def fetch(
     out: Path = typer.Option(Path("data/raw"), help="Where the raw files go."),
@@ -79,7 +80,7 @@ def fetch(
     track: bool = TRACK,
 ) -> None:
     """Copy or download the raw dataset (sha256-checked) into --out."""
-    _step("fetch", params, set_, track, out_dir=out)
+    _step("fetch", _resolve(params, set_), track, out_dir=out)
 
 
 @app.command()
@@ -91,7 +92,7 @@ def prepare(
     track: bool = TRACK,
 ) -> None:
     """Validate the raw data and build the scenario: source / target train / val / test."""
-    _step("prepare", params, set_, track, raw_dir=raw, out_dir=out)
+    _step("prepare", _resolve(params, set_), track, raw_dir=raw, out_dir=out)
 
 
 @app.command()
@@ -103,8 +104,7 @@ def check(
     track: bool = TRACK,
 ) -> None:
     """Compare the prepared data with the data the current champion was trained on."""
-    model_name = _resolve(params, set_)["register"].model_name
-    _step("check", params, set_, track, prepared_dir=prepared, out_dir=out, model_name=model_name)
+    _step("check", _resolve(params, set_), track, prepared_dir=prepared, out_dir=out)
 
 
 @app.command()
@@ -119,8 +119,15 @@ def pretrain(
     track: bool = TRACK,
 ) -> None:
     """Train the source model on the source classes."""
-    _step("pretrain", params, set_, track, prepared_dir=prepared, out_model=out,
-          checkpoint_dir=checkpoints)  # fmt: skip
+    resolved = _resolve(params, set_)
+    _step(
+        "pretrain",
+        resolved,
+        track,
+        prepared_dir=prepared,
+        out_model=out,
+        checkpoint_dir=checkpoints,
+    )
 
 
 @app.command()
@@ -133,16 +140,13 @@ def match(
     track: bool = TRACK,
 ) -> None:
     """Weight every source image by how much it resembles the target (domain discriminator)."""
-    _step("match", params, set_, track, prepared_dir=prepared, source_model=source, out_dir=out)
+    resolved = _resolve(params, set_)
+    _step("match", resolved, track, prepared_dir=prepared, source_model=source, out_dir=out)
 
 
 @app.command()
 def finetune(
-    strategy: str = typer.Option(
-        None,
-        help="scratch | linear_probe | partial | full | lp_ft, and with `--match` (the output "
-        "of `tlpipe match`): joint | specialist. Default: finetune.strategy.",
-    ),
+    strategy: str = typer.Option(None, help=STRATEGY_HELP),
     prepared: Path = PREPARED,
     source: Path = typer.Option(Path("models/source.pt"), help="Pretrained source model."),
     match: Path = typer.Option(None, help="Output of `match` (for strategies that use it)."),
@@ -153,11 +157,19 @@ def finetune(
     track: bool = TRACK,
 ) -> None:
     """Fine-tune the source model on the few labelled target images (or the scratch baseline)."""
-    name = strategy or _resolve(params, set_)["finetune"].strategy
-    _step("finetune", params, [*(set_ or []), f"finetune.strategy={name}"], track,
-          prepared_dir=prepared, source_model=source, match_dir=match,
-          out_model=out or Path("models/finetuned") / f"{name}.pt",
-          checkpoint_dir=checkpoints or Path("checkpoints") / name)  # fmt: skip
+    resolved = _resolve(params, set_)
+    name = strategy or resolved["finetune"].strategy
+    _step(
+        "finetune",
+        resolved,
+        track,
+        strategy=name,
+        prepared_dir=prepared,
+        source_model=source,
+        match_dir=match,
+        out_model=out or Path("models/finetuned") / f"{name}.pt",
+        checkpoint_dir=checkpoints or Path("checkpoints") / name,
+    )
 
 
 @app.command()
@@ -174,7 +186,7 @@ def evaluate(
     resolved = _resolve(params, set_)
     names = [resolved["evaluate"].baseline, *resolved.strategies]
     models = {name: finetuned / f"{name}.pt" for name in names}
-    _step("evaluate", params, set_, track, prepared_dir=prepared, models=models, out_dir=out)
+    _step("evaluate", resolved, track, prepared_dir=prepared, models=models, out_dir=out)
     report(out / "metrics.json")
 
 
@@ -192,8 +204,9 @@ def export(
     """Export to ONNX (fp32 + INT8), check parity with torch on the target test images."""
     from tlpipe.steps.evaluate import selected_model
 
-    _step("export", params, set_, track, prepared_dir=prepared, out_dir=out,
-          model_path=model or selected_model(eval_dir, finetuned))  # fmt: skip
+    model = model or selected_model(eval_dir, finetuned)
+    resolved = _resolve(params, set_)
+    _step("export", resolved, track, prepared_dir=prepared, out_dir=out, model_path=model)
 
 
 @app.command()
@@ -211,9 +224,15 @@ def register(
     re-scored on this run's test split (--prepared) for a paired comparison."""
     from tlpipe.steps.evaluate import selected_model
 
-    _step("register", params, set_, True, export_dir=export_dir, decision_path=out,
-          model_path=model or selected_model(eval_dir, finetuned),
-          prepared_dir=prepared)  # fmt: skip
+    _step(
+        "register",
+        _resolve(params, set_),
+        True,  # registering is logging: always tracked
+        export_dir=export_dir,
+        decision_path=out,
+        model_path=model or selected_model(eval_dir, finetuned),
+        prepared_dir=prepared,
+    )
 
 
 @app.command("params")

@@ -27,7 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tlpipe.errors import Terminated, TlpipeError
+from tlpipe.errors import TlpipeError
+from tlpipe.signals import sigterm_raises
 
 LOCK = Path(".tlpipe/run.lock")
 
@@ -114,24 +115,18 @@ def _run_stages(cmd: list[str], env: dict[str, str]) -> int:
     KILLED and nothing goes on running after `tlpipe run` has returned.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def terminate(*_: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    with sigterm_raises():
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            return proc.wait()
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
 
 
 def _end_quietly(run_id: str, status: str, changed: list[str]) -> None:

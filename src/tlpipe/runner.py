@@ -1,10 +1,12 @@
 """The one step runner: every wrapper (CLI, DVC through the CLI, Kubeflow pods) calls a step here.
 
-    result = run_step("pretrain", cfg, prepared_dir=..., out_model=..., checkpoint_dir=...)
+    result = run_step("pretrain", resolved, prepared_dir=..., out_model=..., checkpoint_dir=...)
 
-runs `tlpipe.steps.pretrain.run(**inputs, cfg=cfg)` inside a tracked child run (params,
-lineage tags, then the result's metrics, history and artifacts), and owns the failures around
-the step, in one place:
+picks the step's config from the params sections (`step_config`: the one place that knows a
+step's cross-section values, such as check's model name from `register:` and finetune's
+`per_strategy` overrides), runs `tlpipe.steps.pretrain.run(**inputs, cfg=cfg)` inside a
+tracked child run (params, lineage tags, then the result's metrics, history and artifacts),
+and owns the failures around the step, in one place:
 
 - the step fails → the run ends FAILED with the error (`tlpipe.error` tag), the error goes on;
 - SIGINT/SIGTERM → the step unwinds (temporary outputs removed), the run ends KILLED;
@@ -16,35 +18,43 @@ the step, in one place:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import signal
-import threading
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tlpipe.errors import Terminated, TlpipeError
+from tlpipe.errors import TlpipeError
+from tlpipe.signals import sigterm_raises
 from tlpipe.steps import StepResult
 
 NO_TRACK_ENV = "TLPIPE_NO_TRACK"  # `tlpipe run --no-track` passes it to the stages
 
 
 def run_step(
-    step: str, cfg: Any, *, track: bool = True, tags: dict[str, str] | None = None, **inputs: Any
+    step: str,
+    params: Mapping[str, Any],
+    *,
+    strategy: str | None = None,
+    track: bool = True,
+    tags: dict[str, str] | None = None,
+    **inputs: Any,
 ) -> StepResult:
-    """Run step `step` with `cfg` and `inputs` (its `run()` keyword arguments), tracked.
+    """Run step `step` with its config from `params` and `inputs` (its `run()` arguments), tracked.
 
     Args:
         step: a module of `tlpipe.steps` (fetch, prepare, pretrain, match, finetune, …).
-        cfg: the step's config (`tlpipe.params`).
+        params: the params sections' configs (a `tlpipe.params.Resolved`, or a mapping of
+            the sections the step reads: see `step_config`).
+        strategy: finetune: the strategy to train (default: `finetune.strategy`).
         track: False (or env TLPIPE_NO_TRACK) runs the step without MLflow.
         tags: extra tags for the run (lineage the inputs do not carry).
     """
+    cfg, picked = step_config(step, params, strategy)
+    inputs = {**picked, **inputs}
     run = importlib.import_module(f"tlpipe.steps.{step}").run
     name = f"{step}:{cfg.strategy}" if step == "finetune" else step
-    with _signals_unwind():
+    with sigterm_raises():
         if not track or os.environ.get(NO_TRACK_ENV):
             result = run(**inputs, cfg=cfg)
         else:
@@ -52,6 +62,23 @@ def run_step(
     for path in result.resume_files:
         Path(path).unlink(missing_ok=True)
     return result
+
+
+def step_config(
+    step: str, params: Mapping[str, Any], strategy: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The config step `step` runs with, and the inputs it takes from other sections.
+
+    The one place that knows them, for every wrapper: finetune trains `strategy` (default
+    `finetune.strategy`) with its `per_strategy` overrides applied; check compares the data
+    with the champion of `register.model_name`.
+    """
+    if step == "finetune":
+        cfg = params["finetune"]
+        return cfg.for_strategy(strategy or cfg.strategy), {}
+    if step == "check":
+        return params["check"], {"model_name": params["register"].model_name}
+    return params[step], {}
 
 
 def _tracked(run: Any, name: str, cfg: Any, tags: dict[str, str], inputs: dict) -> StepResult:
@@ -79,20 +106,3 @@ def _lineage(inputs: dict[str, Any]) -> dict[str, str]:
     from tlpipe.data.prepared import load_manifest
 
     return {"tlpipe.dataset_sha256": str(load_manifest(prepared).get("dataset_sha256", ""))}
-
-
-@contextlib.contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the step, as Ctrl-C does for SIGINT."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(*_: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

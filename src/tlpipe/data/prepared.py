@@ -336,6 +336,11 @@ def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return fsio.read_json(Path(prepared_dir) / "manifest.json")
 
 
+def has_source(manifest: dict[str, Any]) -> bool:
+    """Whether the prepared scenario has a source dataset (else only a pretrained backbone)."""
+    return bool(manifest.get("source_classes"))
+
+
 SOURCE_FILES = ("source.json", *(f"{s}.{a}.npy" for s in ("source", "source_val")
                                  for a in (*ARRAYS, "id")))  # fmt: skip
 

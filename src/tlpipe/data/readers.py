@@ -13,6 +13,10 @@ dataset's own test set, and a content key per image (a hash of its file, or of i
 array formats) that the splits are drawn from. Raw data is untrusted: readers refuse symlinks
 that lead out of the dataset folder, images over a pixel limit (checked from the header, before
 decoding), labels outside the class list and unnamed labels with gaps (a stray label).
+
+The raw folder that `fetch` writes holds one folder per side (``source``, ``target``) and its
+description (``source.json``, ``target.json``: dataset and format); `write_side` and
+`read_sides` are the two ends of that layout.
 """
 
 from __future__ import annotations
@@ -25,9 +29,38 @@ from typing import Any
 
 import numpy as np
 
+from tlpipe import fsio
 from tlpipe.data.image_files import check_inside, content_key, read_imagefolder, read_manifest
 from tlpipe.data.prepared import DATASETS, KEY_DTYPE, RawDataset
 from tlpipe.errors import TlpipeError
+
+SIDES = ("source", "target")
+
+# ---------------------------------------------------------------------------- the raw folder
+
+
+def write_side(raw_dir: Path, side: str, desc: dict[str, Any]) -> None:
+    """Describe side `side` of a raw folder: {"dataset", "format"}, {"dataset": None} (no
+    source dataset) or {"same_as": "source"} (the target is the source's dataset)."""
+    fsio.write_json(Path(raw_dir) / f"{side}.json", desc)
+
+
+def read_sides(raw_dir: Path) -> dict[str, Any]:
+    """What fetch wrote: {"source": description or None, "target": …, "one_dataset": bool}."""
+    found = {}
+    for side in SIDES:
+        path = Path(raw_dir) / f"{side}.json"
+        if not path.is_file():
+            raise TlpipeError(
+                f"{path} not found: {raw_dir} is not fetch's output; run `tlpipe fetch` first"
+            )
+        found[side] = fsio.read_json(path)
+    one = found["target"].get("same_as") == "source"
+    if one:
+        found["target"] = found["source"]
+    source = found["source"] if found["source"].get("dataset") else None
+    return {"source": source, "target": found["target"], "one_dataset": one}
+
 
 # ---------------------------------------------------------------------------- IDX
 

@@ -7,8 +7,8 @@
 Every command takes the compiled pipeline (`--package`, default: the one shipped inside
 tlpipe, compiled from a checkout's pipelines/ by `make pipeline`) and builds its arguments from
 params.yaml and `--set section.key=value`, checked against the step configs first, so a typo
-fails here and not in a pod an hour later. Only typer and the standard library are imported at
-module level.
+fails here and not in a pod an hour later. Only typer, the standard library and the torch-free
+`tlpipe.params` are imported at module level.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from tlpipe.params.options import PARAMS, SET
 
 app = typer.Typer(
     help="Run the compiled Kubeflow pipeline (KFP v2) here, or submit or schedule it on a "
@@ -32,14 +34,6 @@ PACKAGE = typer.Option(
     help="A compiled pipeline (python -m pipelines.transfer_learning writes one). "
     "Default: the pipeline shipped with this tlpipe.",
     show_default=False,
-)
-PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.")
-SET = typer.Option(
-    None,
-    "--set",
-    "-s",
-    help="Override a param: section.key=value (repeatable), "
-    "e.g. --set pretrain.train.epochs=1 or --set strategies=[full,lp_ft].",
 )
 HOST = typer.Option(
     None,

@@ -1,16 +1,17 @@
 """What a Kubeflow pod runs: the bodies of the KFP components in `components/`, and the
 pipeline's arguments.
 
-A component file is the typed interface of one step; its body is one call into this module,
-which builds the step's config from the component's JSON parameter, calls the one step runner
-(`tlpipe.runner.run_step`: tracked child run, failures, logging of the result) and fills the
-component's KFP outputs (Metrics, HTML/Markdown reports, the selected model's confusion matrix,
-model metadata). It lives in the package, not in `components/`, because a lightweight component
-ships only its own function's source: everything it calls must be installed in the image.
+A component file is the typed interface of one step; its body is one call to the function of
+the same name here, which builds the params sections from the component's JSON parameters,
+calls the one step runner (`tlpipe.runner.run_step`: the step's config, tracked child run,
+failures, logging of the result) and fills the component's KFP outputs (Metrics, HTML and
+Markdown reports, the selected model's confusion matrix, model metadata). It lives in the
+package, not in `components/`, because a lightweight component ships only its own function's
+source: everything it calls must be installed in the image.
 
 Pipeline parameters are one JSON string per params.yaml section (`prepare_params`, …) plus the
-`strategies` list. `arguments()` builds them from `config.resolve`; with no params file that is
-the dataclass defaults (`tlpipe.params`), which is what the DAG's parameter defaults are
+`strategies` list. `arguments()` builds them with `tlpipe.params.resolve`; with no params file
+that is the dataclass defaults (`tlpipe.params`), which is what the DAG's parameter defaults are
 (`default_arguments()`): the UI, `tlpipe pipeline` and `make run` describe one scenario.
 JSON strings rather than dicts: a KFP dict parameter travels as a protobuf Struct, which turns
 every int into a float, and the step configs are strict about types.
@@ -59,12 +60,8 @@ def default_arguments() -> dict[str, Any]:
     return arguments({})
 
 
-def config_for(section: str, params_json: str, strategy: str | None = None) -> Any:
-    """A step config from a component's JSON parameter (`{}` = the defaults).
-
-    Args:
-        strategy: For `finetune`: the strategy to train (`per_strategy` overrides applied).
-    """
+def config_for(section: str, params_json: str) -> Any:
+    """A section's config from a component's JSON parameter (`{}` = the defaults)."""
     from tlpipe.params import SECTIONS
     from tlpipe.params.fields import build
 
@@ -74,83 +71,13 @@ def config_for(section: str, params_json: str, strategy: str | None = None) -> A
         raise TlpipeError(f"{section}_params is not JSON ({e}): {params_json[:200]!r}") from e
     if not isinstance(values, dict):
         raise TlpipeError(f"{section}_params must be a JSON object, got {params_json[:200]!r}")
-    cfg = build(SECTIONS[section], values, where=f"{section}.")
-    return cfg if strategy is None else cfg.for_strategy(strategy)
+    return build(SECTIONS[section], values, where=f"{section}.")
 
 
 # ---------------------------------------------------------------------------- in the pods
-
-
-def run(
-    step: str,
-    params_json: str,
-    dataset_sha256: str = "",
-    *,
-    strategy: str | None = None,
-    metrics: Any = None,
-    report: Any = None,
-    **inputs: Any,
-) -> Any:
-    """Run `step` in a component: its config from `params_json`, then the runner.
-
-    Args:
-        dataset_sha256: The prepared data's version this task was started (and cached) for.
-        strategy: For `finetune`: the strategy to train.
-        metrics: The component's `Output[Metrics]`: gets the result's numeric metrics.
-        report: The component's `Output[HTML]`: a page with the metrics, the result's summary
-            and the PNG plots among its artifacts.
-        inputs: The step's `run()` inputs: KFP artifacts (their `.path`) or paths. An
-            `out_model` artifact gets metadata {framework, strategy}.
-    """
-    cfg = config_for(step, params_json, strategy)
-    return _run(step, cfg, dataset_sha256, metrics=metrics, report=report, **inputs)
-
-
-def _run(
-    step: str,
-    cfg: Any,
-    dataset_sha256: str = "",
-    *,
-    metrics: Any = None,
-    report: Any = None,
-    **inputs: Any,
-) -> Any:
-    """`run` with a built config: check the data version, run the step, fill the outputs."""
-    from tlpipe import runner
-
-    paths = {name: _path(value) for name, value in inputs.items()}
-    tags = None
-    if dataset_sha256 and "prepared_dir" in paths:
-        check_dataset(paths["prepared_dir"], dataset_sha256)
-    elif dataset_sha256:  # register: lineage from the task's input, not from a manifest
-        tags = {"tlpipe.dataset_sha256": dataset_sha256}
-    result = runner.run_step(step, cfg, tags=tags, **paths)
-    if metrics is not None:
-        log_metrics(metrics, result.metrics)
-    if report is not None:
-        plots = sorted(png for a in result.artifacts for png in Path(a).rglob("*.png"))
-        write_html(report.path, step, result.metrics, plots, result.summary)
-    if hasattr(inputs.get("out_model"), "metadata"):
-        strategy = getattr(cfg, "strategy", "source")
-        inputs["out_model"].metadata.update({"framework": "pytorch", "strategy": strategy})
-    return result
-
-
-def _path(value: Any) -> Any:
-    """A KFP artifact → its local path; anything else passes through."""
-    return Path(value.path) if hasattr(value, "path") else value
-
-
-def check_dataset(prepared_dir: Path, dataset_sha256: str) -> None:
-    """Fail if `prepared_dir` is not the data version the task was started for."""
-    from tlpipe.fsio import read_json
-
-    found = read_json(Path(prepared_dir) / "manifest.json").get("dataset_sha256")
-    if dataset_sha256 and found != dataset_sha256:
-        raise TlpipeError(
-            f"prepared data is version {found}, but this step was started for "
-            f"{dataset_sha256}: the inputs are inconsistent"
-        )
+#
+# One function per component (`components/<step>.py`), taking the component's interface in
+# order: the component's body is one call to it.
 
 
 def fetch(fetch_params: str) -> str:
@@ -161,9 +88,9 @@ def fetch(fetch_params: str) -> str:
     """
     from tlpipe import runner
 
-    cfg = config_for("fetch", fetch_params)
+    params = {"fetch": config_for("fetch", fetch_params)}
     with tempfile.TemporaryDirectory() as tmp:
-        return runner.run_step("fetch", cfg, out_dir=Path(tmp) / "raw").version
+        return runner.run_step("fetch", params, out_dir=Path(tmp) / "raw").version
 
 
 def prepare(
@@ -175,27 +102,116 @@ def prepare(
     """
     from tlpipe import runner
 
-    fetch_cfg = config_for("fetch", fetch_params)
-    cfg = config_for("prepare", prepare_params)
+    params = {"fetch": config_for("fetch", fetch_params)}
     with tempfile.TemporaryDirectory() as tmp:  # the fetch task's run logged this fetch
-        raw = runner.run_step("fetch", fetch_cfg, track=False, out_dir=Path(tmp) / "raw")
+        raw = runner.run_step("fetch", params, track=False, out_dir=Path(tmp) / "raw")
         if raw.version != data_version:
             raise TlpipeError("the raw data changed since `fetch` ran: run the pipeline again")
-        result = _run("prepare", cfg, metrics=metrics, raw_dir=raw.out_dir, out_dir=prepared)
+        params["prepare"] = config_for("prepare", prepare_params)
+        result = _run("prepare", params, metrics=metrics, raw_dir=raw.out_dir, out_dir=prepared)
     prepared.metadata.update(
         {"dataset_sha256": result.dataset_sha256, "data_version": data_version}
     )
     return result.dataset_sha256
 
 
-def evaluate(
-    evaluate_params: str,
-    dataset_sha256: str,
+def check(
     prepared: Any,
+    dataset_sha256: str,
+    check_params: str,
+    register_params: str,
+    report: Any,
+    metrics: Any,
+) -> None:
+    """The data check against the champion of `register.model_name` (`tlpipe.steps.check`)."""
+    params = {
+        "check": config_for("check", check_params),
+        "register": config_for("register", register_params),
+    }
+    _run("check", params, dataset_sha256, metrics=metrics, prepared_dir=prepared, out_dir=report)
+
+
+def pretrain(
+    prepared: Any, dataset_sha256: str, pretrain_params: str, model: Any, metrics: Any
+) -> None:
+    """The source model on the source split."""
+    params = {"pretrain": config_for("pretrain", pretrain_params)}
+    _run(
+        "pretrain", params, dataset_sha256, metrics=metrics, prepared_dir=prepared, out_model=model
+    )
+
+
+def match(
+    prepared: Any,
+    dataset_sha256: str,
+    source_model: Any,
+    match_params: str,
+    matching: Any,
+    metrics: Any,
+    report: Any,
+) -> None:
+    """Importance weights of the source samples for the target."""
+    params = {"match": config_for("match", match_params)}
+    _run(
+        "match",
+        params,
+        dataset_sha256,
+        metrics=metrics,
+        report=report,
+        prepared_dir=prepared,
+        source_model=source_model,
+        out_dir=matching,
+    )
+
+
+def finetune(
+    prepared: Any,
+    source_model: Any,
+    matching: Any,
+    strategy: str,
+    finetune_params: str,
+    model: Any,
+    metrics: Any,
+) -> None:
+    """Fine-tune with `strategy`; the model's metadata names it (evaluate reads it)."""
+    params = {"finetune": config_for("finetune", finetune_params)}
+    _run(
+        "finetune",
+        params,
+        strategy=strategy,
+        metrics=metrics,
+        prepared_dir=prepared,
+        source_model=source_model,
+        match_dir=matching,
+        out_model=model,
+    )
+
+
+def baseline(
+    prepared: Any, dataset_sha256: str, finetune_params: str, model: Any, metrics: Any
+) -> None:
+    """The from-scratch baseline (strategy `scratch`) on the target images only."""
+    params = {"finetune": config_for("finetune", finetune_params)}
+    _run(
+        "finetune",
+        params,
+        dataset_sha256,
+        strategy="scratch",
+        metrics=metrics,
+        prepared_dir=prepared,
+        source_model=None,
+        out_model=model,
+    )
+
+
+def evaluate(
+    prepared: Any,
+    dataset_sha256: str,
     baseline_model: Any,
     models: list[Any],
+    evaluate_params: str,
     evaluation: Any,
-    selected_model: Any,
+    model: Any,
     metrics: Any,
     confusion: Any,
     report: Any,
@@ -203,25 +219,29 @@ def evaluate(
     """Compare the baseline and the fine-tuned `models`; copy the one selected by validation.
 
     Each model artifact names its strategy in its metadata (set by the finetune task). The
-    selected checkpoint is copied to `selected_model`, which export and register take: the
-    DAG needs no branch per strategy. The UI gets every model's scores and the selected
-    model's confusion matrix.
+    selected checkpoint is copied to `model`, which export and register take: the DAG needs
+    no branch per strategy. The UI gets every model's scores and the selected model's
+    confusion matrix.
     """
     from tlpipe.fsio import read_json
+    from tlpipe.params import check_strategies
     from tlpipe.steps.evaluate import format_table
 
     cfg = config_for("evaluate", evaluate_params)
+    names = [m.metadata.get("strategy", "") for m in models]
+    check_strategies(names, baseline=cfg.baseline)  # the list may come from the KFP UI
     paths = {cfg.baseline: Path(baseline_model.path)}
-    for model in models:
-        name = model.metadata.get("strategy", "")
-        if not name or name in paths:
-            raise TlpipeError(f"strategies must be unique and not {cfg.baseline!r}: {name!r}")
-        paths[name] = Path(model.path)
+    paths |= {name: Path(m.path) for name, m in zip(names, models, strict=True)}
     result = _run(
-        "evaluate", cfg, dataset_sha256, prepared_dir=prepared, models=paths, out_dir=evaluation
+        "evaluate",
+        {"evaluate": cfg},
+        dataset_sha256,
+        prepared_dir=prepared,
+        models=paths,
+        out_dir=evaluation,
     )
-    shutil.copyfile(paths[result.selected], selected_model.path)
-    selected_model.metadata.update({"framework": "pytorch", "strategy": result.selected})
+    shutil.copyfile(paths[result.selected], model.path)
+    model.metadata.update({"framework": "pytorch", "strategy": result.selected})
     table = read_json(result.metrics_path)
     chosen = table["models"][result.selected]
     confusion.log_confusion_matrix(list(chosen["per_class"]), chosen["confusion"])
@@ -235,6 +255,23 @@ def evaluate(
     plots = sorted((Path(evaluation.path) / "plots").glob("confusion_*.png"))
     write_html(report.path, "Evaluation", result.metrics, plots, format_table(table))
     return result.selected
+
+
+def export(
+    model: Any, prepared: Any, dataset_sha256: str, export_params: str, onnx: Any, metrics: Any
+) -> None:
+    """model.onnx, model.int8.onnx and parity.json of the selected `model`."""
+    params = {"export": config_for("export", export_params)}
+    _run(
+        "export",
+        params,
+        dataset_sha256,
+        metrics=metrics,
+        model_path=model,
+        prepared_dir=prepared,
+        out_dir=onnx,
+    )
+    onnx.metadata.update({"framework": "onnx", "strategy": model.metadata.get("strategy", "")})
 
 
 def gate(onnx: Any, register_params: str, verdict: Any) -> str:
@@ -251,28 +288,76 @@ def gate(onnx: Any, register_params: str, verdict: Any) -> str:
     return outcome
 
 
-def check(
-    prepared: Any, dataset_sha256: str, check_params: str, register_params: str, report: Any,
-    metrics: Any,
-) -> None:  # fmt: skip
-    """The data check against the champion of `register.model_name` (`tlpipe.steps.check`)."""
-    model_name = config_for("register", register_params).model_name
-    run("check", check_params, dataset_sha256, metrics=metrics, prepared_dir=prepared,
-        out_dir=report, model_name=model_name)  # fmt: skip
-
-
 def register(
     onnx: Any, model: Any, prepared: Any, dataset_sha256: str, register_params: str, report: Any
 ) -> tuple[str, str]:
     """Register the selected model; (version, alias). The champion is re-scored on this run's
     test split (`prepared`) for the paired comparison; the report says why that alias."""
-    cfg = config_for("register", register_params)
-    result = _run("register", cfg, dataset_sha256, export_dir=onnx, model_path=model,
-                  prepared_dir=prepared)  # fmt: skip
+    params = {"register": config_for("register", register_params)}
+    result = _run(
+        "register", params, dataset_sha256, export_dir=onnx, model_path=model, prepared_dir=prepared
+    )
+    name = params["register"].model_name
     Path(report.path).write_text(
-        f"**{cfg.model_name} v{result.version}** → `{result.alias}`\n\n{result.reason}\n"
+        f"**{name} v{result.version}** → `{result.alias}`\n\n{result.reason}\n"
     )
     return result.version, result.alias
+
+
+def _run(
+    step: str,
+    params: dict[str, Any],
+    dataset_sha256: str = "",
+    *,
+    strategy: str | None = None,
+    metrics: Any = None,
+    report: Any = None,
+    **inputs: Any,
+) -> Any:
+    """Check the data version, run the step through the runner, fill the component's outputs.
+
+    Args:
+        params: the sections' configs the step reads (`tlpipe.runner.step_config`).
+        dataset_sha256: The prepared data's version this task was started (and cached) for.
+        strategy: For `finetune`: the strategy to train.
+        metrics: The component's `Output[Metrics]`: gets the result's numeric metrics.
+        report: The component's `Output[HTML]`: a page with the metrics, the result's summary
+            and the PNG plots among its artifacts.
+        inputs: The step's `run()` inputs: KFP artifacts (their `.path`) or paths. An
+            `out_model` artifact gets metadata {framework, strategy}.
+    """
+    from tlpipe import runner
+
+    paths = {name: _path(value) for name, value in inputs.items()}
+    if dataset_sha256:
+        check_dataset(paths["prepared_dir"], dataset_sha256)
+    result = runner.run_step(step, params, strategy=strategy, **paths)
+    if metrics is not None:
+        log_metrics(metrics, result.metrics)
+    if report is not None:
+        plots = sorted(png for a in result.artifacts for png in Path(a).rglob("*.png"))
+        write_html(report.path, step, result.metrics, plots, result.summary)
+    if hasattr(inputs.get("out_model"), "metadata"):
+        trained = strategy or "source"  # pretrain's model is the source model
+        inputs["out_model"].metadata.update({"framework": "pytorch", "strategy": trained})
+    return result
+
+
+def _path(value: Any) -> Any:
+    """A KFP artifact → its local path; anything else passes through."""
+    return Path(value.path) if hasattr(value, "path") else value
+
+
+def check_dataset(prepared_dir: Path, dataset_sha256: str) -> None:
+    """Fail if `prepared_dir` is not the data version the task was started for."""
+    from tlpipe.fsio import read_json
+
+    found = read_json(Path(prepared_dir) / "manifest.json").get("dataset_sha256")
+    if found != dataset_sha256:
+        raise TlpipeError(
+            f"prepared data is version {found}, but this step was started for "
+            f"{dataset_sha256}: the inputs are inconsistent"
+        )
 
 
 def start_run(run_name: str, kfp_run_id: str) -> str:

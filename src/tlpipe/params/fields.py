@@ -37,6 +37,14 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
         raise TlpipeError(f"bad parameters for {where.rstrip('.') or cls.__name__}: {e}") from e
 
 
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` laid over it, mapping by mapping (neither is changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def params_hash(cfg: Any) -> str:
     """Stable short hash of a config (lineage tag)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()

@@ -378,18 +378,28 @@ class FinetuneConfig:
 
     def for_strategy(self, name: str) -> FinetuneConfig:
         """This config with `per_strategy[name]` applied (and `strategy` set to `name`)."""
-        from tlpipe.params.fields import build, to_dict
+        from tlpipe.params.fields import build, merge, to_dict
 
-        merged = _merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
+        merged = merge(to_dict(self), dict(self.per_strategy.get(name) or {}))
         merged["strategy"] = name
         return build(FinetuneConfig, merged, where="finetune.")
 
 
-def check_strategies(names: Any) -> None:
-    """Raise a TlpipeError naming any unknown strategy."""
+def check_strategies(names: Any, baseline: str | None = None) -> None:
+    """Raise a TlpipeError naming any unknown strategy.
+
+    Args:
+        baseline: For the list of strategies to train and compare (`strategies:`): it must
+            be unique and leave out `evaluate.baseline`, which is trained and compared anyway.
+    """
     unknown = [n for n in names if n not in STRATEGY_NAMES]
     if unknown:
         raise TlpipeError(f"unknown strategy {unknown[0]!r}; choose: {', '.join(STRATEGY_NAMES)}")
+    if baseline is not None and (len(set(names)) != len(names) or baseline in names):
+        raise TlpipeError(
+            f"strategies must be unique and leave out evaluate.baseline ({baseline!r}, trained "
+            f"and compared anyway), got {list(names)}"
+        )
 
 
 def check_source_strategies(names: Any, has_source: bool) -> None:
@@ -401,10 +411,3 @@ def check_source_strategies(names: Any, has_source: bool) -> None:
             f"strategy {need[0]!r} needs a source dataset, but this scenario has none "
             f"(fetch.source: null); use one of: {', '.join(usable)}"
         )
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

@@ -124,7 +124,7 @@ def resolve(
     strategies = data.get("strategies", DEFAULT_STRATEGIES)
     if not isinstance(strategies, list | tuple) or not strategies:
         raise TlpipeError(f"strategies must be a non-empty list, got {strategies!r}")
-    check_strategies(strategies)
+    check_strategies(strategies, baseline=configs["evaluate"].baseline)
     if configs["fetch"].source is None:  # a backbone is all there is to transfer from
         check_source_strategies(strategies, has_source=False)
         if configs["pretrain"].pretrained is None:

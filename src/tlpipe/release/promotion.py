@@ -2,7 +2,7 @@
 
 `decide` compares one candidate with the champion (parity, accuracy floor, then the paired
 comparison on the same test images or, without one, accuracy on the same test data);
-`replay` applies it over racing versions in version order (`tlpipe.steps.register.gate`).
+`replay` applies it over racing versions in version order (`tlpipe.release.registry.promote`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,19 @@
 """Pipeline steps: each module has one `run(inputs…, cfg) -> <Step>Result` function.
 
-Steps are pure: paths and a config in, files and a result out; no argv, no environment, no
-tracking. `tlpipe.runner.run_step` is the one way the wrappers (CLI, DVC through the CLI, KFP
-components) call them, and it logs what every result carries the same way.
+Steps are pure: paths and a config in, files and a result out; no argv, no environment
+variables, no tracking runs of their own. `tlpipe.runner.run_step` is the one way the wrappers
+(CLI, DVC through the CLI, KFP components) call them: it picks each step's config, opens the
+tracked run and logs what every result carries the same way. `register` and `check`, whose
+job is the model registry, reach it only through `tlpipe.release.registry`.
+
+Steps do not import each other (an import-linter contract): what two steps share lives in the
+library subpackage of its responsibility (the prepared data's manifest in `tlpipe.data`,
+checkpoint metadata in `tlpipe.train`, parity.json and the registry in `tlpipe.release`), or
+here when it is a result type.
+
+May import: every library subpackage (`tlpipe.release`, `tlpipe.match`, `tlpipe.train`,
+`tlpipe.data`, `tlpipe.params`, `tlpipe.edge`, `tlpipe.fsio`, `tlpipe.errors`); never
+`tlpipe.tracking`, mlflow, the runner, the CLI or `tlpipe.kfp`.
 """
 
 from __future__ import annotations
@@ -29,3 +40,10 @@ class StepResult:
     artifacts: tuple[Path, ...] = ()
     resume_files: tuple[Path, ...] = ()
     summary: str = ""
+
+
+@dataclass(frozen=True)
+class TrainResult(StepResult):
+    """What a training step wrote (pretrain and finetune); history and metrics in the base."""
+
+    model_path: Path

@@ -30,6 +30,7 @@ import numpy as np
 
 from tlpipe.errors import TlpipeError
 from tlpipe.params import CheckConfig
+from tlpipe.release import registry
 from tlpipe.steps import StepResult
 
 TARGET_SPLITS = ("target_train", "target_val", "target_test")
@@ -52,7 +53,7 @@ def run(
     from tlpipe.fsio import write_json
 
     new = load_manifest(prepared_dir)
-    old, version = champion_manifest(model_name)
+    old, version = registry.champion_manifest(model_name)
     report = compare(old, new) if old is not None else {"findings": {}}
     report["champion"] = version
     report["findings"]["duplicates_across_splits"] = duplicates_across_splits(Path(prepared_dir))
@@ -132,29 +133,3 @@ def duplicates_across_splits(prepared_dir: Path) -> list[dict[str, Any]]:
             if not other.startswith(split + "["):
                 found.append({"image": f"{split}[{i}]", "same_as": other})
     return found
-
-
-def champion_manifest(model_name: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The manifest stored with the current champion, and its version (None, None: none)."""
-    import json
-    import tempfile
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tlpipe import tracking
-    from tlpipe.steps.register import champion_version
-
-    client = tracking.connect()  # the registry the pipeline registers into
-    version = champion_version(client, model_name)
-    if version is None:
-        return None, None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=version.run_id, artifact_path="data/manifest.json", dst_path=tmp
-            )
-        except MlflowException:  # registered before register stored the manifest
-            print(f"check: champion v{version.version} has no stored manifest: not compared")
-            return None, version.version
-        return json.loads(Path(path).read_text()), str(version.version)

@@ -371,20 +371,3 @@ def _summary(report: dict) -> dict[str, float]:
             "int8_published": float(i8["published"]),
         }
     return out
-
-
-def read_parity(export_dir: Path) -> dict[str, Any]:
-    """parity.json of an export dir, checked for what the registry gate reads."""
-    from tlpipe.fsio import read_json
-
-    path = export_dir / "parity.json"
-    parity = read_json(path)
-    try:
-        float(parity["fp32"]["accuracy"])
-        if not isinstance(parity["passed"], bool) or not parity["test_sha256"]:
-            raise ValueError
-    except (KeyError, TypeError, ValueError) as e:
-        raise TlpipeError(
-            f"{path} lacks passed / fp32.accuracy / test_sha256: re-run `tlpipe export`"
-        ) from e
-    return parity

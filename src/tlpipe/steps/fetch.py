@@ -40,11 +40,10 @@ from tlpipe.data import s3
 from tlpipe.data.download import ARCHIVES, Unreachable, download, verify_sha256
 from tlpipe.data.image_files import MANIFEST_NAMES, check_inside, read_manifest_rows
 from tlpipe.data.prepared import DATASETS, DatasetSpec
+from tlpipe.data.readers import SIDES, write_side
 from tlpipe.errors import TlpipeError
 from tlpipe.params import DataSpec, FetchConfig
 from tlpipe.steps import StepResult
-
-SIDES = ("source", "target")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def run(cfg: FetchConfig, out_dir: Path) -> FetchResult:
             else:
                 served[side] = _fetch_side(spec, tmp / side, cfg, f"fetch.{side}")
                 desc = {"dataset": spec.dataset, "format": data_format(spec, side)}
-            fsio.write_json(tmp / f"{side}.json", desc)
+            write_side(tmp, side, desc)
     return _result(out_dir, served)
 
 
@@ -86,22 +85,6 @@ def data_format(spec: DataSpec, side: str) -> str:
         raise TlpipeError(f"fetch.{side}.format: set it for dataset {spec.dataset!r} "
                           "(imagefolder, manifest, npz or idx)")  # fmt: skip
     return fmt
-
-
-def read_sides(raw_dir: Path) -> dict[str, Any]:
-    """What fetch wrote: {"source": description or None, "target": …, "one_dataset": bool}."""
-    found = {}
-    for side in SIDES:
-        path = Path(raw_dir) / f"{side}.json"
-        if not path.is_file():
-            raise TlpipeError(f"{path} not found: {raw_dir} is not fetch's output; run "
-                              "`tlpipe fetch` first")  # fmt: skip
-        found[side] = fsio.read_json(path)
-    one = found["target"].get("same_as") == "source"
-    if one:
-        found["target"] = found["source"]
-    return {"source": found["source"] if found["source"].get("dataset") else None,
-            "target": found["target"], "one_dataset": one}  # fmt: skip
 
 
 def _fetch_side(spec: DataSpec, dest: Path, cfg: FetchConfig, where: str) -> str:

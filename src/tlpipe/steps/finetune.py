@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlpipe.data.prepared import has_source
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
 from tlpipe.params.learning import check_source_strategies
-from tlpipe.steps.pretrain import TrainResult, checkpoint_meta, has_source
+from tlpipe.steps import TrainResult
 from tlpipe.train import joint
+from tlpipe.train.checkpoint import checkpoint_meta
 from tlpipe.train.loop import ArrayBatches, TrainConfig
 
 
@@ -40,13 +42,6 @@ class Phase:
     # (batches, loss)
     source_stream: Callable[..., tuple[Any, Callable]] | None = None
     validate: bool = True  # False: target-val accuracy means nothing yet (a source-only phase)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _trainable(groups: list[dict[str, Any]], model: nn.Module) -> list[dict[str, Any]]:
@@ -168,6 +163,8 @@ def run(
     """Fine-tune the source model on target_train with strategy `cfg.strategy`.
 
     Args:
+        cfg: the strategy's settings as they train: `per_strategy` is not applied here (the
+            runner's `step_config` applies it once, with `FinetuneConfig.for_strategy`).
         source_model: the pretrained checkpoint (ignored by `scratch`).
         match_dir: output of `match` (weights.npy, selected.npy): `joint` needs it.
         checkpoint_dir: per-epoch resume checkpoints, one file per phase.
@@ -177,7 +174,6 @@ def run(
 
     if cfg.strategy not in STRATEGIES:
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
-    cfg = cfg.for_strategy(cfg.strategy)
     manifest = load_manifest(prepared_dir)
     check_source_strategies([cfg.strategy], has_source(manifest))
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")

@@ -48,8 +48,7 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     Without a source dataset there is nothing to weight: `out_dir` then gets empty weights and
     a report saying matching was skipped (the pipeline's stage still has its outputs).
     """
-    from tlpipe.data.prepared import load_manifest, load_split
-    from tlpipe.steps.pretrain import has_source
+    from tlpipe.data.prepared import has_source, load_manifest, load_split
     from tlpipe.train.models import load_checkpoint
 
     manifest = load_manifest(prepared_dir)

@@ -16,7 +16,7 @@ import numpy as np
 
 from tlpipe import fsio
 from tlpipe.data.prepared import SPLITS, RawDataset, dataset_sha256, split_sha256
-from tlpipe.data.readers import read_raw
+from tlpipe.data.readers import read_raw, read_sides
 from tlpipe.data.splitting import (
     channel_stats,
     class_ids,
@@ -32,7 +32,6 @@ from tlpipe.data.splitting import (
 from tlpipe.errors import TlpipeError
 from tlpipe.params import PrepareConfig, fields
 from tlpipe.steps import StepResult
-from tlpipe.steps.fetch import read_sides
 
 MANIFEST_VERSION = 2
 

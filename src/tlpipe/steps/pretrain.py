@@ -7,23 +7,17 @@ an empty head, and the fine-tune strategies that need only a backbone start from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from tlpipe.data.prepared import has_source
 from tlpipe.errors import TlpipeError
 from tlpipe.params import PretrainConfig
-from tlpipe.steps import StepResult
+from tlpipe.steps import TrainResult
+from tlpipe.train.checkpoint import checkpoint_meta
 
 if TYPE_CHECKING:
     from tlpipe.train.models import Weights
-
-
-@dataclass(frozen=True)
-class TrainResult(StepResult):
-    """What a training step wrote (pretrain and finetune); history and metrics in the base."""
-
-    model_path: Path
 
 
 def run(
@@ -91,52 +85,12 @@ def run(
                        resume_files=(resume,) if resume else (), summary=summary)  # fmt: skip
 
 
-def has_source(manifest: dict) -> bool:
-    """Whether the prepared scenario has a source dataset (else only a pretrained backbone)."""
-    return bool(manifest.get("source_classes"))
-
-
 def normalisation(
     manifest: dict, weights: Weights | None = None
 ) -> tuple[list[float], list[float]]:
     """(mean, std) a model starting from `weights` trains with: theirs, else the data's."""
     own = weights.normalisation(_shape(manifest)[0]) if weights is not None else None
     return own or (list(manifest["mean"]), list(manifest["std"]))
-
-
-def checkpoint_meta(
-    manifest: dict,
-    arch: str,
-    strategy: str,
-    classes: list[str],
-    result,
-    *,
-    norm: tuple[list[float], list[float]] | None = None,
-    pretrained: str | None = None,
-) -> dict:
-    """The metadata every tlpipe checkpoint carries (export and the edge runtime read it).
-
-    Args:
-        norm: the model's input (mean, std); default the prepared data's statistics.
-        pretrained: where the starting weights came from (recorded for lineage).
-    """
-    in_chans, input_size = _shape(manifest)
-    mean, std = norm or (manifest["mean"], manifest["std"])
-    meta: dict[str, Any] = {
-        "arch": arch,
-        "num_classes": len(classes),
-        "in_chans": in_chans,
-        "input_size": input_size,
-        "classes": list(classes),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "strategy": strategy,
-        "pretrained": pretrained,
-        "dataset_sha256": manifest.get("dataset_sha256", ""),
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-    }
-    return meta
 
 
 def _shape(manifest: dict) -> tuple[int, int]:
