@@ -29,8 +29,8 @@ is done, so scenarios and seeds can run as separate processes (`--scenarios defa
 `--scenarios mixed-source --seeds 3 4`); each run prints its accuracy and matcher tables, and
 a plain run (both scenarios) adds skada and the full-size timing. --quick is a smoke run (1
 seed, 300 source images per class, 1-2 epochs). --threads 1 (default): on a shared 2-core box
-one torch thread per process trained 15x faster than two (0.11 vs 1.6 s per step, measured
-under load). Prints Markdown tables.
+one torch thread per process trains much faster than two (measured: benchmarks/README.md).
+Prints Markdown tables.
 """
 
 from __future__ import annotations

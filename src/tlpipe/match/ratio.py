@@ -23,7 +23,7 @@ C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # discriminator inverse L2 strength
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run numpy's BLAS single-threaded: the matrices here are small (d ≤ a few hundred), and a
-    multi-threaded OpenBLAS on a busy 2-core box can be 100× slower on them (measured)."""
+    multi-threaded OpenBLAS on a busy machine is far slower on them (benchmarks/README.md)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # threadpoolctl comes with scikit-learn; without it, run as is

@@ -17,10 +17,10 @@ How a source batch is drawn (`sampling`):
   expectation as weighting the loss, with lower-variance gradients.
 - ``all``: uniformly from all, loss weighted by w (classic importance weighting).
 
-``selected`` was chosen on target-*validation* accuracy of a development seed (100) with a
-larger validation split, never on test and never on the benchmark's seeds: mixed-source
-joint+discriminator 0.840 (selected) vs 0.813 (weighted) vs 0.810 (all); default 0.797 vs
-0.790.
+``selected`` is the default because it scored best on target-*validation* accuracy of a
+development seed (100) with a larger validation split, never on test and never on the
+benchmark's seeds, on both scenarios (the numbers: benchmarks/README.md, "Numbers behind
+design choices").
 
 Everything runs through the one loop, `tlpipe.train.loop.fit`: `JointBatches` is the batches
 object and `joint_loss` the loss. The source head is removed before the model is saved.
