@@ -25,7 +25,7 @@ run: $(STAMP) data
 ## test: lint + the default test suite (< 10 min on 2 cores)
 # One torch/OpenMP thread per process: the tests start many small training processes (DVC
 # stages, DataLoader workers) on a few cores, where a second thread each makes a tiny CNN step
-# ~40x slower (measured on 2 shared cores). Results agree up to float rounding.
+# far slower (benchmarks/README.md). Results agree up to float rounding.
 TEST_ENV := OMP_NUM_THREADS=1
 
 test: $(STAMP)
