@@ -114,9 +114,25 @@ def test_refinement_finds_the_source_domain_axis_at_any_share(fraction: float) -
     assert _precision(m.weights, shifted) > 0.97
     assert m.diagnostics["refined_high_share"] == pytest.approx(fraction, abs=0.05)
     assert 1 <= m.diagnostics["refine_rounds"] <= Params().discriminator.refine
+    assert m.diagnostics["refined"] == 1.0
     plain = DiscriminatorSettings(refine=0)
     w = matchers.DiscriminatorMatcher(Params(discriminator=plain)).fit(x, t, y).weights
     assert _precision(w, shifted) < _precision(m.weights, shifted)
+
+
+def test_a_split_that_never_settles_keeps_the_plain_direction() -> None:
+    rng = np.random.default_rng(0)
+    blob = rng.standard_normal((3000, 8))  # one domain: no split along any axis is stable
+    assert ratio.refine_axis(blob, np.r_[rng.standard_normal(8), 0.0], 1)[0] is None
+    two = blob + 8.0 * (np.arange(3000) % 2 == 0)[:, None]  # two domains: settles
+    axis, rounds, share = ratio.refine_axis(two, np.r_[np.ones(8), 0.0], 30)
+    assert axis is not None and rounds <= 3 and share == 0.5
+    x, y, _ = shifted_source(fraction=0.0)  # the matcher then keeps the plain direction
+    one_round, plain = (Params(discriminator=DiscriminatorSettings(refine=r)) for r in (1, 0))
+    m = matchers.DiscriminatorMatcher(one_round).fit(x, target_like(), y)
+    assert m.diagnostics["refined"] == 0.0
+    w = matchers.DiscriminatorMatcher(plain).fit(x, target_like(), y).weights
+    np.testing.assert_array_equal(m.weights, w)
 
 
 def test_same_distribution_gives_near_uniform_weights() -> None:

@@ -125,7 +125,8 @@ class DiscriminatorMatcher:
     direction within the source on the source's own two-group split along it (self-training,
     thousands of samples), and the odds are then Platt-calibrated, target vs source, along
     that axis: still p_t/p_s, in one dimension, and flat when the target does not lean to
-    either side.
+    either side. A split that never settles (no two domains in the source) keeps the plain
+    direction.
     """
 
     def __init__(
@@ -155,11 +156,12 @@ class DiscriminatorMatcher:
             self.C, oof = ratio.choose_c(x, d, ratio.stratified_folds(d, folds, rng), settings.C)
             self.slope, self.bias = ratio.platt(oof, d)
         self.beta = ratio.logistic(x, d, self.C)
-        rounds = share = 0
+        rounds, share, axis = 0, 0.0, None
         if self.refine and len(t) > 1:  # the source's own axis, calibrated on the target
-            source_x = x[: len(idx)]
-            self.beta, rounds, share = ratio.refine_axis(source_x, self.beta, self.refine)
-            self.slope, self.bias = ratio.platt(x @ self.beta[:-1], d)
+            axis, rounds, share = ratio.refine_axis(x[: len(idx)], self.beta, self.refine)
+        if axis is not None:  # else no settled two-domain split: keep the plain direction
+            self.beta = axis
+            self.slope, self.bias = ratio.platt(x @ axis[:-1], d)
         log_ratio = self._log_ratio(self.features(source))
         self.norm = ratio.Normaliser(p.clip).fit(log_ratio)
         self.weights = ratio.mean_one(self.norm(log_ratio))
@@ -169,6 +171,7 @@ class DiscriminatorMatcher:
             "fit_source": float(len(idx)),
             "refine_rounds": float(rounds),
             "refined_high_share": share,
+            "refined": float(axis is not None),
         }
         self.diagnostics |= ratio.domain_scores(oof, d)
         return self

@@ -197,7 +197,9 @@ def choose_c(x, d, folds, fixed: float | None) -> tuple[float, np.ndarray]:
 REFINE_C = 0.1  # the within-source classifier's inverse L2 strength (refine_axis)
 
 
-def refine_axis(x: np.ndarray, beta: np.ndarray, rounds: int) -> tuple[np.ndarray, int, float]:
+def refine_axis(
+    x: np.ndarray, beta: np.ndarray, rounds: int
+) -> tuple[np.ndarray | None, int, float]:
     """Turn a target-vs-source direction into the source's own domain axis (self-training).
 
     A mixed source is two clusters along the domain shift, but with a few dozen target images
@@ -206,18 +208,20 @@ def refine_axis(x: np.ndarray, beta: np.ndarray, rounds: int) -> tuple[np.ndarra
     largest gap in between-group variance, no fraction assumed), a class-balanced logistic
     regression learns that split from the source itself (thousands of samples, not 50), and
     the split is redrawn along the new direction until it stops moving. Returns the direction
-    (bias 0), the rounds run, and the share of the source on the high side.
+    (bias 0), the rounds run, and the share of the source on the high side; the direction is
+    None when the split still moves after `rounds` (a source without two domains: the
+    default scenario wandered for 30 rounds where mixed sources settled in 3-11).
     """
     label = two_means(x @ beta[:-1])
-    done = 0
-    while done < rounds and label.any() and not label.all():
-        done += 1
+    for done in range(1, rounds + 1):
+        if label.all() or not label.any():
+            return None, done - 1, float(label.mean())
         beta = logistic(x, label, REFINE_C, beta)
         new = two_means(x @ beta[:-1])
         if np.array_equal(new, label):
-            break
+            return np.r_[beta[:-1], 0.0], done, float(label.mean())
         label = new
-    return np.r_[beta[:-1], 0.0], done, float(label.mean())
+    return None, rounds, float(label.mean())
 
 
 def two_means(score: np.ndarray) -> np.ndarray:
