@@ -43,7 +43,8 @@ def _step(step: str, resolved: Any, track: bool, **inputs: Any) -> Any:
 
     with _stopped_by_signal():
         result = runner.run_step(step, resolved, track=track, **inputs)
-    typer.echo(result.summary, err=True)
+    if runner.is_main():  # under torchrun the other ranks wrote nothing worth a line
+        typer.echo(result.summary, err=True)
     return result
 
 

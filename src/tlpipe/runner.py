@@ -13,7 +13,10 @@ and owns the failures around the step, in one place:
 - the tracking server dies or hangs → the watchdog stops the step within one deadline, in one
   line, and nothing more waits on the server (`tracking.Watchdog`);
 - resume files are deleted only after the run is safely closed, so a step that any of the
-  above stopped continues from its last epoch when run again.
+  above stopped continues from its last epoch when run again;
+- under torchrun (`tlpipe.train.distributed`) rank 0 alone tracks and writes: the other ranks
+  run the step untracked, with outputs (`out_*`) in a temporary folder that is then removed and
+  no resume files of their own (rank 0's state reaches them through the process group).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def run_step(
     inputs = {**picked, **inputs}
     run = importlib.import_module(f"tlpipe.steps.{step}").run
     name = f"{step}:{cfg.strategy}" if step == "finetune" else step
+    if not is_main():
+        return _replica(run, cfg, inputs)
     with sigterm_raises():
         if not track or os.environ.get(NO_TRACK_ENV):
             result = run(**inputs, cfg=cfg)
@@ -79,6 +84,29 @@ def step_config(
     if step == "check":
         return params["check"], {"model_name": params["register"].model_name}
     return params[step], {}
+
+
+def is_main() -> bool:
+    """False in a non-zero rank of a distributed job (torchrun, a Kubeflow TrainJob)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from tlpipe.train import distributed
+
+    return distributed.is_main()
+
+
+def _replica(run: Any, cfg: Any, inputs: dict[str, Any]) -> StepResult:
+    """A non-zero rank: the step trains its shards, untracked, and what it writes is dropped."""
+    import tempfile
+
+    with sigterm_raises(), tempfile.TemporaryDirectory(prefix="tlpipe-replica-") as tmp:
+        mine = {
+            k: Path(tmp) / k / Path(v).name if k.startswith("out_") else v
+            for k, v in inputs.items()
+        }
+        if "checkpoint_dir" in mine:
+            mine["checkpoint_dir"] = None
+        return run(**mine, cfg=cfg)
 
 
 def _tracked(run: Any, name: str, cfg: Any, tags: dict[str, str], inputs: dict) -> StepResult:

@@ -53,10 +53,12 @@ class Batches(Protocol):
 
 
 def to_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N,C,H,W) → normalised float32 `(x/255 - mean)/std`."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    """uint8 (N,C,H,W) → normalised `(x/255 - mean)/std` in torch's default dtype (float32;
+    float64 where a test sets it, to compare runs below float32's rounding)."""
+    dtype = torch.get_default_dtype()
+    m = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    return (x.to(dtype) / 255.0 - m) / s
 
 
 def augment(x: torch.Tensor, cfg: Augment, seed: int) -> torch.Tensor:
@@ -256,11 +258,18 @@ class ArrayBatches:
         return (self.batch(epoch, step) for step in range(self.steps))
 
 
+Shard = Callable[[Batch], Batch]
+
+
+def _whole(batch: Batch) -> Batch:
+    return batch
+
+
 class _Steps(torch.utils.data.Dataset):
     """Item (epoch, step) = that batch, read and augmented (and normalised) in a worker."""
 
-    def __init__(self, train: Batches, transform: Transform, normalise: bool):
-        self.train, self.transform, self.normalise = train, transform, normalise
+    def __init__(self, train: Batches, transform: Transform, normalise: bool, shard: Shard):
+        self.train, self.transform, self.normalise, self.shard = train, transform, normalise, shard
 
     def __len__(self) -> int:
         return len(self.train)
@@ -268,7 +277,9 @@ class _Steps(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         epoch, step = key
         batch = self.train.batch(epoch, step)
-        x = self.transform.augmented(batch.pop("x"), epoch, step)
+        batch["x"] = self.transform.augmented(batch["x"], epoch, step)
+        batch = self.shard(batch)
+        x = batch.pop("x")
         if self.normalise:
             batch["input"] = self.transform.normalised(x)
         else:  # on a GPU: uint8 over the bus, normalised on the device (4× less traffic)
@@ -295,6 +306,8 @@ class Feed:
     Args:
         max_in_memory_mb: data up to this size (uint8 images) takes the in-memory fast path.
         num_workers: DataLoader worker processes on the streaming path (0: read in-process).
+        shard: this rank's rows of an augmented global batch (`tlpipe.train.distributed.shard`);
+            default all of them (one process).
     """
 
     def __init__(
@@ -304,15 +317,17 @@ class Feed:
         device: torch.device,
         max_in_memory_mb: float,
         num_workers: int = 2,
+        shard: Shard | None = None,
     ):
         self.train, self.transform, self.device = train, transform, device
+        self.shard = shard or _whole
         self.streaming = train.nbytes > max_in_memory_mb * (1 << 20)
         if not self.streaming:
             train.to(device)
             return
         self.sampler = _EpochSteps(len(train))
         self.loader = torch.utils.data.DataLoader(
-            _Steps(train, transform, normalise=device.type == "cpu"),
+            _Steps(train, transform, normalise=device.type == "cpu", shard=self.shard),
             batch_size=None,
             sampler=self.sampler,
             num_workers=num_workers,
@@ -329,8 +344,9 @@ class Feed:
         if not self.streaming:
             for step in range(len(self.train)):
                 batch = self.train.batch(epoch, step)
-                x = self.transform.augmented(batch["x"], epoch, step)
-                batch["input"] = self.transform.normalised(x)
+                batch["x"] = self.transform.augmented(batch["x"], epoch, step)
+                batch = self.shard(batch)
+                batch["input"] = self.transform.normalised(batch["x"])
                 yield batch
             return
         self.sampler.epoch = epoch

@@ -13,6 +13,7 @@ in-memory one.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,8 @@ from tlpipe.data.loader import (
 from tlpipe.data.prepared import chunks, read_rows
 from tlpipe.errors import TlpipeError
 from tlpipe.params import TrainConfig
-from tlpipe.train import resume
+from tlpipe.train import distributed, resume
+from tlpipe.train.distributed import World
 
 __all__ = ["ArrayBatches", "Batch", "TrainConfig", "augment_batch", "fit", "predict", "to_input"]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -108,43 +110,60 @@ def fit(
             data, starting model, settings): then it is stale and training starts over.
         desc: progress-bar label.
     """
-    device = resolve_device(cfg.device)
+    w = distributed.world()
+    device = distributed.setup(resolve_device(cfg.device))  # cuda:LOCAL_RANK under torchrun
     val = cap_validation(val, cfg.val_max_images, cfg.seed)
     torch.manual_seed(cfg.seed)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     transform = Transform(cfg.augment, cfg.seed, tuple(mean), tuple(std))
-    feed = Feed(train, transform, device, cfg.max_in_memory_mb, cfg.num_workers)
-    loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
+    shard = functools.partial(distributed.shard, w=w) if w.active else None
+    feed = Feed(train, transform, device, cfg.max_in_memory_mb, cfg.num_workers, shard)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer, scheduler = _optimizer(groups, cfg, total_steps=cfg.epochs * len(train))
     result, best_state, start = FitResult(), None, 0
     key = f"{cfg!r}|{resume_key}"
-    if checkpoint is not None and checkpoint.exists():
-        start, best_state = resume.restore(
-            checkpoint, model, optimizer, scheduler, result, desc, key
+    state = None  # rank 0 reads the resume file; the other ranks get its state
+    if w.main and checkpoint is not None and checkpoint.exists():
+        state = resume.load(checkpoint, device, desc, key)
+    if w.active:
+        state = distributed.broadcast_state(state)
+    if state is not None:
+        start, best_state = resume.restore(state, model, optimizer, scheduler, result)
+        _say(w, f"{desc}: resuming after epoch {start}/{cfg.epochs} from {checkpoint}")
+    loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
+    step_loss, swapped = _step_loss(model, loss_fn, penalty, device, w)
+    if w.active:
+        print(
+            f"{desc}: {w} trains its shard of each global batch, {len(feed)} steps an epoch",
+            file=sys.stderr,
+            flush=True,
         )
-        if start:
-            print(f"{desc}: resuming after epoch {start}/{cfg.epochs} from {checkpoint}",
-                  file=sys.stderr)  # fmt: skip
     t0 = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        train_loss = _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty,
-                                      f"{desc} {epoch + 1}/{cfg.epochs}")  # fmt: skip
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        if val is not None:
-            row["val_accuracy"] = accuracy(model, *val, mean=mean, std=std)
-        result.history.append(row)
-        if not sys.stderr.isatty():  # pod logs, CI, DVC stages: one line per epoch, no bars
-            scores = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-            print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {scores}", file=sys.stderr, flush=True)
-        if val is None or row["val_accuracy"] >= result.best_val_accuracy or best_state is None:
-            result.best_epoch, result.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
-            best_state = copy.deepcopy(model.state_dict())
-        if checkpoint is not None:
-            resume.save(checkpoint, model, optimizer, scheduler, result, best_state, epoch,
-                         desc, key)  # fmt: skip
+    try:
+        for epoch in range(start, cfg.epochs):
+            label = f"{desc} {epoch + 1}/{cfg.epochs}"
+            loss = _train_one_epoch(model, step_loss, feed, epoch, optimizer, scheduler, label)
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+            if val is not None:
+                row["val_accuracy"] = accuracy(model, *val, mean=mean, std=std, world=w)
+            result.history.append(row)
+            if not sys.stderr.isatty():  # pod logs, CI, DVC stages: one line per epoch, no bars
+                scores = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                _say(w, f"{desc} epoch {epoch + 1}/{cfg.epochs}: {scores}")
+            if val is None or row["val_accuracy"] >= result.best_val_accuracy or best_state is None:
+                result.best_epoch, result.best_val_accuracy = (
+                    epoch + 1,
+                    row.get("val_accuracy", 0.0),
+                )
+                best_state = copy.deepcopy(model.state_dict())
+            if checkpoint is not None and w.main:  # rank 0 alone writes
+                resume.save(
+                    checkpoint, model, optimizer, scheduler, result, best_state, epoch, desc, key
+                )
+    finally:
+        distributed.restore_batchnorm(swapped)
     result.seconds = time.perf_counter() - t0
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -161,7 +180,39 @@ def cap_validation(val, cap: int, seed: int):
     return val[0][rows], val[1][rows]
 
 
-def _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty, desc) -> float:
+def _say(w: World, line: str) -> None:
+    """A progress line on stderr, from rank 0 only."""
+    if w.main:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _step_loss(model, loss_fn, penalty, device, w):
+    """The loss of one (this rank's) batch, as a function whose backward gives the gradient.
+
+    In one process: `loss_fn` (+ `penalty`). Distributed: the same inside DDP, each rank's loss
+    scaled by its share of the global batch, so DDP's average of the ranks' gradients is the
+    one-process gradient; BatchNorm synchronised over the ranks (see `tlpipe.train.distributed`).
+    Returns (the function, the BatchNorm swaps to undo after training).
+    """
+
+    def loss(batch: Batch) -> torch.Tensor:
+        value = loss_fn(model, batch)
+        return value + penalty() if penalty is not None else value
+
+    if not w.active:
+        return loss, []
+    swapped = distributed.sync_batchnorm(model, device)
+
+    def share(batch: Batch) -> torch.Tensor:  # this rank's rows / the global batch's, times W
+        n = torch.tensor([float(len(batch["y"]))], device=device)
+        total = distributed.all_reduce_sum(n.clone())
+        return loss(batch) * (n * w.size / total).squeeze()
+
+    ddp = distributed.data_parallel(model, share, device)
+    return ddp, swapped
+
+
+def _train_one_epoch(model, step_loss, feed, epoch, optimizer, scheduler, desc) -> float:
     from tqdm.auto import tqdm
 
     model.train()
@@ -174,9 +225,7 @@ def _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty,
         if _on_cuda(model):
             batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
         with autocast:
-            loss = loss_fn(model, batch)
-            if penalty is not None:
-                loss = loss + penalty()
+            loss = step_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -185,7 +234,10 @@ def _train_one_epoch(model, feed, epoch, optimizer, scheduler, loss_fn, penalty,
         # 1) NaN/inf check every 50 steps and at the end: a per-step .item() would sync the GPU
         if (step + 1) % 50 == 0 or step + 1 == len(feed):
             _check_finite(total, epoch, step)
-    return total.item() / len(feed)
+    # 2) distributed: each rank's loss is scaled to its share, so the mean over ranks is the
+    # one-process loss of the global batch
+    world_size = distributed.world().size
+    return distributed.all_reduce_sum(total).item() / world_size / len(feed)
 
 
 def _check_finite(total: torch.Tensor, epoch: int, step: int) -> None:
@@ -266,7 +318,16 @@ def embed(model: nn.Module, x: np.ndarray, mean, std, batch_size: int = 512) -> 
     return predict(model, x, mean, std, batch_size, features=True)
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std) -> float:
+def accuracy(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, mean, std, world: World | None = None
+) -> float:
+    """Top-1 accuracy on (x, y); distributed (`world`), each rank scores its slice of the rows."""
     if len(x) == 0:
         return float("nan")
-    return float((predict(model, x, mean, std).argmax(1) == y).mean())
+    if world is None or not world.active:
+        return float((predict(model, x, mean, std).argmax(1) == y).mean())
+    lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
+    correct = int((predict(model, x[lo:hi], mean, std).argmax(1) == y[lo:hi]).sum())
+    device = next(model.parameters()).device
+    total = distributed.all_reduce_sum(torch.tensor(float(correct), device=device))
+    return float(total.item()) / len(x)

@@ -68,20 +68,25 @@ def load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise TlpipeError(f"checkpoint {path} is refused ({why}); delete it to start over") from e
 
 
-def restore(path, model, optimizer, scheduler, result, desc, key):
-    """Load `path` into the model, optimizer, scheduler and `result`; the epoch to start at
-    and the best weights so far ((0, None): not resumable, train from the start)."""
-    state = load_state(path, next(model.parameters()).device)
+def load(path: Path, device: torch.device, desc: str, key: str) -> dict[str, Any] | None:
+    """The state to resume from, or None (not resumable: train from the start; says why)."""
+    state = load_state(path, device)
     if state is None:
         print(f"{path} is not a checked resume file (an older tlpipe's?): not resuming from it, "
               "training from the start", file=sys.stderr)  # fmt: skip
-        return 0, None
+        return None
     if state.get("desc") != desc:
         raise TlpipeError(f"checkpoint {path} belongs to {state.get('desc')!r}, not {desc!r}")
     if state.get("key") != key:
         print(f"{path} was written with other settings, data or starting model: "
               "not resuming from it, training from the start", file=sys.stderr)  # fmt: skip
-        return 0, None
+        return None
+    return state
+
+
+def restore(state, model, optimizer, scheduler, result):
+    """Load a `load`ed state into the model, optimizer, scheduler and `result`; the epoch to
+    start at and the best weights so far."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
