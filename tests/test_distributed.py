@@ -7,11 +7,17 @@ comparison would measure BatchNorm's rounding, not DDP's correctness.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tlpipe.data.prepared import load_manifest, load_split
@@ -86,3 +92,108 @@ def test_two_ranks_train_the_weights_of_one_process(tiny_prepared: Path, tmp_pat
             for got in ranks:
                 np.testing.assert_allclose(got[key], one[kind][key], rtol=0, atol=1e-9, err_msg=key)
         assert np.abs(ranks[0]["head.weight"] - initial).max() > 1e-3  # it did train
+
+
+# ---------------------------------------------------------------------------- torchrun, the CLI
+
+
+def _torchrun(work: Path, *args: str, procs: int = 2, **popen) -> subprocess.Popen:
+    """`torchrun --nproc_per_node=2 tlpipe …` (float64) in `work`; procs=1: no launcher."""
+    (work / "tlpipe64.py").write_text(F64)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    run += [f"--master_port={_free_port()}"]
+    cmd = [*(run if procs == 2 else [sys.executable]), "tlpipe64.py", *args, "-p", "none.yaml"]
+    return subprocess.Popen(
+        cmd,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants at once (torchrun starts each worker in its own
+    session, so its process group is not enough): a node lost mid-epoch."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _ok(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _same(a: Path, b: Path) -> None:
+    wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].double(), wb[k].double(), rtol=0, atol=1e-9), k
+
+
+PRETRAIN = ["--set", "pretrain.train.epochs=6", "--set", "pretrain.train.batch_size=32"]
+FINETUNE = [
+    f"--set=finetune.{section}.{key}={value}"
+    for section, key, value in [
+        ("train", "epochs", 2),
+        ("probe", "epochs", 1),
+        ("train", "steps_per_epoch", 3),
+        ("probe", "steps_per_epoch", 3),
+    ]
+]
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_and_finetune_match_one_process_and_resume_after_a_kill(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    prep = ["--prepared", str(tiny_prepared)]
+    one = ["pretrain", *prep, "--out", "one/source.pt", "--no-track", *PRETRAIN]
+    _ok(_torchrun(tmp_path, *one, procs=1))
+
+    # 2 processes, killed (SIGKILL, the whole group) once the first epoch's resume file exists
+    two = ["pretrain", *prep, "--out", "two/source.pt", "--checkpoints", "two/ck", "--no-track"]
+    proc = _torchrun(tmp_path, *two, *PRETRAIN)
+    resume_file = tmp_path / "two/ck/pretrain.resume.pt"
+    deadline = time.monotonic() + 300
+    while not resume_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _kill_tree(proc.pid)
+    killed, _ = proc.communicate()
+    assert resume_file.exists() and not (tmp_path / "two/source.pt").exists(), killed[-3000:]
+    out = _ok(_torchrun(tmp_path, *two, *PRETRAIN))
+    assert "pretrain: resuming after epoch" in out
+    assert "rank 0/2 trains" in out and "rank 1/2 trains" in out
+    _same(tmp_path / "one/source.pt", tmp_path / "two/source.pt")
+    # rank 0 alone wrote: the model, its resume file removed; nothing of rank 1's anywhere
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    one_process = ["checkpoints", "checkpoints/pretrain", "one", "one/source.pt", "tlpipe64.py"]
+    assert written == [*one_process, "two", "two/ck", "two/source.pt"]
+    assert out.count("wrote two/source.pt") == 1 and "tlpipe-replica" not in out
+
+    # a fine-tune (lp_ft: a frozen-BatchNorm phase, then all layers), tracked by rank 0 alone
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    ft = ["finetune", *prep, "--strategy", "lp_ft", "--source", "one/source.pt", *FINETUNE]
+    _ok(_torchrun(tmp_path, *ft, "--out", "ft1.pt", "--no-track", procs=1))
+    _ok(_torchrun(tmp_path, *ft, "--out", "ft2.pt", env=env))
+    _same(tmp_path / "ft1.pt", tmp_path / "ft2.pt")
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.run_name for r in runs] == ["finetune:lp_ft"]

@@ -127,3 +127,16 @@ def _get(client: Any, bucket: str, key: str, size: int, target: Path, start: flo
     got = target.stat().st_size
     if got != size:
         raise TlpipeError(f"s3://{bucket}/{key}: got {got} bytes of {size}: incomplete download")
+
+
+def upload(source: Path, url: str, timeout: float = 60) -> None:
+    """Upload a file to the object `url`, or a folder's files under the prefix `url`."""
+    bucket, key = _parse(url)
+    client, source = _client(timeout), Path(source)
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    with _errors(url):
+        for path in files:
+            name = key if path == source else f"{_prefix(key)}{path.relative_to(source).as_posix()}"
+            client.upload_file(str(path), bucket, name)
+    if not files:
+        raise TlpipeError(f"{source}: nothing to upload")

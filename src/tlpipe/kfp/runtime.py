@@ -331,7 +331,11 @@ def _run(
     paths = {name: _path(value) for name, value in inputs.items()}
     if dataset_sha256:
         check_dataset(paths["prepared_dir"], dataset_sha256)
-    result = runner.run_step(step, params, strategy=strategy, **paths)
+    cfg, _ = runner.step_config(step, params, strategy)
+    if getattr(getattr(cfg, "workers", None), "nodes", 1) > 1:
+        result = _trainjob(step, cfg, paths)  # the nodes train, track and upload
+    else:
+        result = runner.run_step(step, params, strategy=strategy, **paths)
     if metrics is not None:
         log_metrics(metrics, result.metrics)
     if report is not None:
@@ -341,6 +345,18 @@ def _run(
         trained = strategy or "source"  # pretrain's model is the source model
         inputs["out_model"].metadata.update({"framework": "pytorch", "strategy": trained})
     return result
+
+
+def _trainjob(step: str, cfg: Any, paths: dict[str, Any]) -> Any:
+    """Run the training step as a Kubeflow Trainer TrainJob (`tlpipe.kfp.trainjob`)."""
+    from tlpipe.kfp import trainjob
+    from tlpipe.params.fields import to_dict
+    from tlpipe.steps import StepResult
+
+    params = json.dumps(to_dict(cfg), sort_keys=True)
+    done = trainjob.submit(step, params, cfg.workers, **paths)
+    metrics = {**done["metrics"], "workers.world_size": done["world_size"]}
+    return StepResult(metrics=metrics, summary=f"TrainJob {done['job']}: {done['summary']}")
 
 
 def _path(value: Any) -> Any:

@@ -39,6 +39,7 @@ from tlpipe.params.learning import (
     PretrainConfig,
     RandomResizedCrop,
     TrainConfig,
+    Workers,
     check_source_strategies,
     check_strategies,
 )
@@ -52,6 +53,7 @@ from tlpipe.params.outputs import (
 from tlpipe.params.resolver import SECTIONS, Resolved, resolve
 
 __all__ = [
+    "Workers",
     "CALIBRATION_SPLITS",
     "CHECK_FINDINGS",
     "DATA_FORMATS",

@@ -153,6 +153,29 @@ def _few_shot(**changes: Any) -> TrainConfig:
 
 
 @dataclass(frozen=True)
+class Workers:
+    """`pretrain.workers` / `finetune.workers`: where the Kubeflow DAG's training task trains.
+
+    Attributes:
+        nodes: 1 (the default): in the task's own pod. More: the task submits a Kubeflow Trainer
+            TrainJob of this many nodes through the Kubeflow SDK and waits for it; the nodes
+            train data-parallel (DDP, `tlpipe.train.distributed`) with the same global batch.
+        procs_per_node: Processes per node (torchrun's --nproc_per_node): its GPUs.
+        runtime: The TrainingRuntime the job runs on (k8s/components/trainer: ``tlpipe``).
+        timeout_s: How long the task waits for the job before failing.
+    """
+
+    nodes: int = 1
+    procs_per_node: int = 1
+    runtime: str = "tlpipe"
+    timeout_s: int = 24 * 3600
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.procs_per_node < 1 or self.timeout_s < 1:
+            raise ValueError("workers.nodes, procs_per_node and timeout_s must be ≥ 1")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """`pretrain:`, the source model.
 
@@ -168,6 +191,7 @@ class PretrainConfig:
             Required when the scenario has no source dataset (`fetch.source: null`): pretrain
             then trains nothing and writes the backbone as the source model.
         train: The optimisation settings.
+        workers: Where the Kubeflow DAG trains it (one pod, or a TrainJob of several nodes).
     """
 
     model: str = "small_cnn"
@@ -175,6 +199,7 @@ class PretrainConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=4, batch_size=128, lr=0.1, augment=True)
     )
+    workers: Workers = field(default_factory=Workers)
 
 
 # ---------------------------------------------------------------------------- match
@@ -351,6 +376,7 @@ class FinetuneConfig:
             random init (`tlpipe.steps.finetune.transferability`). Opt-in: it saves the
             strategy's whole training budget when pretraining evidently does not transfer.
         per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``.
+        workers: Where the Kubeflow DAG trains each strategy (`Workers`).
     """
 
     strategy: str = "lp_ft"
@@ -372,6 +398,7 @@ class FinetuneConfig:
     per_strategy: dict[str, Any] = field(
         default_factory=lambda: {"scratch": {"train": {"lr": 0.05}}}
     )
+    workers: Workers = field(default_factory=Workers)
 
     def __post_init__(self) -> None:
         check_strategies([self.strategy, *self.per_strategy])

@@ -1,0 +1,97 @@
+"""The Kubeflow Trainer runtime (k8s/components/trainer) against the Trainer CRD's schema, and
+its pod settings against the compiled pipeline's GPU task (no cluster needed).
+
+tests/data/trainer.kubeflow.org_trainingruntimes.v1alpha1.schema.json is the openAPIV3Schema
+of CRD trainingruntimes.trainer.kubeflow.org (v1alpha1) from kubeflow/trainer tag v2.3.0,
+manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from test_k8s import render
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(__file__).parent / "data/trainer.kubeflow.org_trainingruntimes.v1alpha1.schema.json"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> list[dict]:
+    """The gpu overlay with the trainer component, as docs/kubeflow.md adds it."""
+    work = tmp_path_factory.mktemp("trainer")
+    image = {"name": "tlpipe", "newName": "registry.example.com/tlpipe/tlpipe", "newTag": "0.1.0"}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "tlpipe",  # as the overlays set it
+        "resources": [os.path.relpath(ROOT / "k8s/overlays/gpu", work)],
+        "components": [os.path.relpath(ROOT / "k8s/components/trainer", work)],
+        "images": [image],
+    }
+    (work / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(work)
+
+
+def _runtime(docs: list[dict]) -> dict:
+    (runtime,) = [d for d in docs if d["kind"] == "TrainingRuntime"]
+    return runtime
+
+
+def test_runtime_matches_the_trainer_crd_schema(rendered) -> None:
+    runtime = _runtime(rendered)
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validate(runtime, schema)
+    assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert runtime["metadata"]["namespace"] == "tlpipe"
+    broken = json.loads(json.dumps(runtime))
+    broken["spec"]["mlPolicy"]["numNodes"] = "two"
+    with pytest.raises(jsonschema.ValidationError):  # the schema does check
+        jsonschema.validate(broken, schema)
+
+
+def test_runtime_pods_get_the_single_pod_gpu_task_settings(rendered) -> None:
+    """Node selector, toleration, /dev/shm, secrets, identity: as the compiled pretrain task."""
+    pod = _runtime(rendered)["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+    pod = pod["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    assert node["image"] == "registry.example.com/tlpipe/tlpipe:0.1.0"
+    compiled = list(yaml.safe_load_all((ROOT / "src/tlpipe/kfp/transfer_learning.yaml").open()))
+    executors = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task in ("exec-pretrain", "exec-finetune"):
+        want = executors[task]
+        assert pod["nodeSelector"] == want["nodeSelector"]["labels"]
+        assert pod["tolerations"] == want["tolerations"]
+        (shm,) = want["emptyDirMounts"]
+        empty_dir = {"medium": shm["medium"], "sizeLimit": shm["sizeLimit"]}
+        assert {"name": shm["volumeName"], "emptyDir": empty_dir} in pod["volumes"]
+        assert {"name": shm["volumeName"], "mountPath": shm["mountPath"]} in node["volumeMounts"]
+        ctx = want["securityContext"]
+        assert str(pod["securityContext"]["runAsUser"]) == ctx["runAsUser"]
+        assert str(pod["securityContext"]["runAsGroup"]) == ctx["runAsGroup"]
+        assert pod["securityContext"]["runAsNonRoot"] is ctx["runAsNonRoot"] is True
+        env = {e["name"]: e["valueFrom"] for e in node["env"]}
+        for secret in want["secretAsEnv"]:
+            for key in secret["keyToEnv"]:
+                ref = env[key["envVar"]]["secretKeyRef"]
+                assert (ref["name"], ref["key"]) == (secret["secretName"], key["secretKey"])
+    assert node["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert node["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_pipeline_pods_may_submit_and_watch_trainjobs(rendered) -> None:
+    (role,) = [
+        d for d in rendered if d["kind"] == "Role" and d["metadata"]["name"].endswith("trainjobs")
+    ]
+    verbs = {r: set(rule["verbs"]) for rule in role["rules"] for r in rule["resources"]}
+    assert {"create", "get", "delete"} <= verbs["trainjobs"]
+    assert "get" in verbs["trainingruntimes"] and "get" in verbs["pods/log"]
+    bindings = [d for d in rendered if d["kind"] == "RoleBinding"]
+    (binding,) = [d for d in bindings if d["roleRef"]["name"] == role["metadata"]["name"]]
+    base = [d for d in bindings if d is not binding]
+    assert binding["subjects"] == base[0]["subjects"]  # the same pipeline identities
