@@ -43,10 +43,25 @@ def _runtime(docs: list[dict]) -> dict:
     return runtime
 
 
+def _strict(schema: dict) -> dict:
+    """The schema with unknown fields refused (Kubernetes would silently prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
 def test_runtime_matches_the_trainer_crd_schema(rendered) -> None:
     runtime = _runtime(rendered)
-    schema = json.loads(SCHEMA.read_text())
+    schema = _strict(json.loads(SCHEMA.read_text()))
     jsonschema.validate(runtime, schema)
+    unknown = json.loads(json.dumps(runtime))
+    unknown["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = 1  # a TrainJob field in v2.3
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(unknown, schema)
     assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
     assert runtime["metadata"]["namespace"] == "tlpipe"
     broken = json.loads(json.dumps(runtime))
