@@ -154,12 +154,13 @@ def node(spec_json: str) -> None:
     """One process of the TrainJob: download the inputs, run the step, rank 0 uploads."""
     from tlpipe import runner
     from tlpipe.data import s3
-    from tlpipe.kfp.runtime import config_for
+    from tlpipe.params import SECTIONS
+    from tlpipe.params.fields import build
     from tlpipe.train import distributed
 
     _endpoint_from_mlflow()
     spec = json.loads(spec_json)
-    cfg = config_for(spec["step"], spec["params_json"], spec["strategy"])
+    cfg = build(SECTIONS[spec["step"]], json.loads(spec["params_json"]), where=f"{spec['step']}.")
     with tempfile.TemporaryDirectory(prefix="tlpipe-node-") as tmp:
         inputs: dict[str, Any] = {}
         for name, is_dir in spec["inputs"].items():
