@@ -8,7 +8,7 @@
 --precision-only: mixed-source and shifts no preset names (`SHIFTS`: blur + noise, rotation
 by 90° and 30°, low contrast; half of the source shifted like the target, the presets'
 defaults otherwise), each seed prepared, pretrained and embedded; every matcher's selection
-precision per seed. No fine-tuning (~5 min a seed on the 2-core box; `make bench-matching`).
+precision per seed. No fine-tuning (`make bench-matching`; timings in benchmarks/README.md).
 
 For each scenario (params.yaml = default, scenarios/mixed-source.yaml) and seed (the
 prepare seed, the pretrain seed and the fine-tune seed): prepare, pretrain, embed once, weight

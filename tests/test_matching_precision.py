@@ -4,12 +4,10 @@ embeddings were tested).
 
 Fashion-MNIST classes 0-4 as source (300 images each, half inverted like the target), 5-9 as
 target (50 images for matching), small_cnn pretrained for 2 epochs: seconds per seed on a quiet
-machine. The floor comes from measured runs at exactly this setting (2026-12-04, see
-benchmarks/README.md, "Sample matching precision"): seeds 0-4 gave 0.968, 0.972, 0.983, 0.982,
-0.938 with the refined discriminator (mean 0.969, sd 0.018), and 0.901, 0.881, 0.928, 0.937 on
-main 2152335 (seeds 0-3, the plain discriminator). The floor, 0.93 for the mean of seeds 0 and
-1, is the refined mean less two standard deviations; 2152335 gives 0.891 there.
-The full-size benchmark (14 250 source images, seeds 0-2, four shifts) is the slow test below.
+machine. The floor is derived from measured runs at exactly this setting (the refined
+discriminator's mean over seeds 0-4 less two standard deviations; main 2152335 falls below it):
+the numbers are in benchmarks/README.md, "Sample matching precision (issue 22)".
+The full-size benchmark (14 250 source images, seeds 0-2, the shifts) is the slow test below.
 """
 
 from __future__ import annotations

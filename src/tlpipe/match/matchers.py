@@ -120,13 +120,13 @@ class DiscriminatorMatcher:
     discriminator with no real signal gets a flat calibration slope, hence uniform weights.
 
     Refinement (`discriminator.refine` rounds, default on): a few dozen target images of other
-    classes give a direction that mixes the domain shift with the target classes' content, and
-    which 50 images are drawn moves the ranking by ±5 points. `ratio.refine_axis` re-fits the
-    direction within the source on the source's own two-group split along it (self-training,
-    thousands of samples), and the odds are then Platt-calibrated, target vs source, along
-    that axis: still p_t/p_s, in one dimension, and flat when the target does not lean to
-    either side. A split that never settles (no two domains in the source) keeps the plain
-    direction.
+    classes give a direction that mixes the domain shift with the target classes' content, so
+    which 50 images are drawn moves the ranking (benchmarks/README.md). `ratio.refine_axis`
+    re-fits the direction within the source on the source's own two-group split along it
+    (self-training, thousands of samples), and the odds are then Platt-calibrated, target vs
+    source, along that axis: still p_t/p_s, in one dimension, and flat when the target does
+    not lean to either side. A split that never settles (no two domains in the source) keeps
+    the plain direction.
     """
 
     def __init__(

@@ -209,8 +209,8 @@ def refine_axis(
     regression learns that split from the source itself (thousands of samples, not 50), and
     the split is redrawn along the new direction until it stops moving. Returns the direction
     (bias 0), the rounds run, and the share of the source on the high side; the direction is
-    None when the split still moves after `rounds` (a source without two domains: the
-    default scenario wandered for 30 rounds where mixed sources settled in 3-11).
+    None when the split still moves after `rounds` (a source without two domains, as in the
+    default scenario; benchmarks/README.md).
     """
     label = two_means(x @ beta[:-1])
     for done in range(1, rounds + 1):
