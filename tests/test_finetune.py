@@ -203,7 +203,10 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
     report = read_json(res.metrics_path)
     scores = {n: (report["models"][n]["val_accuracy"], -report["models"][n]["val_loss"])
               for n in ("linear_probe", "full")}  # fmt: skip
-    assert report["selected"] == max(scores, key=scores.get)
+    best = max(scores, key=scores.get)
+    # the best transfer ships only when its paired interval against scratch excludes 0
+    assert report["selected"] == (best if report["transfer_helped"] else "scratch")
+    assert report["paired"]["model"] == best
     assert set(report["gain_over_scratch"]) == {"linear_probe", "full"}
     for f in ("plots/confusion_full.png", "plots/curves.csv", "plots/predictions.csv",
               "selected.txt"):  # fmt: skip
@@ -238,7 +241,8 @@ def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
     report = read_json(result.metrics_path)
     a, b = (report["models"][n] for n in names)
     assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] != b["val_loss"]
-    assert report["selected"] == min(names, key=lambda n: report["models"][n]["val_loss"])
+    # the better of the two is the one compared with scratch (and ships if it helps)
+    assert report["paired"]["model"] == min(names, key=lambda n: report["models"][n]["val_loss"])
 
 
 def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tmp_path) -> None:
@@ -371,7 +375,7 @@ def test_cross_validated_selection_says_helped_only_when_the_interval_excludes_0
     res = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
     report = read_json(res.metrics_path)
     assert report["verdict"].startswith(verdict), report["verdict"]
-    assert report["selected"] == ("full" if full_right > scratch_right else "scratch")
+    assert report["selected"] == ("full" if verdict.startswith("transfer helped") else "scratch")
     assert report["transfer_helped"] is (verdict.startswith("transfer helped"))
     assert report["tie"] is verdict.startswith("tie")
     lo, hi = report["paired"]["ci95_points"]

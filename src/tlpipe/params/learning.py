@@ -336,12 +336,15 @@ class SelectionConfig:
         min_val: Cross-validate when target_val has fewer images than this; 0 = never.
         folds: k (≥ 2).
         epoch_fraction: Share of each phase's epochs a CV fit trains (at least one epoch).
+            1 (the default): every CV fit gets the strategy's own budget. Shorter fits were
+            measured to mis-rank (benchmarks/README.md, "Selection regret"): a linear probe
+            converges in a few epochs, scratch does not, so short CV favours the probe.
         seed: Fold assignment; the same for every strategy, so comparisons are paired.
     """
 
     min_val: int = 100
     folds: int = 3
-    epoch_fraction: float = 0.34
+    epoch_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:

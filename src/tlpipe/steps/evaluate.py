@@ -126,8 +126,9 @@ def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str,
     target validation. The highest accuracy on it ships; a tie goes to the lower validation
     loss, never to a name. The baseline is a candidate like any strategy. "Transfer helped" is
     said only when the paired 95 % bootstrap interval of (best strategy − baseline) excludes 0;
-    when it includes 0 the verdict is "tie" and the rule is unchanged: the higher accuracy
-    ships (the best estimate we have), with the baseline on an exact tie of both keys.
+    when it includes 0 the verdict is "tie" and the baseline ships: a transfer ships only when
+    it demonstrably helps. (Shipping the higher point estimate on a tie was measured to ship
+    more models below scratch: benchmarks/README.md, "Selection regret".)
     """
     correct = evidence["correct"]
     score = {
@@ -158,12 +159,14 @@ def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str,
     on, ci = evidence["on"], f"{mean:+.1f} pt, 95% CI {lo:+.1f} … {hi:+.1f}"
     helped = selected != baseline and lo > 0
     tie = selected != baseline and not helped
+    if tie:
+        selected = baseline
     if helped:
         verdict = f"transfer helped: {best} beats {baseline} ({ci}) on {on}"
     elif tie:
         verdict = (
-            f"tie: {best} vs {baseline} {ci} on {on}: the interval includes 0; "
-            f"{best} ships (rule: the higher accuracy there)"
+            f"tie: {best} vs {baseline} {ci} on {on}: the interval includes 0, so "
+            f"{baseline} ships (rule: transfer ships only when the interval excludes 0)"
         )
     else:
         verdict = (
