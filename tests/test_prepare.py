@@ -291,8 +291,8 @@ def test_conform_images() -> None:
     [({"op": "sepia"}, "unknown shift op 'sepia'"),
      ({"op": "rotate"}, "rotate needs degrees"),
      ({"op": "invert", "degrees": 3}, "invert takes no degrees"),
-     ({"op": "gaussian_blur", "sigma": 0}, "sigma must be > 0"),
-     ({"op": "contrast", "factor": -1}, "factor must be a finite number >= 0"),
+     ({"op": "gaussian_blur", "sigma": 0}, "sigma = 0.0 is out of range: it must be > 0"),
+     ({"op": "contrast", "factor": -1}, "factor = -1.0 is out of range: it must be >= 0"),
      ({"op": "noise", "std": 0.1, "factor": 2}, "noise takes no factor")],
 )  # fmt: skip
 def test_shift_op_validation(op: dict, match: str) -> None:

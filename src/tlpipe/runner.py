@@ -119,7 +119,8 @@ def _tracked(run: Any, name: str, cfg: Any, tags: dict[str, str], inputs: dict) 
             result = run(**inputs, cfg=cfg)
             t.log_result(result)
     except MlflowException as e:  # the server answered, with an error: say so in one line
-        message = str(e).strip().splitlines()[0][:300]
+        message = " ".join(str(e).split())  # one line, whole (up to a screenful)
+        message = message if len(message) <= 2000 else message[:2000] + "…"
         raise TlpipeError(
             f"MLflow at {tracking.tracking_uri()} failed in `{name}`: {message}"
         ) from e

@@ -9,8 +9,10 @@
 
 Any PIL-readable image of any size and mode is decoded once, to `channels` and `input_size`,
 into an on-disk array; its content key is a hash of the file's bytes. Refused: symlinks that
-lead out of the dataset folder (`check_inside`), images over a pixel limit (from the header,
-before decoding), paths in a manifest that leave its folder.
+lead out of the dataset folder (`check_inside`), image files over a size limit (before they are
+read) or a pixel limit (from the header, before decoding), paths in a manifest that leave its
+folder, and a manifest that lists one path twice (refused, not merged: which label is right
+is the user's call).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,7 +37,7 @@ from tlpipe.errors import TlpipeError
 
 
 def content_key(data: bytes | memoryview) -> bytes:
-    """The key an image is split by: 32 hex digits of a hash of its bytes."""
+    """The key an image is split by: 32 hex digits of a hash of its bytes (as `_decode`)."""
     return hashlib.blake2b(data, digest_size=16).hexdigest().encode()
 
 
@@ -46,6 +49,7 @@ def read_imagefolder(
     channels: int | None = None,
     input_size: int | None = None,
     max_pixels: int | None = None,
+    max_image_bytes: int | None = None,
     **_: Any,
 ) -> RawDataset:
     """Read ``<class>/*``, or ``train/<class>/*`` and ``test/<class>/*``: any PIL-readable image.
@@ -63,17 +67,21 @@ def read_imagefolder(
     if train_dir != raw_dir and (raw_dir / "test").is_dir():
         items += _list_images(raw_dir, raw_dir / "test", classes, required=False)
     test = np.arange(len(items)) >= n_train
-    return _image_dataset(items, test, classes, channels, input_size, max_pixels, raw_dir)
+    return _image_dataset(
+        items, test, classes, channels, input_size, max_pixels, max_image_bytes, raw_dir
+    )
 
 
 def _image_dataset(
     items: list[tuple[str, int]], test: np.ndarray, classes: tuple[str, ...],
-    channels: int | None, size: int | None, max_pixels: int | None, raw_dir: Path,
+    channels: int | None, size: int | None, max_pixels: int | None, max_bytes: int | None,
+    raw_dir: Path,
 ) -> RawDataset:  # fmt: skip
     if size is None:
         raise TlpipeError("set prepare.input_size for image files (images differ in size)")
-    x, keys, sizes = _load_images([path for path, _ in items], channels or 3, size, max_pixels,
-                                  raw_dir)  # fmt: skip
+    x, keys, sizes = _load_images(
+        [path for path, _ in items], channels or 3, size, max_pixels, max_bytes, raw_dir
+    )
     y = np.asarray([label for _, label in items], np.int64)
     return RawDataset(x, y, test, keys, sizes, classes)
 
@@ -115,7 +123,12 @@ def _list_images(
 
 
 def _load_images(
-    paths: list[str], channels: int, size: int, max_pixels: int | None, raw_dir: Path
+    paths: list[str],
+    channels: int,
+    size: int,
+    max_pixels: int | None,
+    max_bytes: int | None,
+    raw_dir: Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode `paths` into one uint8 array on disk (memory-mapped), written chunk by chunk.
 
@@ -123,7 +136,8 @@ def _load_images(
     (width, height). The decoded images go to a temporary .npy file under ``$TMPDIR`` whose
     name is removed as soon as it is mapped (the mapping keeps the data until the array is
     freed, and a killed prepare leaves nothing behind), so reading a folder larger than RAM
-    keeps memory flat. A progress bar on a terminal, else one summary line.
+    keeps memory flat. A progress bar on a terminal, else one summary line on stdout (stderr
+    is for errors: a refused file is its one line there).
     """
     from tqdm import tqdm
 
@@ -141,7 +155,9 @@ def _load_images(
         with ArrayWriter(path, (len(paths), channels, size, size), np.uint8) as out:
             bar = tqdm(paths, desc=f"reading {raw_dir}", unit=" images", disable=not tty)
             for i, image in enumerate(bar):
-                buf[i % rows], keys[i], sizes[i] = _decode(image, channels, size, max_pixels)
+                buf[i % rows], keys[i], sizes[i] = _decode(
+                    image, channels, size, max_pixels, max_bytes
+                )
                 if i % rows == rows - 1 or i == len(paths) - 1:
                     out.write(buf[: i % rows + 1])
         x = open_array(path)
@@ -150,20 +166,34 @@ def _load_images(
     if not tty and paths:  # CI, pod logs, DVC stages: one line instead of a bar
         seconds = max(time.perf_counter() - start, 1e-9)
         print(f"read {len(paths)} images from {raw_dir} in {seconds:.1f} s "
-              f"({len(paths) / seconds:.0f} images/s)", file=sys.stderr, flush=True)  # fmt: skip
+              f"({len(paths) / seconds:.0f} images/s)", flush=True)  # fmt: skip
     return x, keys, sizes
 
 
 def _decode(
-    path: str, channels: int, size: int, max_pixels: int | None
+    path: str, channels: int, size: int, max_pixels: int | None, max_bytes: int | None
 ) -> tuple[np.ndarray, bytes, tuple[int, int]]:
-    """One image file → (pixels, content key, stored (width, height)); the file is read once."""
+    """One image file → (pixels, content key, stored (width, height)).
+
+    The file's size is checked before a byte is read; it is hashed in blocks and decoded from
+    the open file, so a huge file never sits in memory whole.
+    """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            n_bytes = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and n_bytes > max_bytes:
+                raise TlpipeError(
+                    f"{path}: {n_bytes:,} bytes is over prepare.max_image_bytes = {max_bytes:,} "
+                    "(not an image, or one to shrink): remove it or raise the limit"
+                )
+            h = hashlib.blake2b(digest_size=16)
+            while block := f.read(1 << 20):
+                h.update(block)
+            f.seek(0)
+            pixels, stored = load_image(f, channels, size, max_pixels, name=path)
     except OSError as e:
         raise TlpipeError(f"{path}: cannot read ({e})") from e
-    pixels, stored = load_image(io.BytesIO(data), channels, size, max_pixels, name=path)
-    return pixels, content_key(data), stored
+    return pixels, h.hexdigest().encode(), stored
 
 
 def _visible(path: Path) -> bool:
@@ -214,8 +244,12 @@ def load_image(
     except Image.DecompressionBombError as e:
         raise TlpipeError(f"{name}: refused, too many pixels to decode safely ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise TlpipeError(f"{name}: not a readable image ({e}); remove or replace it") from e
+        why = _FILE_OBJECT.sub("", " ".join(str(e).split())) or type(e).__name__
+        raise TlpipeError(f"{name}: not a readable image ({why}); remove or replace it") from e
     return (arr[None] if channels == 1 else arr.transpose(2, 0, 1)), stored
+
+
+_FILE_OBJECT = re.compile(r" ?<_io\.\w+ [^>]*>")  # PIL names the file object in its errors
 
 
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -237,6 +271,7 @@ def read_manifest(
     channels: int | None = None,
     input_size: int | None = None,
     max_pixels: int | None = None,
+    max_image_bytes: int | None = None,
     **_: Any,
 ) -> RawDataset:
     """Read ``manifest.csv`` / ``manifest.parquet``: one row per image, ``path,label[,split]``.
@@ -260,7 +295,9 @@ def read_manifest(
     test_mask = np.array(test, bool)
     if not (~test_mask).any():
         raise TlpipeError(f"{raw_dir}: the manifest has no train rows")
-    return _image_dataset(items, test_mask, classes, channels, input_size, max_pixels, raw_dir)
+    return _image_dataset(
+        items, test_mask, classes, channels, input_size, max_pixels, max_image_bytes, raw_dir
+    )
 
 
 def manifest_file(root: Path) -> Path:
@@ -286,7 +323,7 @@ def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
         raise TlpipeError(f"{path}: not a readable manifest ({e})") from e
     except Exception as e:  # pyarrow's errors (ArrowInvalid, …) are not OSError / ValueError
         raise TlpipeError(f"{path}: not a readable Parquet manifest ({e})") from e
-    rows = []
+    rows, seen = [], {}
     for n, row in enumerate(table, start=2):
         missing = {"path", "label"} - {k for k, v in row.items() if v not in (None, "")}
         if missing:
@@ -295,7 +332,13 @@ def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
         split = str(row.get("split") or "train").strip().lower()
         if split not in ("train", "test"):
             raise TlpipeError(f"{path}: row {n}: split {split!r} is not train or test")
-        rows.append((str(row["path"]), str(row["label"]).strip(), split))
+        rel = str(row["path"])
+        if (first := seen.setdefault(os.path.normpath(rel), n)) != n:
+            raise TlpipeError(
+                f"{path}: row {n} lists {rel!r} again (first in row {first}): an image listed "
+                "twice would count twice, or under two labels; remove the duplicate row"
+            )
+        rows.append((rel, str(row["label"]).strip(), split))
     if not rows:
         raise TlpipeError(f"{path}: the manifest lists no images")
     return rows

@@ -21,11 +21,13 @@ description (``source.json``, ``target.json``: dataset and format); `write_side`
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -66,35 +68,74 @@ def read_sides(raw_dir: Path) -> dict[str, Any]:
 
 
 _IDX_DTYPES = {0x08: np.uint8}
+# A gzipped IDX (or an npz member) may inflate to at most this many times its compressed size
+# (its header's dims say so before a byte is inflated). MNIST-style data gzips 2-5x; a bomb 1000x.
+MAX_UNPACK_RATIO = 200
+_SLACK = 1 << 20  # a tiny file may always declare this much
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or raw), checking the magic number, dims and data length."""
-    data = _read_maybe_gzip(path)
-    if len(data) < 4 or data[0:2] != b"\x00\x00":
-        raise TlpipeError(
-            f"{path}: bad magic number {data[:4].hex() or '(empty)'}, not an IDX file"
-        )
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code not in _IDX_DTYPES:
-        raise TlpipeError(f"{path}: unsupported IDX data type 0x{dtype_code:02x} (want 0x08 uint8)")
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise TlpipeError(f"{path}: truncated IDX header ({len(data)} bytes, {ndim} dims)")
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
-    want, got = int(np.prod(dims)), len(data) - header
-    if got != want:
-        what = "truncated" if got < want else "too long"
-        raise TlpipeError(f"{path}: {what}: dims {dims} need {want} bytes of data, found {got}")
-    return np.frombuffer(data, _IDX_DTYPES[dtype_code], offset=header).reshape(dims)
+def read_idx(path: Path, max_ratio: float = MAX_UNPACK_RATIO) -> np.ndarray:
+    """Read an IDX file (gzipped or raw), checking the magic number, dims and data length.
 
-
-def _read_maybe_gzip(path: Path) -> bytes:
+    The file is streamed: its header is read first, and the data it declares must fit the file
+    (raw) or `max_ratio` times the file (gzipped) before anything is allocated; the data may
+    not inflate past what the header declares (a gzip bomb stops at the first extra byte).
+    """
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with _open_maybe_gzip(path) as (f, gzipped):
+            dims, dtype = parse_idx_header(f.read(4), f.read, path)
+            want = int(np.prod(dims, dtype=object))
+            size = path.stat().st_size
+            if not gzipped and want > size - 4 - 4 * len(dims):
+                raise _wrong_length(path, dims, want, size - 4 - 4 * len(dims))
+            if gzipped and want > max_ratio * size + _SLACK:
+                raise TlpipeError(
+                    f"{path}: its header declares dims {dims} = {want:,} bytes, more than "
+                    f"prepare.max_unpack_ratio = {max_ratio:g} x its {size:,} gzipped bytes "
+                    "(a decompression bomb?); raise the ratio if the file is genuine"
+                )
+            data = np.empty(want, dtype)
+            got = f.readinto(memoryview(data).cast("B"))
+            extra = len(f.read(1))
     except (OSError, EOFError, zlib.error) as e:
         raise TlpipeError(f"{path}: cannot read ({e}); the file is damaged, fetch it again") from e
+    if got != want or extra:
+        raise _wrong_length(path, dims, want, got + extra)
+    return data.reshape(dims)
+
+
+def _wrong_length(path: Path, dims: tuple[int, ...], want: int, got: int) -> TlpipeError:
+    what, found = ("truncated", f"{got}") if got < want else ("too long", "more")
+    return TlpipeError(f"{path}: {what}: dims {dims} need {want} bytes of data, found {found}")
+
+
+def parse_idx_header(
+    head: bytes, read: Callable[[int], bytes], path: Path | str
+) -> tuple[tuple[int, ...], type]:
+    """(dims, dtype) from an IDX header: `head` is its first 4 bytes, `read` gives the rest."""
+    if len(head) < 4 or head[0:2] != b"\x00\x00":
+        raise TlpipeError(
+            f"{path}: bad magic number {head[:4].hex() or '(empty)'}, not an IDX file"
+        )
+    dtype_code, ndim = head[2], head[3]
+    if dtype_code not in _IDX_DTYPES:
+        raise TlpipeError(f"{path}: unsupported IDX data type 0x{dtype_code:02x} (want 0x08 uint8)")
+    raw_dims = read(4 * ndim) if ndim else b""
+    if ndim == 0 or len(raw_dims) < 4 * ndim:
+        raise TlpipeError(f"{path}: truncated IDX header ({4 + len(raw_dims)} bytes, {ndim} dims)")
+    return tuple(int(d) for d in np.frombuffer(raw_dims, ">u4", ndim)), _IDX_DTYPES[dtype_code]
+
+
+@contextlib.contextmanager
+def _open_maybe_gzip(path: Path) -> Iterator[tuple[BinaryIO, bool]]:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        if not gzipped:
+            yield raw, False
+            return
+        with gzip.GzipFile(fileobj=raw) as f:
+            yield f, True  # type: ignore[misc]
 
 
 def _idx_file(raw_dir: Path, stem: str) -> Path:
@@ -104,10 +145,10 @@ def _idx_file(raw_dir: Path, stem: str) -> Path:
     raise TlpipeError(f"{raw_dir}: missing {stem}[.gz]; run `tlpipe fetch` first")
 
 
-def _read_idx_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_idx_pair(raw_dir: Path, prefix: str, max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
     images_path = _idx_file(raw_dir, f"{prefix}-images-idx3-ubyte")
     labels_path = _idx_file(raw_dir, f"{prefix}-labels-idx1-ubyte")
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = read_idx(images_path, max_ratio), read_idx(labels_path, max_ratio)
     if images.ndim != 3:
         raise TlpipeError(f"{images_path}: images must have 3 dims (N, H, W), got {images.shape}")
     if labels.ndim != 1:
@@ -134,21 +175,26 @@ def _array_dataset(
     return RawDataset(x, y, test, _array_keys(x), sizes, classes)
 
 
-def read_idx_dir(raw_dir: Path, classes: tuple[str, ...] | None = None, **_: Any) -> RawDataset:
+def read_idx_dir(
+    raw_dir: Path,
+    classes: tuple[str, ...] | None = None,
+    max_ratio: float = MAX_UNPACK_RATIO,
+    **_: Any,
+) -> RawDataset:
     """Read an MNIST-style IDX directory; `classes` names the labels (default "0", "1", …)."""
-    parts = [_read_idx_pair(raw_dir, "train"), _read_idx_pair(raw_dir, "t10k")]
+    parts = [_read_idx_pair(raw_dir, p, max_ratio) for p in ("train", "t10k")]
     return _array_dataset(parts, classes, raw_dir)
 
 
 # ---------------------------------------------------------------------------- npz
 
 
-def read_npz_dir(raw_dir: Path, **_: Any) -> RawDataset:
+def read_npz_dir(raw_dir: Path, max_ratio: float = MAX_UNPACK_RATIO, **_: Any) -> RawDataset:
     """Read ``train.npz`` and optionally ``test.npz`` (keys ``x``, ``y``, optional ``classes``)."""
-    train_x, train_y, classes = _read_npz(raw_dir / "train.npz", raw_dir)
+    train_x, train_y, classes = _read_npz(raw_dir / "train.npz", raw_dir, max_ratio)
     parts = [(train_x, train_y)]
     if (raw_dir / "test.npz").exists():
-        test_x, test_y, _unused = _read_npz(raw_dir / "test.npz", raw_dir)
+        test_x, test_y, _unused = _read_npz(raw_dir / "test.npz", raw_dir, max_ratio)
         if test_x.shape[1:] != train_x.shape[1:]:
             raise TlpipeError(f"{raw_dir}: test.npz images are {test_x.shape[1:]}, train.npz "
                               f"{train_x.shape[1:]}")  # fmt: skip
@@ -156,14 +202,17 @@ def read_npz_dir(raw_dir: Path, **_: Any) -> RawDataset:
     return _array_dataset(parts, classes, raw_dir)
 
 
-def _read_npz(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+def _read_npz(
+    path: Path, root: Path, max_ratio: float
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
     if not path.is_file():
         raise TlpipeError(f"{path} not found: an npz dataset needs train.npz (and test.npz)")
     check_inside(path, root)
     try:
+        _check_npz_sizes(path, max_ratio)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zlib.error) as e:
+    except (OSError, ValueError, zlib.error, zipfile.BadZipFile) as e:
         raise TlpipeError(f"{path}: not a readable .npz file ({e})") from e
     missing = {"x", "y"} - set(arrays)
     if missing:
@@ -176,6 +225,27 @@ def _read_npz(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray, tuple[str
     _check_counts(x, y, str(path))
     classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
     return _channels_first(x, path), y.astype(np.int64), classes
+
+
+def _check_npz_sizes(path: Path, max_ratio: float) -> None:
+    """Refuse an npz member whose header declares more than `max_ratio` x its compressed size.
+
+    np.load allocates what a member's .npy header declares, then inflates into it: a few MB of
+    zeros can declare (and fill) gigabytes. The headers are read first, from the zip stream.
+    """
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+                shape, _fortran, dtype = read_header(f)
+            want = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if want > max_ratio * info.compress_size + _SLACK:
+                raise TlpipeError(
+                    f"{path}: member {info.filename} declares {shape} {dtype} = {want:,} bytes, "
+                    f"more than prepare.max_unpack_ratio = {max_ratio:g} x its "
+                    f"{info.compress_size:,} compressed bytes (a decompression bomb?)"
+                )
 
 
 def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
@@ -206,11 +276,14 @@ def read_raw(
     channels: int | None = None,
     size: int | None = None,
     max_pixels: int | None = None,
+    max_image_bytes: int | None = None,
+    max_ratio: float = MAX_UNPACK_RATIO,
 ) -> RawDataset:
     """Read raw data in layout `fmt` (a key of `READERS`); known datasets name their classes.
 
     `max_pixels` limits the size of an encoded image (imagefolder, manifest), checked before
-    decoding.
+    decoding, `max_image_bytes` its file size, checked before reading; `max_ratio` how far a
+    compressed array (gzipped IDX, npz member) may inflate.
     """
     if fmt not in READERS:
         raise TlpipeError(f"unknown data format {fmt!r}; known: {', '.join(READERS)}")
@@ -219,7 +292,13 @@ def read_raw(
     spec = DATASETS.get(dataset)
     classes = spec.classes if spec and spec.format == fmt else None
     raw = READERS[fmt](
-        Path(raw_dir), classes=classes, channels=channels, input_size=size, max_pixels=max_pixels
+        Path(raw_dir),
+        classes=classes,
+        channels=channels,
+        input_size=size,
+        max_pixels=max_pixels,
+        max_image_bytes=max_image_bytes,
+        max_ratio=max_ratio,
     )
     return _checked(raw, Path(raw_dir))
 

@@ -233,10 +233,14 @@ def select_target(raw: RawDataset, ids: list[int], cfg: PrepareConfig,
             test = u[rows] < t.test_fraction
             val = ~test & (u[rows] < t.test_fraction + t.val_fraction)
         train = ~(test | val)
-        if not train.any():
+        masks = {"training": train, "validation": val, "test": test}
+        lacking = [what for what, mask in masks.items() if not mask.any()]
+        if lacking:  # a typo'd label (`sneakre`) makes such a class: it cannot be measured
             raise TlpipeError(
-                f"target class {raw.classes[cid]!r} has no training image ({len(rows)} images "
-                f"in all, {int(test.sum())} test, {int(val.sum())} val): add images"
+                f"target class {raw.classes[cid]!r} has no {' and no '.join(lacking)} image "
+                f"({len(rows)} in all: {int(train.sum())} train, {int(val.sum())} val, "
+                f"{int(test.sum())} test): add images of it, fix its label if it is a typo, "
+                "or leave it out of prepare.target.classes"
             )
         for name, mask, cap in (("target_train", train, k), ("target_val", val, val_cap),
                                 ("target_test", test, t.max_test_per_class)):  # fmt: skip

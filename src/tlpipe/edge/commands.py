@@ -53,6 +53,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         else:
             print(f"{path}\t{answer[0]}\t{answer[1]:.4f}")
+    if failed and len(files) == 1:  # its line above says it all
+        return 1
     if failed:
         raise TlpipeError(f"{failed} of {len(files)} images could not be classified (see above)")
     return 0
@@ -93,7 +95,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    registry = Registry(args.tracking_uri, timeout=args.timeout)
+    registry = Registry(args.tracking_uri, timeout=args.timeout, deadline=args.deadline)
     result = pull(
         ModelStore(args.model_dir), registry, args.name, args.alias, args.variant, args.force
     )
@@ -212,7 +214,13 @@ def _add_registry_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="which ONNX file (default fp32; int8 is the quantised one)",
     )
     pu.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    pu.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    pu.add_argument("--timeout", type=float, default=30.0, help="seconds per read")
+    pu.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        help="seconds the whole pull may take (default 600), however slowly the server sends",
+    )
     pu.add_argument("--force", action="store_true", help="install even if unchanged or rolled back")
     pu.set_defaults(func=_cmd_pull)
 
@@ -229,10 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tlpipe-edge`; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        sizes = [getattr(args, k, 1) for k in ("batch_size", "batch", "runs", "max_pixels")]
+        keys = ("batch_size", "batch", "runs", "max_pixels", "timeout", "deadline")
+        sizes = [getattr(args, k, 1) for k in keys]
         if getattr(args, "threads", 0) < 0 or min(sizes) < 1:
             raise TlpipeError(
-                "--threads must be ≥ 0; --batch, --batch-size, --runs and --max-pixels ≥ 1"
+                "--threads must be ≥ 0; --batch, --batch-size, --runs and --max-pixels ≥ 1; "
+                "--timeout and --deadline ≥ 1 s"
             )
         return args.func(args)
     except TlpipeError as e:

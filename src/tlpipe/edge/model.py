@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,40 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # 40 MP: above any phone or DSLR photo; decoding it as RGB takes ~120 MB. A 13 300² PNG bomb
 # (177 MP) is refused from its header, before a byte of pixels is decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_CLASSES = 100_000  # more names than any classifier head we export; bounds the metadata
+MAX_METADATA_CHARS = 10_000_000
+MAX_SIDE = 8192  # input side in pixels
+
+
+def metadata_problem(model: EdgeModel) -> str:
+    """What is wrong with a model's metadata against its graph ("" when nothing is).
+
+    The graph is the truth: the class list must name every output, the input shape must be
+    the graph's, and there must be one mean and one std > 0 per input channel.
+    """
+    classes, (c, h, w) = model.classes, model.input_shape
+    if not isinstance(classes, list) or not all(isinstance(n, str) for n in classes):
+        return "classes is not a list of names"
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        return f"{len(classes)} classes (want 2 to {MAX_CLASSES:,})"
+    if c not in (1, 3) or not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        return f"input_shape {[c, h, w]} (want 1 or 3 channels, sides 1 to {MAX_SIDE})"
+    for name, values in (("mean", model.mean), ("std", model.std)):
+        if values.size != c or not np.isfinite(values).all():
+            return f"{name} {values.ravel().tolist()} (want {c} finite number(s), one a channel)"
+    if (model.std <= 0).any():
+        return f"std {model.std.ravel().tolist()} (want > 0: it divides)"
+    inputs = {i.name: i.shape for i in model.session.get_inputs()}
+    outputs = {o.name: o.shape for o in model.session.get_outputs()}
+    if "input" not in inputs or "logits" not in outputs:
+        return f"graph inputs {list(inputs)} and outputs {list(outputs)} (want input, logits)"
+    graph_in, graph_out = list(inputs["input"])[1:], list(outputs["logits"])[1:]
+    fixed = [(g, m) for g, m in zip(graph_in, (c, h, w), strict=False) if isinstance(g, int)]
+    if len(graph_in) != 3 or any(g != m for g, m in fixed):
+        return f"input_shape {[c, h, w]}, but the graph takes {graph_in}"
+    if len(graph_out) != 1 or (isinstance(graph_out[0], int) and graph_out[0] != len(classes)):
+        return f"{len(classes)} classes, but the graph has {graph_out} outputs"
+    return ""
 
 
 class EdgeModel:
@@ -68,6 +103,12 @@ class EdgeModel:
         if missing:
             raise TlpipeError(f"{self.path} lacks tlpipe metadata ({', '.join(missing)}): "
                               "export it with `tlpipe export`")  # fmt: skip
+        too_long = [k for k in REQUIRED_METADATA if len(self.metadata[k]) > MAX_METADATA_CHARS]
+        if too_long:
+            raise TlpipeError(
+                f"{self.path}: tlpipe metadata {too_long[0]} is over "
+                f"{MAX_METADATA_CHARS:,} characters: refused"
+            )
         try:
             self.classes: list[str] = json.loads(self.metadata["classes"])
             c, h, w = json.loads(self.metadata["input_shape"])
@@ -76,6 +117,11 @@ class EdgeModel:
             self.std = np.asarray(json.loads(self.metadata["std"]), np.float32).reshape(-1, 1, 1)
         except (ValueError, TypeError) as e:
             raise TlpipeError(f"{self.path} has unreadable tlpipe metadata ({e})") from e
+        if problem := metadata_problem(self):
+            raise TlpipeError(
+                f"{self.path}: tlpipe metadata does not fit the model: {problem}; re-export it "
+                "with `tlpipe export`"
+            )
 
     @property
     def providers(self) -> list[str]:
@@ -163,7 +209,10 @@ def load_file(
     from PIL import Image
 
     try:
-        with Image.open(path) as img:  # reads the header only
+        with warnings.catch_warnings():  # PIL warns above 89 MP; the limit below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only
+        with img:
             width, height = img.size
             if width * height > max_pixels:
                 raise TlpipeError(f"{path}: {width}×{height} = {width * height} pixels is over the "

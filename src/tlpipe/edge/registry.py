@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,10 +45,13 @@ class Registry:
 
     Args:
         uri: `http(s)://host:port[/prefix]`; default $MLFLOW_TRACKING_URI.
-        timeout: Seconds to wait for the server on each request.
+        timeout: Seconds to wait for the server on each read.
+        deadline: Seconds all requests of this registry may take together, from its creation: a
+            server that trickles bytes never trips `timeout`, so each read waits at most what
+            is left of the deadline, and the transfer stops when it is spent.
     """
 
-    def __init__(self, uri: str | None = None, timeout: float = 30.0):
+    def __init__(self, uri: str | None = None, timeout: float = 30.0, deadline: float = 600.0):
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if not uri.startswith(("http://", "https://")):
             raise TlpipeError(
@@ -56,6 +60,8 @@ class Registry:
             )
         self.uri = uri.rstrip("/")
         self.timeout = timeout
+        self.deadline = deadline
+        self._ends = time.monotonic() + deadline
         self._headers = _auth_headers()
         self._ssl = _ssl_context()
 
@@ -77,12 +83,14 @@ class Registry:
             path = self._artifact_path(root.get("artifact_uri", ""), run_id, artifact)
             with self._open(path) as reply:
                 digest = hashlib.sha256()
-                while chunk := reply.read(_CHUNK):
+                while chunk := reply.read1(_CHUNK):  # read1: whatever has arrived
                     digest.update(chunk)
                     out.write(chunk)
+                    self._wait_at_most(reply)
         except _NotFound as e:
             raise TlpipeError(f"{self.uri} has no artifact {artifact} in run {run_id} ({e})") from e
-        except OSError as e:  # the connection broke mid-file
+        except OSError as e:  # the connection broke mid-file, or a read hit the deadline
+            self._left()
             raise TlpipeError(f"download of {artifact} from {self.uri} failed: {e}") from e
         return digest.hexdigest()
 
@@ -104,10 +112,28 @@ class Registry:
                     f"{self.uri} an MLflow server?"
                 ) from e
 
+    def _left(self) -> float:
+        """Seconds left of the deadline; raises once it is spent."""
+        left = self._ends - time.monotonic()
+        if left <= 0:
+            raise TlpipeError(
+                f"pull from {self.uri} took over --deadline = {self.deadline:g} s (a slow or "
+                "trickling server); nothing was installed"
+            )
+        return left
+
+    def _wait_at_most(self, reply: Any) -> None:
+        """Let the next read of `reply` wait no longer than the deadline leaves."""
+        left = self._left()
+        sock = getattr(getattr(getattr(reply, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            sock.settimeout(min(self.timeout, left))
+
     def _open(self, path: str) -> Any:
         request = urllib.request.Request(self.uri + path, headers=self._headers)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl)
+            timeout = min(self.timeout, self._left())
+            return urllib.request.urlopen(request, timeout=timeout, context=self._ssl)
         except urllib.error.HTTPError as e:
             message = _error_message(e)
             if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in message or "not found" in message:
@@ -120,6 +146,7 @@ class Registry:
                 ) from e
             raise TlpipeError(f"{self.uri} answered HTTP {e.code}: {message}") from e
         except (urllib.error.URLError, OSError) as e:
+            self._left()
             reason = getattr(e, "reason", e)
             raise TlpipeError(f"cannot reach the MLflow server at {self.uri} ({reason})") from e
 

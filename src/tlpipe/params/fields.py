@@ -1,11 +1,18 @@
 """Frozen config dataclasses <-> plain dicts: build one from a params section, checking
-names and types, and turn one back into data (for tracking, hashing and the KFP parameters)."""
+names, types and ranges, and turn one back into data (for tracking, hashing and the KFP
+parameters).
+
+A numeric field states its range in its type, read here when params are resolved:
+``lr: Annotated[float, above(0)] = 0.05``; a value outside it is refused in one line that names
+the key, the value and the range.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -13,6 +20,47 @@ from typing import Any, TypeVar
 from tlpipe.errors import TlpipeError
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric param may take: `low` .. `high`, each end open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        lo, hi = self.low, self.high
+        return (lo is None or (value > lo if self.low_open else value >= lo)) and (
+            hi is None or (value < hi if self.high_open else value <= hi)
+        )
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+def above(low: float) -> Range:
+    """> low."""
+    return Range(low, low_open=True)
+
+
+def at_least(low: float) -> Range:
+    """>= low."""
+    return Range(low)
+
+
+def between(low: float, high: float, ends: str = "[]") -> Range:
+    """low .. high; `ends` as in maths: "[]", "[)", "(]" or "()"."""
+    return Range(low, high, low_open=ends[0] == "(", high_open=ends[1] == ")")
 
 
 def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
@@ -25,7 +73,7 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
             f"unknown parameter(s) {', '.join(where + k for k in unknown)}; "
             f"known: {', '.join(sorted(fields))}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for name, value in values.items():  # a partial nested section fills in the field's default
         default = _field_default(fields[name])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
@@ -66,6 +114,12 @@ def _field_default(f: dataclasses.Field) -> Any:
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is typing.Annotated:
+        value = _coerce(value, args[0], name)
+        for allowed in (a for a in args[1:] if isinstance(a, Range)):
+            if value not in allowed:
+                raise TlpipeError(f"{name} = {value!r} is out of range: it must be {allowed}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

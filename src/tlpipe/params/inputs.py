@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from tlpipe.errors import TlpipeError
+from tlpipe.params.fields import above, at_least, between
 
 # shift op → the name of its one parameter (None: it takes none); functions: tlpipe.data.splitting
 SHIFT_PARAMS: dict[str, str | None] = {
@@ -67,12 +68,19 @@ class FetchConfig:
         deadline: Seconds one download may take from request to last byte. A server that
             trickles bytes never trips `timeout`; the default, an hour, fetches a few GB on
             a slow link yet keeps a scheduled run from hanging for ever.
+        max_unpack_bytes: An archive (zip, tar, tar.gz/bz2/xz) may unpack to at most this
+            many bytes in all (default 20 GB): unpacking stops, and fetch fails, at the first
+            byte over it.
+        max_unpack_ratio: ...and to at most this many times its own size: real image data
+            hardly compresses (2-5x for MNIST-style arrays), a zip bomb does 1000x.
     """
 
     source: DataSpec | None = field(default_factory=DataSpec)
     target: DataSpec = field(default_factory=DataSpec)
-    timeout: float = 60.0
-    deadline: float = 3600.0
+    timeout: Annotated[float, above(0)] = 60.0
+    deadline: Annotated[float, above(0)] = 3600.0
+    max_unpack_bytes: Annotated[int, at_least(1)] = 20_000_000_000
+    max_unpack_ratio: Annotated[float, at_least(1)] = 200.0
 
     def __post_init__(self) -> None:
         if not (self.timeout > 0 and self.deadline > 0):
@@ -100,9 +108,9 @@ class ShiftOp:
 
     op: str
     degrees: float | None = None
-    sigma: float | None = None
-    std: float | None = None
-    factor: float | None = None
+    sigma: Annotated[float, above(0)] | None = None
+    std: Annotated[float, at_least(0)] | None = None
+    factor: Annotated[float, at_least(0)] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in SHIFT_PARAMS:
@@ -149,8 +157,8 @@ class SourceSplit:
         4,
     )  # Fashion-MNIST: T-shirt/top, Trouser, Pullover, Dress, Coat
     names: tuple[str, ...] = ()
-    max_per_class: int | None = 3000
-    val_fraction: float = 0.05
+    max_per_class: Annotated[int, at_least(1)] | None = 3000
+    val_fraction: Annotated[float, between(0, 1, "[)")] = 0.05
 
 
 @dataclass(frozen=True)
@@ -177,11 +185,11 @@ class TargetSplit:
 
     classes: ClassList = (5, 6, 7, 8, 9)  # Fashion-MNIST: Sandal, Shirt, Sneaker, Bag, Ankle boot
     names: tuple[str, ...] = ()
-    k: int | Literal["auto"] | None = "auto"
-    val_per_class: int | Literal["auto"] | None = "auto"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    max_test_per_class: int | None = None
+    k: Annotated[int, at_least(1)] | Literal["auto"] | None = "auto"
+    val_per_class: Annotated[int, at_least(1)] | Literal["auto"] | None = "auto"
+    val_fraction: Annotated[float, between(0, 1, "()")] = 0.1
+    test_fraction: Annotated[float, between(0, 1, "()")] = 0.2
+    max_test_per_class: Annotated[int, at_least(1)] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,17 +207,23 @@ class PrepareConfig:
             refused before decoding: a 500 KB PNG can declare 13 300² pixels and take ~1 GB to
             decode. 50 MP passes full-size photos of 48 MP phones and 45 MP cameras while one
             decoded RGB image stays under 150 MB; raise it if yours are larger.
+        max_image_bytes: Larger image files are refused before they are read (default 200 MB:
+            a 50 MP PNG fits).
+        max_unpack_ratio: A gzipped IDX file or an npz member may inflate to at most this many
+            times its compressed size, checked from its header before anything is inflated.
         seed: Seed of every random choice, and of the split hash.
     """
 
     source: SourceSplit = field(default_factory=SourceSplit)
     target: TargetSplit = field(default_factory=TargetSplit)
     shift: tuple[ShiftOp, ...] = ()
-    source_shift_fraction: float = 0.0
+    source_shift_fraction: Annotated[float, between(0, 1)] = 0.0
     channels: int | None = None
-    input_size: int | None = None
-    max_image_pixels: int = 50_000_000
-    seed: int = 0
+    input_size: Annotated[int, at_least(8)] | None = None
+    max_image_pixels: Annotated[int, at_least(1)] = 50_000_000
+    max_image_bytes: Annotated[int, at_least(1)] = 200_000_000
+    max_unpack_ratio: Annotated[float, at_least(1)] = 200.0
+    seed: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
         src, tgt = self.source, self.target
@@ -252,7 +266,7 @@ def caps(target: TargetSplit, one_dataset: bool) -> tuple[int | None, int | None
 
 
 CHECK_FINDINGS = ("vanished_class", "label_set_changed", "input_shape_changed",
-                  "image_size_changed", "duplicates_across_splits")  # fmt: skip
+                  "image_size_changed", "duplicates_across_splits", "few_images")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -263,9 +277,12 @@ class CheckConfig:
         fail_on: The findings that stop the run (the others are only reported): any of
             vanished_class, label_set_changed, input_shape_changed, image_size_changed,
             duplicates_across_splits.
+        min_images_per_class: A target class with fewer images than this in any split is
+            named in the report (``few_images``), and fails the run if that is in `fail_on`.
     """
 
     fail_on: tuple[str, ...] = ("vanished_class", "label_set_changed", "input_shape_changed")
+    min_images_per_class: Annotated[int, at_least(0)] = 5
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.fail_on) - set(CHECK_FINDINGS))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from tlpipe.errors import TlpipeError
+from tlpipe.params.fields import above, at_least, between
 
 STRATEGY_NAMES = ("scratch", "linear_probe", "partial", "full", "lp_ft", "joint", "specialist")
 # The strategies `make run` and the Kubeflow pipeline train and compare (one DVC stage / KFP
@@ -49,10 +50,10 @@ class ColorJitter:
         hue: Shift drawn from [-h, h], h <= 0.5 (no effect on grey images).
     """
 
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
+    brightness: Annotated[float, at_least(0)] = 0.0
+    contrast: Annotated[float, at_least(0)] = 0.0
+    saturation: Annotated[float, at_least(0)] = 0.0
+    hue: Annotated[float, between(0, 0.5)] = 0.0
 
     def __post_init__(self) -> None:
         values = (self.brightness, self.contrast, self.saturation, self.hue)
@@ -84,7 +85,7 @@ class Augment:
 
     random_resized_crop: RandomResizedCrop | None = None
     color_jitter: ColorJitter | None = None
-    pad_crop: int = 2
+    pad_crop: Annotated[int, at_least(0)] = 2
     hflip: bool = True
 
     def __post_init__(self) -> None:
@@ -111,25 +112,28 @@ def _pair(values: tuple[float, ...], name: str) -> tuple[float, float]:
 class TrainConfig:
     """Optimisation settings shared by every trainer (one sub-section each)."""
 
-    epochs: int = 5
-    batch_size: int = 128
-    steps_per_epoch: int = 0  # 0: one pass over the training data; few-shot sets want more
+    epochs: Annotated[int, at_least(1)] = 5
+    batch_size: Annotated[int, at_least(1)] = 128
+    # 0: one pass over the training data; few-shot sets want more
+    steps_per_epoch: Annotated[int, at_least(0)] = 0
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: Annotated[float, above(0)] = 0.05
+    momentum: Annotated[float, between(0, 1, "[)")] = 0.9
+    weight_decay: Annotated[float, at_least(0)] = 5e-4
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup_frac: float = 0.15
-    label_smoothing: float = 0.0
+    warmup_frac: Annotated[float, between(0, 1, "[)")] = 0.15
+    label_smoothing: Annotated[float, between(0, 1, "[)")] = 0.0
     augment: Augment | bool | None = None  # a section (Augment); true: its defaults; false: off
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     device: str = "auto"
-    max_in_memory_mb: float = 256.0  # up to this much uint8 image data trains from the device
-    num_workers: int = 2  # DataLoader workers when the data streams from disk (above the limit)
+    # up to this much uint8 image data trains from the device
+    max_in_memory_mb: Annotated[float, at_least(0)] = 256.0
+    # DataLoader workers when the data streams from disk (above the limit)
+    num_workers: Annotated[int, at_least(0)] = 2
     # Validation scored each epoch (to keep the best epoch) on at most this many images: a
     # fixed random subset (seeded by `seed`, the same every epoch); 0 = all. A large target_val
     # (thousands) otherwise costs more per epoch than the training steps.
-    val_max_images: int = 0
+    val_max_images: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.augment, Augment):  # true / false (older params files), None
@@ -221,10 +225,10 @@ class DiscriminatorSettings:
             along that axis. 0 = the plain target-vs-source discriminator.
     """
 
-    C: float | None = None
-    folds: int = 5
-    max_fit_source: int = 5000
-    refine: int = 30
+    C: Annotated[float, above(0)] | None = None
+    folds: Annotated[int, at_least(2)] = 5
+    max_fit_source: Annotated[int, at_least(10)] = 5000
+    refine: Annotated[int, at_least(0)] = 30
 
     def __post_init__(self) -> None:
         if self.C is not None and not self.C > 0:
@@ -246,8 +250,8 @@ class KnnSettings:
         temperature: Softmax temperature on the similarity's source z-score: w ∝ exp(z / T).
     """
 
-    k: int = 5
-    temperature: float = 0.5
+    k: Annotated[int, at_least(1)] = 5
+    temperature: Annotated[float, above(0)] = 0.5
 
     def __post_init__(self) -> None:
         if self.k < 1 or not self.temperature > 0:
@@ -274,17 +278,17 @@ class MatchConfig:
     """
 
     matcher: str = "discriminator"
-    top_fraction: float = 0.5
-    clip: float = 10.0
+    top_fraction: Annotated[float, between(0, 1, "(]")] = 0.5
+    clip: Annotated[float, at_least(1)] = 10.0
     features: Literal["blocks", "backbone"] = "blocks"
-    dims: int = 32
+    dims: Annotated[int, at_least(1)] = 32
     class_neutral: bool = True
     use_target_val: bool = True
     discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
     knn: KnnSettings = field(default_factory=KnnSettings)
-    batch_size: int = 512
+    batch_size: Annotated[int, at_least(1)] = 512
     plots: bool = True
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
         if self.matcher not in MATCHER_NAMES:
@@ -312,9 +316,9 @@ class JointConfig:
         source_batch_size: Source images per step (0 = the target batch size).
     """
 
-    source_weight: float = 1.0
+    source_weight: Annotated[float, at_least(0)] = 1.0
     sampling: Literal["selected", "weighted", "all"] = "selected"
-    source_batch_size: int = 0
+    source_batch_size: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
         if self.source_weight < 0 or self.source_batch_size < 0:
@@ -386,10 +390,10 @@ class FinetuneConfig:
     model: str | None = None
     train: TrainConfig = field(default_factory=_few_shot)
     probe: TrainConfig = field(default_factory=lambda: _few_shot(epochs=10, lr=0.05))
-    backbone_lr_scale: float = 0.3
-    layer_decay: float = 1.0
-    partial_blocks: int = 2
-    l2sp: float = 0.0
+    backbone_lr_scale: Annotated[float, at_least(0)] = 0.3
+    layer_decay: Annotated[float, between(0, 1, "(]")] = 1.0
+    partial_blocks: Annotated[int, at_least(0)] = 2
+    l2sp: Annotated[float, at_least(0)] = 0.0
     joint: JointConfig = field(default_factory=JointConfig)
     specialist: TrainConfig = field(
         default_factory=lambda: TrainConfig(

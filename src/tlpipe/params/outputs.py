@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from tlpipe.params.fields import above, at_least, between
 
 
 @dataclass(frozen=True)
@@ -49,19 +51,19 @@ class ExportConfig:
         batch_size: Images per ONNX Runtime call when measuring parity and accuracy.
     """
 
-    opset: int = 18
-    tolerance: float = 1e-4
-    min_agreement: float = 0.999
+    opset: Annotated[int, at_least(18)] = 18
+    tolerance: Annotated[float, above(0)] = 1e-4
+    min_agreement: Annotated[float, between(0, 1, "(]")] = 0.999
     int8: bool = True
     int8_method: Literal["static", "dynamic"] = "static"
-    int8_min_agreement: float = 0.99
-    int8_max_accuracy_drop: float = 1.0
-    calibration_images: int = 500
+    int8_min_agreement: Annotated[float, between(0, 1)] = 0.99
+    int8_max_accuracy_drop: Annotated[float, at_least(0)] = 1.0
+    calibration_images: Annotated[int, at_least(1)] = 500
     calibration_splits: tuple[str, ...] = ("target_val", "target_train")
     calibration_method: Calibration = "minmax"
     fp32_first_last: bool = True
     model_version: str = ""
-    batch_size: int = 256
+    batch_size: Annotated[int, at_least(1)] = 256
 
     def __post_init__(self) -> None:
         if self.opset < 18:
@@ -95,10 +97,10 @@ class RegisterConfig:
     """
 
     model_name: str = "tlpipe"
-    accuracy_floor: float = 0.5
-    min_improvement: float = 0.0
-    significance: float = 0.05
-    max_class_recall_drop: float = 0.05
+    accuracy_floor: Annotated[float, between(0, 1)] = 0.5
+    min_improvement: Annotated[float, between(0, 1, "[)")] = 0.0
+    significance: Annotated[float, between(0, 1, "()")] = 0.05
+    max_class_recall_drop: Annotated[float, between(0, 1)] = 0.05
 
 
 # params.yaml section → its config class, in pipeline order

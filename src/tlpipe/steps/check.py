@@ -13,7 +13,9 @@ stops with one line on the failures listed in `check.fail_on`:
 - ``image_size_changed``: the images as stored (before resizing) have another median or
   commonest size (say a new camera): reported, not a failure unless listed;
 - ``duplicates_across_splits``: the same image in two of target train / val / test (the test
-  split would leak).
+  split would leak);
+- ``few_images``: a target class with fewer than `check.min_images_per_class` images in a
+  split (named with its counts; reported, not a failure unless listed).
 
 The champion's data is the `manifest.json` that `register` stored with it; with no champion
 (a first run) there is nothing to compare and the check passes with a report saying so.
@@ -57,6 +59,7 @@ def run(
     report = compare(old, new) if old is not None else {"findings": {}}
     report["champion"] = version
     report["findings"]["duplicates_across_splits"] = duplicates_across_splits(Path(prepared_dir))
+    report["findings"]["few_images"] = few_images(new, cfg.min_images_per_class)
     found = {name: value for name, value in report["findings"].items() if value}
     failures = tuple(f"{name}: {found[name]}" for name in cfg.fail_on if name in found)
     report["failures"] = list(failures)
@@ -117,6 +120,16 @@ def _size_moved(champion: dict[str, Any], now: dict[str, Any]) -> bool:
 def _per_class(manifest: dict[str, Any], split: str) -> dict[str, int]:
     counts = manifest["splits"][split]["per_class"]
     return dict(zip(manifest["target_classes"], counts, strict=False))
+
+
+def few_images(manifest: dict[str, Any], at_least: int) -> dict[str, dict[str, int]]:
+    """Target classes with fewer than `at_least` images in a split: {class: {split: count}}."""
+    found: dict[str, dict[str, int]] = {}
+    for split in TARGET_SPLITS:
+        for name, count in _per_class(manifest, split).items():
+            if count < at_least:
+                found.setdefault(name, {})[split] = count
+    return found
 
 
 def duplicates_across_splits(prepared_dir: Path) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class ExportResult(StepResult):
 def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) -> ExportResult:
     """Write `model.onnx`, `model.int8.onnx` (if `cfg.int8`) and `parity.json` into `out_dir`."""
     from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.edge.model import EdgeModel
     from tlpipe.fsio import atomic_path, write_json
     from tlpipe.train.loop import predict
     from tlpipe.train.models import load_checkpoint
@@ -64,6 +65,7 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
         tmp.mkdir(parents=True)
         export_onnx(model, tmp / "model.onnx", x_test.shape[1:], cfg.opset)
         set_metadata(tmp / "model.onnx", _metadata(meta, manifest, model_path, cfg, "fp32"))
+        EdgeModel(tmp / "model.onnx", provider="cpu")  # what a device checks, before it is written
         fp32 = ort_logits(tmp / "model.onnx", x_test, cfg.batch_size)
         report = _parity_report(reference, fp32, test.y, cfg)
         report["fp32"] = _variant_report(tmp / "model.onnx", fp32, reference, test.y)
@@ -83,6 +85,7 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
             else:
                 quantize_dynamic_int8(tmp / "model.onnx", int8_path)
             set_metadata(int8_path, _metadata(meta, manifest, model_path, cfg, "int8"))
+            EdgeModel(int8_path, provider="cpu")
             int8 = ort_logits(int8_path, x_test, cfg.batch_size)
             report["int8"] = _variant_report(int8_path, int8, reference, test.y)
             report["int8"] |= {"method": cfg.int8_method, "calibration": counts}

@@ -26,13 +26,16 @@ within `fetch.deadline` seconds, however slowly the server trickles bytes.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import shutil
+import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from tlpipe import fsio
@@ -171,6 +174,7 @@ def _fetch_custom(source: str, dest: Path, spec: DataSpec, cfg: FetchConfig) -> 
         if spec.sha256:
             raise TlpipeError("fetch: sha256 checks a single file, but the source is a directory")
         check_links(Path(source))  # before copying: a secret outside is never even read
+        check_not_inside(dest, Path(source))
         shutil.copytree(source, dest)  # follows the (checked) links: data/raw holds files only
         return
     if local and spec.format == "manifest" and Path(source).name in MANIFEST_NAMES:
@@ -189,7 +193,7 @@ def _fetch_custom(source: str, dest: Path, spec: DataSpec, cfg: FetchConfig) -> 
     else:
         _download(source, target, spec.sha256, cfg)
     if target.name.lower().endswith(ARCHIVES):
-        unpack(target, dest)
+        unpack(target, dest, cfg.max_unpack_bytes, cfg.max_unpack_ratio)
 
 
 def _download(url: str, target: Path, sha256: str | None, cfg: FetchConfig) -> None:
@@ -215,16 +219,23 @@ def _copy_listed(manifest: Path, dest: Path) -> None:
     shutil.copyfile(manifest, dest / manifest.name)
 
 
-def unpack(archive: Path, dest: Path) -> None:
-    """Unpack a zip/tar archive into `dest`, delete it, and lift a lone top-level folder."""
+def unpack(
+    archive: Path, dest: Path, max_bytes: int = 20_000_000_000, max_ratio: float = 200.0
+) -> None:
+    """Unpack a zip/tar archive into `dest`, delete it, and lift a lone top-level folder.
+
+    Streamed, member by member, under caps: at most `max_bytes` in all and at most `max_ratio`
+    times the archive's size (a zip bomb stops at the first block over). Zip and tar follow
+    one member rule (`_member_path`, `_link_target`): no absolute paths, no ``..``, no link
+    that leads out, no devices.
+    """
+    budget = _Budget(archive, max_bytes, max_ratio)
     try:
         if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(dest)
+            _unzip(archive, dest, budget)
         else:
-            with tarfile.open(archive) as t:
-                t.extractall(dest, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
+            _untar(archive, dest, budget)
+    except _UNPACK_ERRORS as e:
         raise TlpipeError(f"{archive.name}: cannot unpack ({e})") from e
     archive.unlink()
     entries = list(dest.iterdir())
@@ -233,6 +244,126 @@ def unpack(archive: Path, dest: Path) -> None:
         for child in lone.iterdir():
             child.rename(dest / child.name)
         lone.rmdir()
+
+
+_UNPACK_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+class _Budget:
+    """Bytes an archive may still unpack to (`fetch.max_unpack_bytes` / `max_unpack_ratio`)."""
+
+    def __init__(self, archive: Path, max_bytes: int, max_ratio: float):
+        self.archive, self.max_bytes, self.max_ratio = archive, max_bytes, max_ratio
+        self.size = archive.stat().st_size
+        self.written = 0
+
+    def take(self, n: int) -> None:
+        self.written += n
+        if self.written > self.max_bytes:
+            raise TlpipeError(
+                f"{self.archive.name}: refused, it unpacks to more than fetch.max_unpack_bytes "
+                f"= {self.max_bytes:,} bytes; raise the limit if the data is genuine"
+            )
+        if self.written > self.max_ratio * self.size + (1 << 20):
+            raise TlpipeError(
+                f"{self.archive.name}: refused, it unpacks to more than fetch.max_unpack_ratio "
+                f"= {self.max_ratio:g} x its {self.size:,} bytes (a zip bomb?); raise the ratio "
+                "if the data is genuine"
+            )
+
+    def copy(self, src: BinaryIO, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as out:
+            while block := src.read(1 << 20):
+                self.take(len(block))
+                out.write(block)
+
+
+def _refuse(archive: Path, name: str, why: str) -> TlpipeError:
+    return TlpipeError(
+        f"{archive.name}: cannot unpack: member {name!r} {why}; refused (an archive may not "
+        "write outside its folder)"
+    )
+
+
+def _member_path(archive: Path, dest: Path, name: str) -> Path:
+    """Where member `name` goes under `dest`: refused if absolute or if it climbs out."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (parts and len(parts[0]) == 2 and parts[0][1] == ":"):
+        raise _refuse(archive, name, "has an absolute path")
+    if ".." in parts:
+        raise _refuse(archive, name, "climbs out with '..'")
+    clean = [p for p in parts if p not in ("", ".")]
+    if not clean:
+        raise _refuse(archive, name, "has an empty path")
+    return dest.joinpath(*clean)
+
+
+def _link_target(archive: Path, dest: Path, name: str, path: Path, target: str) -> str:
+    """A symlink member's target, if it stays inside `dest` (else refused)."""
+    if os.path.isabs(target) or target.startswith("\\"):
+        raise _refuse(archive, name, f"is a link out of the archive (to {target})")
+    resolved = os.path.normpath(os.path.join(path.parent, target))
+    if os.path.commonpath([resolved, str(dest)]) != str(dest):
+        raise _refuse(archive, name, f"is a link out of the archive (to {target})")
+    return target
+
+
+def _unzip(archive: Path, dest: Path, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as z:
+        for info in z.infolist():
+            path = _member_path(archive, dest, info.filename)
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+            elif stat.S_ISLNK(info.external_attr >> 16):
+                target = z.read(info)[:4096].decode("utf-8", "replace")
+                _link_target(archive, dest, info.filename, path, target)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.symlink_to(target)
+            else:
+                with z.open(info) as src:
+                    budget.copy(src, path)
+
+
+def _untar(archive: Path, dest: Path, budget: _Budget) -> None:
+    with tarfile.open(archive) as t:
+        for member in t:
+            path = _member_path(archive, dest, member.name)
+            if member.isdir():
+                path.mkdir(parents=True, exist_ok=True)
+            elif member.issym():
+                _link_target(archive, dest, member.name, path, member.linkname)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.symlink_to(member.linkname)
+            elif member.islnk():  # a hard link: a copy of a member unpacked before it
+                linked = _member_path(archive, dest, member.linkname)
+                if not linked.is_file() or linked.is_symlink():
+                    raise _refuse(archive, member.name, f"links to {member.linkname!r}, no file")
+                with open(linked, "rb") as src:
+                    budget.copy(src, path)
+            elif member.isfile():
+                src = t.extractfile(member)
+                assert src is not None  # a regular file always has content
+                budget.copy(src, path)
+            else:
+                raise _refuse(archive, member.name, "is a device or pipe, not a file")
+
+
+def check_not_inside(dest: Path, source: Path) -> None:
+    """Refuse a source folder that holds fetch's own output: it would copy itself into itself."""
+    top = os.path.realpath(source)
+    if os.path.commonpath([os.path.realpath(dest.parent), top]) == top:
+        raise TlpipeError(
+            f"{source} holds fetch's output folder ({dest.parent}): copying it would copy the "
+            "copy into itself; point the sources at the data folder alone"
+        )
 
 
 def check_links(root: Path) -> None:

@@ -61,6 +61,12 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
     if cfg.source_shift_fraction > 0 and not cfg.shift:
         raise TlpipeError("prepare.source_shift_fraction > 0 needs a prepare.shift to apply")
     tgt_ids = class_ids(cfg.target.classes, target.classes, "prepare.target.classes")
+    if len(tgt_ids) < 2:
+        raise TlpipeError(
+            f"the target has {len(tgt_ids)} class ({', '.join(target.classes[i] for i in tgt_ids)})"
+            ": a classifier needs at least 2; add a class folder (or label), or list more in "
+            "prepare.target.classes"
+        )
     selections = select_target(target, tgt_ids, cfg, one)
     taken = np.concatenate([s.ids for s in selections.values()])
     src_ids: list[int] = []
@@ -137,7 +143,8 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
 
 def _read(raw_dir: Path, side: str, desc: dict[str, Any], cfg: PrepareConfig) -> RawDataset:
     return read_raw(raw_dir / side, desc["format"], desc["dataset"], cfg.channels,
-                    cfg.input_size, cfg.max_image_pixels)  # fmt: skip
+                    cfg.input_size, cfg.max_image_pixels, cfg.max_image_bytes,
+                    cfg.max_unpack_ratio)  # fmt: skip
 
 
 def _shape(

@@ -24,6 +24,7 @@ about the activations of the same image in RGB; grey kernels are spread over RGB
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -241,7 +242,9 @@ def load_weights(model: str, spec: str | Path) -> Weights:
 
 def _read_file(path: Path) -> Weights:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol: refused below if unsafe
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix
         raise TlpipeError(f"cannot read pretrained weights {path}: {_first_line(e)}") from e
     if not isinstance(data, dict):
@@ -381,7 +384,9 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
     if not path.exists():
         raise TlpipeError(f"model file {path} not found: run the step that trains it first")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on a foreign pickle protocol: refused below
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         meta = ckpt["meta"]
         net = build_model(
             meta["arch"], meta["num_classes"], meta["in_chans"], meta.get("input_size", 28)
@@ -389,6 +394,9 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
         net.load_state_dict(ckpt["state_dict"])
     except TlpipeError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise TlpipeError(f"{path} is not a readable tlpipe model ({e}); re-run its step") from e
+    except Exception as e:  # noqa: BLE001 (torch's weights-only message is a page long)
+        why = _first_line(e)
+        if isinstance(e, pickle.UnpicklingError):
+            why = "it holds more than tensors, numbers and strings; loading it could run code"
+        raise TlpipeError(f"{path} is not a readable tlpipe model ({why}); re-run its step") from e
     return net.eval(), meta

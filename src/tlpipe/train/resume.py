@@ -11,6 +11,7 @@ import hashlib
 import io
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ def load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
             "written; delete it to start over"
         )
     try:
-        return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol: refused below if unsafe
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch's weights-only message is a page long)
         why = (str(e).splitlines() or [type(e).__name__])[0]
         if isinstance(e, pickle.UnpicklingError):
