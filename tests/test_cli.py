@@ -30,7 +30,10 @@ def test_help_lists_every_step(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["pretrain", "--set", "pretrain.train.lr=-1"], "lr must be a positive number"),
+        (
+            ["pretrain", "--set", "pretrain.train.lr=-1"],
+            "pretrain.train.lr = -1.0 is out of range: it must be > 0",
+        ),
         (["pretrain", "--set", "pretrain.train.epochs=two"], "pretrain.train.epochs must be int"),
         (["pretrain", "--set", "pretrain.trian.lr=0.1"], "unknown parameter(s) pretrain.trian"),
         (["pretrain", "--set", "train.lr=0.1"], "unknown params section(s) train"),

@@ -354,9 +354,9 @@ def test_bad_raw_data_leaves_no_output(tmp_path: Path, corrupt, match: str) -> N
      ({"target": {"val_fraction": 0.95, "test_fraction": 0.04}}, "target class '.' has no "
       "training image"),
      ({"source_shift_fraction": 0.5}, "needs a prepare.shift"),
-     ({"target": {"k": 0}}, "target.k must be >= 1"),
+     ({"target": {"k": 0}}, "target.k = 0 is out of range: it must be >= 1"),
      ({"target": {"names": ["a"]}}, "target.names must match target.classes one to one"),
-     ({"source": {"val_fraction": 1.0}}, r"source.val_fraction must be in \[0, 1\)")],
+     ({"source": {"val_fraction": 1.0}}, r"source.val_fraction = 1.0 is out of range")],
 )  # fmt: skip
 def test_bad_scenario_leaves_no_output(tiny_raw: Path, tmp_path: Path, values, match) -> None:
     out = tmp_path / "prepared"

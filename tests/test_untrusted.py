@@ -176,7 +176,7 @@ def test_the_pixel_limit_is_a_per_dataset_param(tmp_path: Path) -> None:
     enough = resolver.resolve({"prepare": {**values, "max_image_pixels": 1360}})["prepare"]
     prepare.run(raw, tmp_path / "p", enough)
     assert load_manifest(tmp_path / "p")["scenario"]["max_image_pixels"] == 1360
-    with pytest.raises(TlpipeError, match="max_image_pixels must be >= 1"):
+    with pytest.raises(TlpipeError, match="max_image_pixels = 0 is out of range: it must be >= 1"):
         fields.build(prepare.PrepareConfig, {**values, "max_image_pixels": 0})
 
 

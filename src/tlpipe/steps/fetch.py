@@ -300,10 +300,7 @@ def _member_path(archive: Path, dest: Path, name: str) -> Path:
         raise _refuse(archive, name, "has an absolute path")
     if ".." in parts:
         raise _refuse(archive, name, "climbs out with '..'")
-    clean = [p for p in parts if p not in ("", ".")]
-    if not clean:
-        raise _refuse(archive, name, "has an empty path")
-    return dest.joinpath(*clean)
+    return dest.joinpath(*[p for p in parts if p not in ("", ".")])  # "." is `dest` itself
 
 
 def _link_target(archive: Path, dest: Path, name: str, path: Path, target: str) -> str:
