@@ -61,6 +61,17 @@ def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: P
     ]
 
 
+def test_classes_with_few_images_are_named_with_their_counts(tiny_prepared: Path) -> None:
+    manifest = load_manifest(tiny_prepared)
+    counts = {split: manifest["splits"][split]["per_class"] for split in check.TARGET_SPLITS}
+    assert counts["target_train"] == [5] * 5 and min(counts["target_test"]) > 5
+    assert check.few_images(manifest, 5) == {}
+    few = check.few_images(manifest, 6)  # k = 5 train and 5 val images a class: all named
+    names = manifest["target_classes"]
+    assert few == {name: {"target_train": 5, "target_val": 5} for name in names}
+    assert CheckConfig().min_images_per_class == 5
+
+
 def test_check_against_the_champion_stops_on_a_vanished_class(
     server, tiny_prepared: Path, make_prepared, tmp_path: Path
 ) -> None:

@@ -15,7 +15,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -44,33 +43,42 @@ class Ran:
     peak_mb: float
 
 
+# The command runs under a small Python that waits for it and writes its peak RSS to a file:
+# Linux counts what a child had before exec (a fork of this test process, torch and all) in
+# its ru_maxrss, so the fork must come from a process that is small itself.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_cli(args: list[str], cwd: Path, module: str = "tlpipe.cli", timeout: float = 180) -> Ran:
     """Run `python -m module args` in `cwd`; its exit status, output and peak RSS (wait4)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+    return measured([sys.executable, "-m", module, *args], cwd, timeout)
+
+
+def measured(cmd: list[str], cwd: Path, timeout: float = 180) -> Ran:
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(peak), *cmd],
             cwd=cwd,
-            stdout=out,
-            stderr=err,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Ran(
-            proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024
-        )
+        kb = int(peak.read_text()) if peak.exists() else 0
+    return Ran(proc.returncode, proc.stdout, proc.stderr, kb / 1024)
 
 
 def assert_refused(ran: Ran, match: str, *absent: Path, max_mb: float = MAX_RSS_MB) -> None:
     """Non-zero exit, one line on stderr that says `match`, bounded memory, no output left."""
     lines = ran.stderr.strip().splitlines()
+    print(f"peak RSS {ran.peak_mb:.0f} MB, exit {ran.rc}: {ran.stderr.strip()}")  # -rP shows it
     assert ran.rc != 0, ran
     assert len(lines) == 1, ran.stderr
     assert match in lines[0], lines[0]
@@ -196,7 +204,7 @@ def test_a_source_folder_holding_the_project_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "p"
     write_imagefolder(root / "images")
     ran = fetch_cli(root, root, "imagefolder")  # the project itself: data/raw would be inside
-    assert_refused(ran, "holds fetch's output folder", root / "data" / "raw")
+    assert_refused(ran, "holds fetch's output (in ", root / "data" / "raw")
 
 
 def test_a_symlink_out_of_a_source_folder_is_refused(tmp_path: Path) -> None:
@@ -562,8 +570,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path: Path)
 
 def _torch_import_mb(cwd: Path) -> float:
     """Peak RSS of a Python that only imports torch: the floor of every torch step."""
-    proc = subprocess.Popen([sys.executable, "-c", "import torch"], cwd=cwd)
-    return os.wait4(proc.pid, 0)[2].ru_maxrss / 1024
+    return measured([sys.executable, "-c", "import torch"], cwd).peak_mb
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -391,7 +391,7 @@ def test_prepare_imagefolder(tmp_path: Path) -> None:
     folder = write_imagefolder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=4)
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
     out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
-               target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.4},
+               target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.6},
                channels=3, input_size=16, shift=[{"op": "rotate", "degrees": 15}])  # fmt: skip
     m = load_manifest(out)
     assert m["target_classes"] == ["c", "d"] and m["input_shape"] == [3, 16, 16]
@@ -456,10 +456,10 @@ def test_unnamed_data_with_a_stray_label_leaves_no_output(tmp_path: Path) -> Non
 def test_empty_class_folder_leaves_no_output(tmp_path: Path, capsys) -> None:
     folder = write_imagefolder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=4)
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
-    target = {"classes": [2, 3], "k": 2, "val_per_class": 1, "val_fraction": 0.4}
+    target = {"classes": [2, 3], "k": 2, "val_per_class": 1, "val_fraction": 0.6}
     values = {"source": {"classes": [0, 1]}, "input_size": 16, "target": target}
     _run(raw, tmp_path / "p", **values)
-    assert "read 32 images from" in capsys.readouterr().err  # off a terminal: one summary line
+    assert "read 32 images from" in capsys.readouterr().out  # off a terminal: one summary line
     (raw / "source" / "train" / "a0").mkdir()  # would sort between a and b: b, c, d change ids
     with pytest.raises(TlpipeError, match="train/a0 is an empty class folder"):
         _run(raw, tmp_path / "q", **values)

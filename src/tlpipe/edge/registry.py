@@ -159,7 +159,7 @@ def _error_message(e: urllib.error.HTTPError) -> str:
     raw = e.read(4096).decode("utf-8", "replace")
     with contextlib.suppress(ValueError, AttributeError):
         raw = json.loads(raw).get("message", raw)
-    return " ".join(str(raw).split())[:300] or e.reason
+    return " ".join(str(raw).split()) or e.reason  # one line; the body read is 4 KB at most
 
 
 def _auth_headers() -> dict[str, str]:

@@ -97,7 +97,7 @@ class RegisterConfig:
     """
 
     model_name: str = "tlpipe"
-    accuracy_floor: Annotated[float, between(0, 1)] = 0.5
+    accuracy_floor: Annotated[float, at_least(0)] = 0.5  # > 1: never promote
     min_improvement: Annotated[float, between(0, 1, "[)")] = 0.0
     significance: Annotated[float, between(0, 1, "()")] = 0.05
     max_class_recall_drop: Annotated[float, between(0, 1)] = 0.05

@@ -358,7 +358,7 @@ def check_not_inside(dest: Path, source: Path) -> None:
     top = os.path.realpath(source)
     if os.path.commonpath([os.path.realpath(dest.parent), top]) == top:
         raise TlpipeError(
-            f"{source} holds fetch's output folder ({dest.parent}): copying it would copy the "
+            f"{source} holds fetch's output (in {dest.parent.parent}): copying it would copy the "
             "copy into itself; point the sources at the data folder alone"
         )
 
