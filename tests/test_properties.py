@@ -68,6 +68,25 @@ def test_every_param_named_in_the_issue_has_a_range() -> None:
     assert len(RANGED) > 50
 
 
+def test_every_numeric_param_states_its_range() -> None:
+    """A new int or float param must say its range (`fields.above`, `at_least`, `between`)."""
+    unranged = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls, include_extras=True)[f.name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            for option in typing.get_args(hint) if union else (hint,):
+                if option in (int, float):
+                    unranged.append(prefix + f.name)
+                elif dataclasses.is_dataclass(option):
+                    walk(option, f"{prefix}{f.name}.")
+
+    for section, cls in resolver.SECTIONS.items():
+        walk(cls, f"{section}.")
+    assert unranged == []
+
+
 numbers = st.one_of(
     st.integers(-(10**12), 10**12),
     st.floats(allow_nan=True, allow_infinity=True),

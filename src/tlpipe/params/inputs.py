@@ -218,7 +218,7 @@ class PrepareConfig:
     target: TargetSplit = field(default_factory=TargetSplit)
     shift: tuple[ShiftOp, ...] = ()
     source_shift_fraction: Annotated[float, between(0, 1)] = 0.0
-    channels: int | None = None
+    channels: Annotated[int, between(1, 3)] | None = None
     input_size: Annotated[int, at_least(8)] | None = None
     max_image_pixels: Annotated[int, at_least(1)] = 50_000_000
     max_image_bytes: Annotated[int, at_least(1)] = 200_000_000

@@ -346,10 +346,10 @@ class SelectionConfig:
         seed: Fold assignment; the same for every strategy, so comparisons are paired.
     """
 
-    min_val: int = 100
-    folds: int = 3
-    epoch_fraction: float = 1.0
-    seed: int = 0
+    min_val: Annotated[int, at_least(0)] = 100
+    folds: Annotated[int, at_least(2)] = 3
+    epoch_fraction: Annotated[float, between(0, 1, "(]")] = 1.0
+    seed: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
         if self.min_val < 0 or self.folds < 2 or not 0 < self.epoch_fraction <= 1:
