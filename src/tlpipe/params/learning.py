@@ -169,10 +169,10 @@ class Workers:
         timeout_s: How long the task waits for the job before failing.
     """
 
-    nodes: int = 1
-    procs_per_node: int = 1
+    nodes: Annotated[int, at_least(1)] = 1
+    procs_per_node: Annotated[int, at_least(1)] = 1
     runtime: str = "tlpipe"
-    timeout_s: int = 24 * 3600
+    timeout_s: Annotated[int, at_least(1)] = 24 * 3600
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.procs_per_node < 1 or self.timeout_s < 1:
