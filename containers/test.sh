@@ -18,7 +18,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null
   fi
 fi
-"$BIN/python" -m pip install -q -e '.[containers]' 2>&1 | grep -v "is ignored" || true
+# The [containers] extra only when something is missing: never reinstall (a shared venv's
+# editable install may point at another checkout; this one's sources come first on PYTHONPATH).
+if ! "$BIN/python" -c "import tlpipe, docker, boto3, moto, kfp" 2>/dev/null; then
+  "$BIN/python" -m pip install -q -e '.[containers]' 2>&1 | grep -v "is ignored" || true
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 : "${TLPIPE_DOCKER_DIR:=/var/lib/tlpipe-docker}"
 export TLPIPE_DOCKER_DIR TLPIPE_DOCKER_SOCK="$TLPIPE_DOCKER_DIR/docker.sock"

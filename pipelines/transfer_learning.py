@@ -76,6 +76,7 @@ RUN_KEY_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 RUN_AS = 10001  # the image's `tlpipe` user and group
+SCRATCH = "/tmp"  # the one writable path of a step's container (an emptyDir)
 
 
 # ---------------------------------------------------------------------------- task settings
@@ -111,11 +112,16 @@ def _gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def _non_root(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Run as the image's non-root user whatever the image says (Pod Security `restricted`).
+    """Run as the image's non-root user whatever the image says (Pod Security `restricted`),
+    with an emptyDir as the only writable scratch (`/tmp`: HOME, MPLCONFIGDIR, TORCH_HOME and
+    the steps' temporary files live there), so the root filesystem can be read-only.
 
-    kfp-kubernetes sets the identity fields; the KFP compiler/backend adds the rest of
-    `restricted` (no privilege escalation, all capabilities dropped, RuntimeDefault seccomp).
+    KFP's platform spec carries only the identity fields; the KFP backend (>= 2.16) adds the
+    rest of `restricted` to every pipeline container (allowPrivilegeEscalation: false, drop
+    ALL capabilities, RuntimeDefault seccomp), and k8s/base/pipeline-pods-policy.yaml makes
+    the root filesystem read-only. tests/test_containers.py runs the steps with exactly these.
     """
+    kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path=SCRATCH)
     return kubernetes.set_security_context(
         task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True
     )

@@ -169,14 +169,34 @@ def _container_env(container: dict, local: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def k8s_volume(folder: Path, pod: dict, name: str, files: dict[str, str]) -> Path:
+    """Write Secret/ConfigMap volume `name` of `pod` into `folder` as the kubelet does: the
+    files root-owned with the volume's `defaultMode` (0644 unless set), their group the pod's
+    `fsGroup` when it has one (else root's), the folder root-owned 0755."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == name]
+    source = volume.get("secret") or volume.get("configMap")
+    mode = source.get("defaultMode", 0o644)
+    group = pod.get("securityContext", {}).get("fsGroup", 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, text in files.items():
+        (folder / file).write_text(text)
+        os.chown(folder / file, 0, group)
+        (folder / file).chmod(mode)
+    os.chown(folder, 0, group)
+    folder.chmod(0o755)
+    return folder
+
+
 def _run_args(pod: dict, container: dict, env: dict[str, str], mounts: dict[str, Path]) -> list:
-    """`docker run` options for what the pod spec asks: user, read-only root, tmpfs for its
-    emptyDirs, read-only mounts for its Secret/ConfigMap volumes (files from `mounts`)."""
-    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
-    args = ["--network", "host", "--user", user, "--cap-drop", "ALL"]
-    args += ["--security-opt", "no-new-privileges"]
-    if container["securityContext"].get("readOnlyRootFilesystem"):
-        args.append("--read-only")
+    """`docker run` options for what the pod spec asks: user, fsGroup as a supplementary
+    group, read-only root, tmpfs for its emptyDirs, read-only mounts for its Secret/ConfigMap
+    volumes (folders made by `k8s_volume`)."""
+    pod_sc = pod["securityContext"]
+    args = ["--network", "host", "--user", f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}"]
+    for group in [pod_sc.get("fsGroup"), *pod_sc.get("supplementalGroups", [])]:
+        if group is not None:
+            args += ["--group-add", str(group)]
+    args += _restricted_args(container["securityContext"])
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
@@ -187,6 +207,25 @@ def _run_args(pod: dict, container: dict, env: dict[str, str], mounts: dict[str,
     for key, value in env.items():
         args += ["-e", f"{key}={value}"]
     return args
+
+
+def _restricted_args(sc: dict) -> list[str]:
+    """`docker run` options for a container securityContext (what a test runs, it reads)."""
+    args = []
+    if sc.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    for cap in sc.get("capabilities", {}).get("drop", []):
+        args += ["--cap-drop", cap]
+    return args
+
+
+def auth_ini(pg_port: int) -> str:
+    """k8s/secrets/basic_auth.ini.example with this test's Postgres."""
+    ini = (ROOT / "k8s/secrets/basic_auth.ini.example").read_text()
+    password = SECRETS["tlpipe-infra-secrets"]["POSTGRES_PASSWORD"]
+    return ini.replace("mlflow:CHANGE_ME@postgres:5432", f"mlflow:{password}@127.0.0.1:{pg_port}")
 
 
 @contextlib.contextmanager
@@ -202,16 +241,7 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
         "http://minio.tlpipe.svc.cluster.local:9000": s3_url,
     }
     env = _container_env(container, local)
-    auth = tmp / "mlflow-auth"
-    auth.mkdir()
-    ini = (ROOT / "k8s/secrets/basic_auth.ini.example").read_text()
-    creds = SECRETS["tlpipe-infra-secrets"]
-    ini = ini.replace(
-        "mlflow:CHANGE_ME@postgres:5432", f"mlflow:{creds['POSTGRES_PASSWORD']}@127.0.0.1:{pg_port}"
-    )
-    (auth / "basic_auth.ini").write_text(ini)
-    auth.chmod(0o755)
-    (auth / "basic_auth.ini").chmod(0o644)
+    auth = k8s_volume(tmp / "mlflow-auth", pod, "auth", {"basic_auth.ini": auth_ini(pg_port)})
     args = [a if not a.startswith("--port=") else f"--port={port}" for a in container["args"]]
     name = f"tlpipe-mlflow-{port}"
     docker("run", "-d", "--name", name, *_run_args(pod, container, env, {"auth": auth}),
@@ -238,20 +268,127 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
 
 
 def create_users(tmp: Path, url: str) -> str:
-    """Job mlflow-users (k8s/base/mlflow-users.yaml) run as written, in the mlflow image."""
+    """Job mlflow-users (k8s/base/mlflow-users.yaml) run as written, in the mlflow image, and
+    retried as Kubernetes retries it: up to `backoffLimit` more times."""
     job = manifest("mlflow-users", "Job", "mlflow-users.yaml")
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    config = tmp / "mlflow-users-config"
-    config.mkdir(exist_ok=True)
-    for name, text in manifest("mlflow-users", "ConfigMap", "mlflow-users.yaml")["data"].items():
-        (config / name).write_text(text)
-        (config / name).chmod(0o644)
-    config.chmod(0o755)
+    files = manifest("mlflow-users", "ConfigMap", "mlflow-users.yaml")["data"]
+    config = k8s_volume(tmp / "mlflow-users-config", pod, "config", files)
     env = _container_env(container, {"http://mlflow.tlpipe.svc.cluster.local:5000": url})
-    proc = docker("run", "--rm", *_run_args(pod, container, env, {"config": config}),
-                  MLFLOW_IMAGE, *container["command"])  # fmt: skip
-    return proc.stdout
+    args = [*_run_args(pod, container, env, {"config": config}), MLFLOW_IMAGE]
+    failures = []
+    for _ in range(1 + job["spec"]["backoffLimit"]):
+        proc = docker("run", "--rm", *args, *container["command"], check=False)
+        if proc.returncode == 0:
+            return proc.stdout
+        failures.append(proc.stderr.strip()[-500:])
+    raise AssertionError("Job mlflow-users failed every try:\n" + "\n".join(failures))
+
+
+# ---------------------------------------------------------------------------- compiled pods
+
+POLICY = "pipeline-pods-policy.yaml"
+
+
+def pipeline_pod(package: Path) -> dict:
+    """What every step pod of the compiled pipeline `package` runs with, read from the spec
+    (user, group, emptyDirs, env from Secret/ConfigMap/field) and from k8s/base's pipeline-pod
+    policy (the container securityContext: read-only root, no privilege escalation, dropped
+    capabilities). All executors must agree on user and scratch, or this fails."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(docs[0]["deploymentSpec"]["executors"]), "an executor lacks k8s"
+    users = {json_key(e["securityContext"]) for e in executors.values()}
+    assert len(users) == 1, f"executors disagree on user/group: {users}"
+    scratch = {
+        json_key([m for m in e.get("emptyDirMounts", []) if m["mountPath"] != "/dev/shm"])
+        for e in executors.values()
+    }
+    assert len(scratch) == 1, f"executors disagree on scratch folders: {scratch}"
+    any_executor = next(iter(executors.values()))
+    shm = [
+        m
+        for e in executors.values()
+        for m in e.get("emptyDirMounts", [])
+        if m["mountPath"] == "/dev/shm"
+    ]
+    return {
+        "securityContext": any_executor["securityContext"],
+        "scratch": [
+            m["mountPath"]
+            for m in any_executor.get("emptyDirMounts", [])
+            if m["mountPath"] != "/dev/shm"
+        ],
+        "shm_size": shm[0]["sizeLimit"].replace("Gi", "g") if shm else None,
+        "secret_env": {
+            (s["secretName"], k["secretKey"]): k["envVar"]
+            for e in executors.values()
+            for s in e.get("secretAsEnv", [])
+            for k in s["keyToEnv"]
+        },
+        "config_env": {
+            k["configMapKey"]: k["envVar"]
+            for e in executors.values()
+            for c in e.get("configMapAsEnv", [])
+            for k in c["keyToEnv"]
+        },
+        "field_env": {f["name"] for e in executors.values() for f in e.get("fieldPathAsEnv", [])},
+        "container": policy_security_context(),
+    }
+
+
+def json_key(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+def policy_security_context() -> dict:
+    """The container securityContext that k8s/base's MutatingAdmissionPolicy gives step pods
+    (read from its CEL apply configuration)."""
+    docs = yaml.safe_load_all((K8S / POLICY).read_text())
+    policy = next(d for d in docs if d["kind"] == "MutatingAdmissionPolicy")
+    text = " ".join(m["applyConfiguration"]["expression"] for m in policy["spec"]["mutations"])
+    containers = text.split("containers:", 1)[1]
+    sc: dict = {}
+    for field in ("allowPrivilegeEscalation", "readOnlyRootFilesystem"):
+        if found := re.search(rf"{field}:\s*(true|false)", containers):
+            sc[field] = found[1] == "true"
+    if found := re.search(r"drop:\s*\[([^\]]*)\]", containers):
+        sc["capabilities"] = {"drop": re.findall(r'"(\w+)"', found[1])}
+    return sc
+
+
+def pipeline_docker_settings(pod: dict, env: dict[str, str]) -> dict:
+    """kfp.local.DockerRunner / docker SDK settings for `pipeline_pod(...)`, with `env` the
+    values of the variables the pod spec names (a variable it does not name is not passed)."""
+    sc, container = pod["securityContext"], pod["container"]
+    names = {*pod["secret_env"].values(), *pod["config_env"].values(), *pod["field_env"]}
+    settings = {
+        "user": f"{sc['runAsUser']}:{sc['runAsGroup']}",
+        "read_only": bool(container.get("readOnlyRootFilesystem")),
+        "tmpfs": {path: "rw,mode=1777" for path in pod["scratch"]},
+        "cap_drop": container.get("capabilities", {}).get("drop", []),
+        "environment": {k: v for k, v in env.items() if k in names},
+    }
+    if container.get("allowPrivilegeEscalation") is False:
+        settings["security_opt"] = ["no-new-privileges"]
+    if pod["shm_size"]:
+        settings["shm_size"] = pod["shm_size"]
+    return settings
+
+
+def docker_run_args(settings: dict) -> list[str]:
+    """The same settings as `docker run` options."""
+    args = ["--user", settings["user"], *(["--read-only"] if settings["read_only"] else [])]
+    for path, opts in settings["tmpfs"].items():
+        args += ["--tmpfs", f"{path}:{opts}"]
+    for cap in settings["cap_drop"]:
+        args += ["--cap-drop", cap]
+    for opt in settings.get("security_opt", []):
+        args += ["--security-opt", opt]
+    return args
 
 
 # ---------------------------------------------------------------------------- kfp workaround

@@ -20,14 +20,20 @@ from pathlib import Path
 
 import pytest
 from containers_stack import (
+    MLFLOW_IMAGE,
     ROOT,
     SECRETS,
     TLPIPE_IMAGE,
+    auth_ini,
     create_users,
     docker,
+    docker_run_args,
+    k8s_volume,
     kfp_reports_exit_status,
     manifest,
     mlflow_server,
+    pipeline_docker_settings,
+    pipeline_pod,
     postgres,
     s3_server,
 )
@@ -36,8 +42,8 @@ from test_kfp import ALL_TASKS, FMNIST, STEP_RUNS, _check_artifacts, _steps_run,
 from tlpipe.errors import TlpipeError
 
 pytestmark = pytest.mark.containers
-RUN_AS = "10001:10001"
 PIPELINE = SECRETS["tlpipe-secrets"]
+COMPILED = ROOT / "src/tlpipe/kfp/transfer_learning.yaml"  # the spec users run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,20 +74,33 @@ def stack(tmp_path_factory) -> dict[str, str]:
 
 
 def _tlpipe(*args: str, mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run the tlpipe image as its non-root user with a read-only root filesystem."""
-    opts = ["--rm", "--user", RUN_AS, "--read-only", "--tmpfs", "/tmp:rw,mode=1777"]
-    opts += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    """Run the tlpipe image as the compiled pipeline's pods run: the spec's user and scratch
+    folders, the pipeline-pod policy's securityContext (read-only root), no network."""
+    opts = ["--rm", "--network", "none"]
+    opts += docker_run_args(pipeline_docker_settings(pipeline_pod(COMPILED), {}))
     for m in mounts:
         opts += ["-v", m]
     return docker("run", *opts, TLPIPE_IMAGE, *args)
 
 
+def test_the_image_user_is_the_compiled_pods_user() -> None:
+    """The image's own USER (what a pod without a securityContext gets, e.g. Kubeflow Trainer
+    nodes) is the user the compiled spec asks for, and that user is not root."""
+    sc = pipeline_pod(COMPILED)["securityContext"]
+    assert sc["runAsNonRoot"] is True and int(sc["runAsUser"]) != 0
+    image_user = ["sh", "-c", "id -u; id -g"]
+    own = docker("run", "--rm", "--network", "none", TLPIPE_IMAGE, *image_user).stdout
+    assert own.split() == [str(sc["runAsUser"]), str(sc["runAsGroup"])]
+    as_pod = _tlpipe("sh", "-c", "id -u; touch /opt/x 2>&1 || echo read-only; touch /tmp/x").stdout
+    assert as_pod.split("\n")[0] == str(sc["runAsUser"]) and "read-only" in as_pod
+
+
 def test_image_runs_a_step_non_root_on_a_read_only_root(tmp_path: Path) -> None:
     assert "prepare" in _tlpipe("tlpipe", "--help").stdout
-    assert _tlpipe("id", "-u").stdout.strip() == "10001"
+    sc = pipeline_pod(COMPILED)["securityContext"]
     out = tmp_path / "out"
     out.mkdir()
-    os.chown(out, 10001, 10001)
+    os.chown(out, int(sc["runAsUser"]), int(sc["runAsGroup"]))
     params = tmp_path / "params.yaml"
     spec = {"sources": [str(FMNIST)]}
     params.write_text(json.dumps({"fetch": {"source": spec, "target": spec}}))
@@ -104,14 +123,14 @@ def test_image_runs_a_step_non_root_on_a_read_only_root(tmp_path: Path) -> None:
 def test_the_mlflow_server_runs_as_k8s_runs_it_and_needs_a_user(stack) -> None:
     url = stack["MLFLOW_TRACKING_URI"]
     # /health stays open (probes, tlpipe.tracking.check_server and the step watchdog)
-    with urllib.request.urlopen(url + "/health", timeout=5) as reply:
+    with urllib.request.urlopen(url + "/health", timeout=60) as reply:
         assert reply.status == 200
     from tlpipe import tracking
 
     tracking.check_server(url)
     # everything else needs a user
     with pytest.raises(urllib.error.HTTPError) as anonymous:
-        urllib.request.urlopen(url + "/api/2.0/mlflow/experiments/search?max_results=1")
+        urllib.request.urlopen(url + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=60)
     assert anonymous.value.code == 401
     assert _api(url, "GET", "/api/2.0/mlflow/experiments/search?max_results=1", PIPELINE) == 200
     wrong = {**PIPELINE, "MLFLOW_TRACKING_PASSWORD": "wrong"}
@@ -119,6 +138,26 @@ def test_the_mlflow_server_runs_as_k8s_runs_it_and_needs_a_user(stack) -> None:
     # the Deployment the test ran is the one in k8s/ (a renamed flag would break both)
     args = manifest("mlflow", "Deployment", "mlflow.yaml")["spec"]["template"]["spec"]
     assert "--app-name=basic-auth" in args["containers"][0]["args"]
+
+
+def test_the_auth_secret_is_readable_only_through_fs_group(tmp_path: Path) -> None:
+    """Kubernetes mounts Secret tlpipe-mlflow-auth root-owned with mode 0440: the server's
+    user reads it only as a member of the pod's fsGroup (the stack above runs that way)."""
+    pod = manifest("mlflow", "Deployment", "mlflow.yaml")["spec"]["template"]["spec"]
+    (auth,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert auth["secret"]["defaultMode"] == 0o440
+    sc = pod["securityContext"]
+    folder = k8s_volume(tmp_path / "auth", pod, "auth", {"basic_auth.ini": auth_ini(5432)})
+    stat = (folder / "basic_auth.ini").stat()
+    assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (0, sc["fsGroup"], 0o440)
+    read = ["run", "--rm", "--network", "none", "-v", f"{folder}:/etc/mlflow-auth:ro"]
+    user = ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
+    cat = [MLFLOW_IMAGE, "cat", "/etc/mlflow-auth/basic_auth.ini"]
+    assert "[mlflow]" in docker(*read, *user, "--group-add", str(sc["fsGroup"]), *cat).stdout
+    # without fsGroup the kubelet leaves the file root:root 0440: unreadable (the old bug)
+    os.chown(folder / "basic_auth.ini", 0, 0)
+    denied = docker(*read, "--user", f"{sc['runAsUser']}:{sc['runAsUser']}", *cat, check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
 
 
 def _api(url: str, method: str, path: str, creds: dict | None, body: dict | None = None) -> int:
@@ -129,7 +168,7 @@ def _api(url: str, method: str, path: str, creds: dict | None, body: dict | None
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
+        with urllib.request.urlopen(request, timeout=60) as reply:  # a loaded 2-core machine
             return reply.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -155,30 +194,30 @@ def _scenario(**overrides) -> dict:
 
 
 def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> Path:
-    """`client.run_local` with a DockerRunner: every step in the tlpipe image as uid 10001
-    with a read-only root, host network (the services are on 127.0.0.1), the settings of
-    Secret tlpipe-secrets and the run key as environment. The run's folder under `root`."""
+    """`client.run_local` with a DockerRunner: every step in the tlpipe image with the user,
+    scratch folders, securityContext and environment variables that the compiled pipeline
+    (`pipeline_pod`) gives its pods, the values of those variables from `env` (Secret
+    tlpipe-secrets and ConfigMap tlpipe-config with this machine's addresses) plus the run
+    key; host network (the services are on 127.0.0.1). The run's folder under `root`."""
     import docker as docker_sdk
     from kfp import local
 
     from tlpipe.kfp import client, runtime
     from tlpipe.tracking import RUN_KEY_ENV
 
+    pod = pipeline_pod(package)
+
     def runner(run_key: str) -> local.DockerRunner:
+        settings = pipeline_docker_settings(pod, {**env, RUN_KEY_ENV: run_key})
         return local.DockerRunner(
             network_mode="host",
-            user=RUN_AS,
-            read_only=True,
-            tmpfs={"/tmp": "rw,mode=1777"},
-            shm_size="2g",  # the pods' /dev/shm emptyDir
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            environment={**env, RUN_KEY_ENV: run_key},
             mounts=[docker_sdk.types.Mount(str(FMNIST), str(FMNIST), type="bind", read_only=True)],
+            **settings,
         )
 
     root.mkdir(parents=True, exist_ok=True)
-    os.chown(root, 10001, 10001)  # the steps write their outputs as uid 10001
+    sc = pod["securityContext"]
+    os.chown(root, int(sc["runAsUser"]), int(sc["runAsGroup"]))  # the steps write outputs
     with kfp_reports_exit_status():
         done = client.run_local(package, runtime.arguments(scenario), root, runner=runner)
     return done.run_dir

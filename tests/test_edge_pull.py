@@ -25,6 +25,7 @@ from test_edge import write_model
 from tlpipe import edge
 from tlpipe.edge.pull import sign
 from tlpipe.edge.store import ModelStore
+from tlpipe.errors import TlpipeError
 
 
 @pytest.fixture
@@ -235,3 +236,51 @@ def test_credentials_come_from_the_environment(
     assert edge.main(args) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _install(d: Path, version: str) -> Path:
+    from tlpipe.edge.store import MODEL_FILE, Installed
+
+    store = ModelStore(d)
+    with store.lock(), store.staging() as staged:
+        (staged / MODEL_FILE).write_bytes(b"onnx bytes " + version.encode())
+        store.install(staged, Installed("m", version, "fp32", "0" * 64))
+    return store.model_path()
+
+
+def test_installed_models_are_readable_by_the_serving_user(tmp_path, monkeypatch):
+    """A model pulled by root's cron is served by another user: folders 0755/files 0644, or
+    the group of TLPIPE_EDGE_GROUP with 0750/0640."""
+    import os
+    import shutil
+    import subprocess
+
+    monkeypatch.delenv("TLPIPE_EDGE_GROUP", raising=False)
+    model = _install(tmp_path / "models", "1")
+    assert model.stat().st_mode & 0o777 == 0o644
+    assert model.parent.stat().st_mode & 0o777 == 0o755
+    if os.geteuid() == 0 and shutil.which("runuser"):  # as root: serve as another user
+        import tempfile
+
+        shared = Path(tempfile.mkdtemp(prefix="tlpipe-edge-"))  # pytest's tmp is 0700
+        try:
+            shared.chmod(0o755)
+            _install(shared / "models", "1")
+            cat = [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "cat",
+                str(shared / "models/current/model.onnx"),
+            ]
+            assert subprocess.run(cat, capture_output=True).stdout == b"onnx bytes 1"
+        finally:
+            shutil.rmtree(shared)
+    monkeypatch.setenv("TLPIPE_EDGE_GROUP", str(os.getgid()))
+    model = _install(tmp_path / "models", "2")
+    assert (model.stat().st_mode & 0o777, model.stat().st_gid) == (0o640, os.getgid())
+    assert model.parent.stat().st_mode & 0o777 == 0o750
+    monkeypatch.setenv("TLPIPE_EDGE_GROUP", "no-such-group-tlpipe")
+    with pytest.raises(TlpipeError, match="no such group"):
+        _install(tmp_path / "models", "3")

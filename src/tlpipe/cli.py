@@ -292,7 +292,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1."""
     import click
 
-    from tlpipe.tracking import TrackingLost
+    from tlpipe.tracking import TrackingLost, disable_mlflow_telemetry
+
+    disable_mlflow_telemetry()  # for this process and its DVC stages (tlpipe.tracking: why)
 
     try:
         app(standalone_mode=False)

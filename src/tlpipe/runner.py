@@ -53,6 +53,9 @@ def run_step(
         track: False (or env TLPIPE_NO_TRACK) runs the step without MLflow.
         tags: extra tags for the run (lineage the inputs do not carry).
     """
+    from tlpipe.tracking import disable_mlflow_telemetry
+
+    disable_mlflow_telemetry()  # before any step imports mlflow (tlpipe.tracking says why)
     cfg, picked = step_config(step, params, strategy)
     inputs = {**picked, **inputs}
     run = importlib.import_module(f"tlpipe.steps.{step}").run

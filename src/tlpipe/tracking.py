@@ -9,6 +9,12 @@ with the `mlflow.parentRunId` tag. Settings come from the environment only:
 
 Steps never call this module; `tlpipe.runner` does. Nothing happens at import time and mlflow
 is imported inside the functions that need it.
+
+MLflow's usage telemetry is off in tlpipe's processes (`disable_mlflow_telemetry`, called by
+the CLI, the runner and `connect` before mlflow is imported): its background thread deletes
+`_MLFLOW_TELEMETRY_SESSION_ID` from the environment while the HTTP client reads it, which
+failed scheduled runs at random with a KeyError. MLflow turns it off itself under pytest and
+CI, so only an unattended run from a user's shell or cron ever met it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,16 @@ class TrackingLost(BaseException):  # noqa: N818 — not an Exception: mlflow mu
     """
 
 
+def disable_mlflow_telemetry() -> None:
+    """Turn MLflow's usage telemetry off for this process and the ones it starts.
+
+    Effective when called before mlflow is first imported (mlflow starts its telemetry client
+    at import): the entry points call it first thing. Set, not defaulted: a user's
+    MLFLOW_DISABLE_TELEMETRY=false would bring the crash back.
+    """
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, or a sqlite file `mlflow.db` in the current directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
@@ -107,6 +123,7 @@ def connect() -> Any:
     Lowers mlflow's HTTP retries/timeout (unless set in the environment). A sqlite store is
     created under a file lock: two first runs at once would both run its migrations.
     """
+    disable_mlflow_telemetry()
     import mlflow
 
     uri = tracking_uri()

@@ -13,6 +13,10 @@ renamed), and `current` is switched by renaming a new symlink over it (atomic on
 reader sees the old model or the new one, never half of one; a process that loaded the old
 model keeps it, and the old folder stays as `previous`. Older versions are deleted.
 One `pull` or `rollback` at a time holds DIR/.lock.
+
+Who may read it: the user that pulls (often root's cron) is rarely the one that serves. A
+version folder gets mode 0755 and its files 0644, or, with env `TLPIPE_EDGE_GROUP` (a group
+name or id), that group and modes 0750/0640: readable by the serving user's group only.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 from tlpipe.errors import TlpipeError
 
 MODEL_FILE, INFO_FILE = "model.onnx", "install.json"
+GROUP_ENV = "TLPIPE_EDGE_GROUP"
 CURRENT, PREVIOUS, ROLLED_BACK = "current", "previous", "rolled-back"
 
 
@@ -142,6 +147,7 @@ class ModelStore:
             }
             _write_durably(staged / INFO_FILE, json.dumps(info, indent=2).encode())
             _fsync(staged / MODEL_FILE)
+            share(staged)
             shutil.rmtree(slot, ignore_errors=True)  # a damaged copy of this version
             os.replace(staged, slot)
         old = self.current()
@@ -188,6 +194,31 @@ class ModelStore:
         for entry in self.versions.iterdir():
             if os.path.realpath(entry) not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def share(folder: Path) -> None:
+    """Let the serving user read `folder` (a version) and the folders above it: group
+    `TLPIPE_EDGE_GROUP` with 0750/0640 when set, else 0755/0644 (a model is not a secret;
+    mkdtemp's 0700 would hide it from every other user)."""
+    group = os.environ.get(GROUP_ENV, "").strip()
+    gid = -1
+    if group:
+        import grp
+
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError as e:
+            raise TlpipeError(f"{GROUP_ENV}={group}: no such group on this device") from e
+    dirs, files = (0o750, 0o640) if group else (0o755, 0o644)
+    for path in [folder, *folder.rglob("*")]:
+        if gid >= 0:
+            os.chown(path, -1, gid)
+        path.chmod(dirs if path.is_dir() else files)
+    for parent in (folder.parent, folder.parent.parent):  # versions/ and the model dir
+        if gid >= 0 and parent.stat().st_uid == os.geteuid():
+            os.chown(parent, -1, gid)
+        if parent.stat().st_uid == os.geteuid():
+            parent.chmod((parent.stat().st_mode & 0o7777) | (dirs & 0o055))
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
+from tlpipe.fsio import sha256_file
 from tlpipe.params import RegisterConfig
 from tlpipe.release.paired import Paired
 from tlpipe.release.promotion import CHALLENGER, CHAMPION, Candidate, Decision, replay
@@ -220,7 +221,51 @@ def champion_onnx(model_name: str) -> Iterator[tuple[Path, str] | tuple[None, No
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        verify_champion_file(Path(path), _versions(client, model_name)[best.version])
         yield Path(path), best.version
+
+
+def keep_champion(model_name: str, version: str, reason: str) -> Decision:
+    """Leave `champion` where it is: `version` becomes the challenger, tagged with why."""
+    client = _client()
+    decision = Decision(CHALLENGER, reason)
+    _set_tag(client, model_name, version, "gate_decision", decision.alias)
+    _set_tag(client, model_name, version, "gate_reason", reason)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return decision
+
+
+class ChampionFileRefused(TlpipeError):
+    """The champion's ONNX file in the artifact store is not the file its version recorded."""
+
+
+def verify_champion_file(path: Path, mv: Any) -> None:
+    """Check the downloaded champion file against its version's `onnx_sha256` tag (and that
+    tag's HMAC when TLPIPE_SIGNING_KEY is set and the champion was signed), as a device does
+    before serving it.
+
+    Raises `ChampionFileRefused` (one line: the champion stays, nothing is promoted).
+    """
+    import hmac
+
+    recorded = mv.tags.get("onnx_sha256", "").strip().lower()
+    what = f"champion {mv.name} v{mv.version}'s model.onnx"
+    keep = "kept the champion, promoted nothing; re-register the champion or fix the store"
+    if not recorded:
+        raise ChampionFileRefused(f"{what} has no recorded onnx_sha256 to verify: {keep}")
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise ChampionFileRefused(
+            f"{what} in the artifact store has sha256 {actual[:12]}…, not the recorded "
+            f"{recorded[:12]}… (tampered or damaged): {keep}"
+        )
+    # a champion registered before the key was set carries no signature: its sha256 alone
+    signature = mv.tags.get("onnx_sha256_hmac", "").strip().lower()
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if key and signature and not hmac.compare_digest(signature, sign(recorded, key)):
+        raise ChampionFileRefused(
+            f"{what}'s onnx_sha256 has a wrong signature for TLPIPE_SIGNING_KEY: {keep}"
+        )
 
 
 def champion_manifest(model_name: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -82,7 +82,14 @@ def run(
             files.append((Path(prepared_dir) / "manifest.json", "data"))
         registry.log_files(files)
         model_uri, dataset_sha = _log_pytorch(Path(model_path))
-        paired = _score_champion(cfg.model_name, export_dir, prepared_dir) if prepared_dir else None
+        paired, refused = None, ""
+        if prepared_dir is not None:
+            try:
+                paired = _score_champion(cfg.model_name, export_dir, prepared_dir)
+            except (
+                registry.ChampionFileRefused
+            ) as e:  # never compare with (or replace) on a bad file
+                refused = str(e)
         tags = {
             "accuracy": repr(parity["fp32"]["accuracy"]),
             "int8_accuracy": repr((parity.get("int8") or {}).get("accuracy", float("nan"))),
@@ -96,7 +103,10 @@ def run(
         if len(onnx_files) > 1:  # no tag, no INT8 for devices: `pull --variant int8` refuses
             tags["onnx_int8_sha256"] = sha256_file(onnx_files[1])
         version = registry.register_version(model_uri, cfg.model_name, tags)
-        decision = registry.promote(cfg.model_name, version, cfg)
+        if refused:  # the champion stays; this version is only a challenger
+            decision = registry.keep_champion(cfg.model_name, version, refused)
+        else:
+            decision = registry.promote(cfg.model_name, version, cfg)
         registry.tag_run(
             {
                 "tlpipe.registered_version": version,
