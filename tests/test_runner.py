@@ -64,17 +64,33 @@ def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
     assert "stopped answering during `pretrain`" in err and "Traceback" not in err
     assert stopped_after < 30, stopped_after
     assert resume.exists() and not (tmp_path / "source.pt").exists()
+    lost = fsio.read_json(tmp_path / tracking.LOST_RUNS)  # the run the dead server holds
+    assert list(lost.values()) == ["pretrain"]
+    (lost_id,) = lost
 
-    # a server is back: the same command continues where it stopped
-    server, uri = start_server(tmp_path / "server2")
+    # the server is back, on the same store: the same command continues where it stopped,
+    # ends the run the lost server left RUNNING, and links to it
+    import mlflow
+
+    server, uri = start_server(tmp_path / "server")
     try:
         again = _pretrain(tiny_prepared, tmp_path, project_env(uri))
         _, err = again.communicate(timeout=300)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        old = client.get_run(lost_id)
+        (new,) = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.`{tracking.RESUMED_FROM_TAG}` = '{lost_id}'",
+        )
     finally:
         stop_server(server)
     assert again.returncode == 0, err
     assert "pretrain: resuming after epoch" in err
     assert (tmp_path / "source.pt").exists() and not resume.exists()
+    assert old.info.status == "KILLED" and new.info.status == "FINISHED"
+    assert "tracking server was lost" in old.data.tags[tracking.CLOSED_TAG]
+    assert new.info.run_id in old.data.tags[tracking.CLOSED_TAG]
+    assert not (tmp_path / tracking.LOST_RUNS).exists()
 
 
 def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(

@@ -44,6 +44,10 @@ DEADLINE_ENV = "TLPIPE_TRACKING_DEADLINE"
 RUN_KEY_ENV = "TLPIPE_KFP_RUN"
 RUN_KEY_TAG = "tlpipe.kfp_run"
 DEFAULT_URI = "sqlite:///mlflow.db"
+# Runs a lost server left RUNNING (this working directory's), closed by the next step run.
+LOST_RUNS = Path(".tlpipe/lost-runs.json")
+CLOSED_TAG = "tlpipe.closed_reason"
+RESUMED_FROM_TAG = "tlpipe.resumed_from"
 DEFAULT_EXPERIMENT = "tlpipe"
 
 # mlflow's own client retries a failed request 7 times with exponential backoff (minutes of
@@ -269,6 +273,7 @@ def step_run(
             experiment_id = _experiment_id(client, experiment_name())
         run = mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=all_tags)
         try:
+            close_lost_runs(client, run.info.run_id, step)
             if cfg is not None:
                 _log_params(client, run.info.run_id, flatten(to_dict(cfg)))
             yield StepRun(run.info.run_id, mlflow.get_tracking_uri())
@@ -277,9 +282,62 @@ def step_run(
                 status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
                 _quietly(mlflow.set_tag, "tlpipe.error", f"{type(e).__name__}: {e}"[:4000])
                 _quietly(mlflow.end_run, status)
+            else:  # the server cannot hear it now: the next step run here closes them
+                _remember_lost({run.info.run_id: step, **({parent: "pipeline"} if parent else {})})
             raise
         else:
             mlflow.end_run("FINISHED")
+
+
+def _remember_lost(runs: dict[str, str]) -> None:
+    """Add `runs` (run id → step) to LOST_RUNS: left RUNNING because the server was lost."""
+    _quietly(_write_lost, {**_read_lost(), **runs})
+
+
+def _read_lost() -> dict[str, str]:
+    import json
+
+    try:
+        return dict(json.loads(LOST_RUNS.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _write_lost(runs: dict[str, str]) -> None:
+    import json
+
+    if not runs:
+        LOST_RUNS.unlink(missing_ok=True)
+        return
+    LOST_RUNS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = LOST_RUNS.with_name(f".{LOST_RUNS.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(runs, indent=1))
+    os.replace(tmp, LOST_RUNS)
+
+
+def close_lost_runs(client: Any, run_id: str, step: str) -> list[str]:
+    """End KILLED, with a tag saying why, the runs a lost server left RUNNING here
+    (LOST_RUNS); tag run `run_id` with the run of the same step it resumes. Returns the
+    closed ids. A run the server does not know (another server) is forgotten."""
+    from mlflow.exceptions import MlflowException
+
+    lost, closed = _read_lost(), []
+    if not lost:
+        return closed
+    for old, old_step in lost.items():
+        try:
+            if client.get_run(old).info.status == "RUNNING":
+                why = f"the tracking server was lost during this {old_step} run"
+                why += f"; closed KILLED by run {run_id}"
+                client.set_tag(old, CLOSED_TAG, why)
+                client.set_terminated(old, "KILLED")
+                closed.append(old)
+        except MlflowException:
+            continue  # not on this server
+        if old_step == step:
+            client.set_tag(run_id, RESUMED_FROM_TAG, old)
+    _write_lost({})
+    return closed
 
 
 class Watchdog:
