@@ -100,9 +100,13 @@ def test_gpu_steps_ask_for_a_gpu_node(compiled) -> None:
             "effect": "NoSchedule",
         }
         assert k8s["tolerations"] == [toleration]
-        assert k8s["emptyDirMounts"] == [
-            {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "2Gi"}
-        ]
+        shm = {
+            "volumeName": "dshm",
+            "mountPath": "/dev/shm",
+            "medium": "Memory",
+            "sizeLimit": "2Gi",
+        }
+        assert shm in k8s["emptyDirMounts"]
     for name, executor in executors.items():
         res = executor["container"]["resources"]
         assert {"cpuRequest", "memoryLimit"} <= set(res), name
