@@ -82,10 +82,11 @@ def test_runtime_pods_get_the_single_pod_gpu_task_settings(rendered) -> None:
         want = executors[task]
         assert pod["nodeSelector"] == want["nodeSelector"]["labels"]
         assert pod["tolerations"] == want["tolerations"]
-        (shm,) = want["emptyDirMounts"]
-        empty_dir = {"medium": shm["medium"], "sizeLimit": shm["sizeLimit"]}
-        assert {"name": shm["volumeName"], "emptyDir": empty_dir} in pod["volumes"]
-        assert {"name": shm["volumeName"], "mountPath": shm["mountPath"]} in node["volumeMounts"]
+        for mount in want["emptyDirMounts"]:  # /dev/shm, and /tmp (the scratch)
+            empty_dir = {k: mount[k] for k in ("medium", "sizeLimit") if k in mount}
+            assert {"name": mount["volumeName"], "emptyDir": empty_dir} in pod["volumes"]
+            volume_mount = {"name": mount["volumeName"], "mountPath": mount["mountPath"]}
+            assert volume_mount in node["volumeMounts"]
         ctx = want["securityContext"]
         assert str(pod["securityContext"]["runAsUser"]) == ctx["runAsUser"]
         assert str(pod["securityContext"]["runAsGroup"]) == ctx["runAsGroup"]
