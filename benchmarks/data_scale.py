@@ -65,7 +65,7 @@ def generate(root: Path, n: int, size: int) -> Path:
 
 
 def task_prepare(raw: str, out: str, size: int) -> dict:
-    from tlpipe import fsio
+    from tlpipe.data.readers import write_side
     from tlpipe.params import PrepareConfig, fields
     from tlpipe.steps import prepare
 
@@ -79,8 +79,8 @@ def task_prepare(raw: str, out: str, size: int) -> dict:
     if not layout.exists():
         layout.mkdir()
         (layout / "source").symlink_to(Path(raw).resolve())
-        fsio.write_json(layout / "source.json", {"dataset": "scale", "format": "imagefolder"})
-        fsio.write_json(layout / "target.json", {"same_as": "source"})
+        write_side(layout, "source", {"dataset": "scale", "format": "imagefolder"})
+        write_side(layout, "target", {"same_as": "source"})
     start = time.perf_counter()
     prepare.run(layout, Path(out), cfg)
     images = sum(1 for _ in Path(raw).rglob("*.jpg"))

@@ -42,7 +42,8 @@ def default_model() -> Path:
 
 def load(model_path: Path, prepared: Path, max_images: int):
     """(model, meta, images uint8, labels or None, calibration images uint8, note)."""
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.steps.export import ExportConfig, calibration_set
     from tlpipe.train.models import build_model, load_checkpoint
 
@@ -56,10 +57,10 @@ def load(model_path: Path, prepared: Path, max_images: int):
     model, meta = load_checkpoint(model_path)
     manifest = load_manifest(prepared)
     # the test split whose labels index this model's classes (source models: source_val)
-    split = "target_test" if meta["classes"] == manifest["target_classes"] else "source_val"
+    split = "target_test" if meta.classes == manifest.target_classes else "source_val"
     data = load_split(prepared, split)
     calib, counts = calibration_set(prepared, ExportConfig())
-    note = f"{model_path} ({meta['arch']}) on {prepared}/{split}; INT8 calibrated on {counts}"
+    note = f"{model_path} ({meta.arch}) on {prepared}/{split}; INT8 calibrated on {counts}"
     return model, meta, data.x[:max_images], data.y[:max_images], calib, note
 
 
@@ -69,6 +70,7 @@ def quick_model(arch: str, size: int, steps: int):
     import torch
 
     from tlpipe.params.learning import TrainConfig
+    from tlpipe.train.checkpoint import CheckpointMeta
     from tlpipe.train.loop import ArrayBatches, fit
     from tlpipe.train.models import build_model
 
@@ -95,7 +97,10 @@ def quick_model(arch: str, size: int, steps: int):
         std=std,
         desc=f"{arch} on digits",
     )
-    meta = {"arch": arch, "classes": [str(i) for i in range(10)], "mean": mean, "std": std}
+    classes = tuple(str(i) for i in range(10))
+    meta = CheckpointMeta(
+        arch=arch, in_chans=3, input_size=size, classes=classes, mean=tuple(mean), std=tuple(std)
+    )
     note = (
         f"{arch} trained {steps} steps from random init on tinted RGB digits at {size} px; "
         "calibrated on 500 of its training images"
@@ -153,9 +158,9 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         model, meta, x_u8, y, calib, note = quick_model(args.arch, args.size, args.train_steps)
     else:
         model, meta, x_u8, y, calib, note = load(args.model, args.prepared, args.images)
-    x = normalise(x_u8, meta["mean"], meta["std"])
+    x = normalise(x_u8, meta.mean, meta.std)
     fp32 = export_onnx(model, tmp / "model.onnx", x.shape[1:])
-    int8 = quantize_int8(fp32, tmp / "model.int8.onnx", normalise(calib, meta["mean"], meta["std"]))
+    int8 = quantize_int8(fp32, tmp / "model.int8.onnx", normalise(calib, meta.mean, meta.std))
     dyn = quantize_dynamic_int8(fp32, tmp / "model.dyn.onnx")
 
     @torch.inference_mode()

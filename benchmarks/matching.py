@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.fsio import write_json
 from tlpipe.match import matchers, ratio
 from tlpipe.params.fields import merge
@@ -112,8 +113,8 @@ def embeddings(prepared: Path, model_path: Path, cfg: match.MatchConfig, cache: 
             [load_split(prepared, s).x for s in ("target_train", "target_val")]
         )
         t0 = time.perf_counter()
-        s = match.embed_images(model, source.x, meta["mean"], meta["std"], cfg.features)
-        t = match.embed_images(model, target_x, meta["mean"], meta["std"], cfg.features)
+        s = match.embed_images(model, source.x, meta.mean, meta.std, cfg.features)
+        t = match.embed_images(model, target_x, meta.mean, meta.std, cfg.features)
         np.savez(cache, source=s, target=t, y=source.y, shifted=source.shifted,
                  seconds=time.perf_counter() - t0)  # fmt: skip
     z = np.load(cache)
@@ -132,13 +133,13 @@ def write_match_dir(out: Path, prepared: Path, w: np.ndarray, selected: np.ndarr
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "weights.npy", w.astype(np.float32))
     np.save(out / "selected.npy", selected)
-    write_json(out / "report.json", {"dataset_sha256": load_manifest(prepared)["dataset_sha256"]})
+    write_json(out / "report.json", {"dataset_sha256": load_manifest(prepared).dataset_sha256})
 
 
 def test_accuracy(prepared: Path, model_path: Path) -> float:
     model, meta = load_checkpoint(model_path)
     test = load_split(prepared, "target_test")
-    return accuracy(model, test.x, test.y, mean=meta["mean"], std=meta["std"])
+    return accuracy(model, test.x, test.y, mean=meta.mean, std=meta.std)
 
 
 def scenario_params(scenario: str) -> dict:

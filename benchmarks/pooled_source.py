@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.params.learning import SelectionConfig
 from tlpipe.params.resolver import resolve
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
@@ -105,7 +106,7 @@ def params_for(pooled: Path, target: Path, k: int, quick: bool) -> dict[str, Any
 
 def digit_share(prepared: Path, match_dir: Path) -> float:
     """Share of digits among the source images `match` selected."""
-    names = load_manifest(prepared)["source_classes"]
+    names = load_manifest(prepared).source_classes
     y = load_split(prepared, "source").y
     selected = np.load(match_dir / "selected.npy")
     rows = np.flatnonzero(selected) if selected.dtype == bool else selected
@@ -115,7 +116,7 @@ def digit_share(prepared: Path, match_dir: Path) -> float:
 def test_accuracy(prepared: Path, model_path: Path) -> float:
     model, meta = load_checkpoint(model_path)
     test = load_split(prepared, "target_test")
-    return accuracy(model, test.x, test.y, mean=meta["mean"], std=meta["std"])
+    return accuracy(model, test.x, test.y, mean=meta.mean, std=meta.std)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.params.fields import build
 from tlpipe.params.resolver import read_params, resolve
 from tlpipe.steps import fetch, finetune, match, prepare, pretrain
@@ -40,7 +41,7 @@ def scores(prepared: Path, model_path: Path) -> tuple[float, float]:
     """(target test accuracy, target validation accuracy)."""
     model, meta = load_checkpoint(model_path)
     test, val = load_split(prepared, "target_test"), load_split(prepared, "target_val")
-    acc = lambda s: accuracy(model, s.x, s.y, mean=meta["mean"], std=meta["std"])  # noqa: E731
+    acc = lambda s: accuracy(model, s.x, s.y, mean=meta.mean, std=meta.std)  # noqa: E731
     return acc(test), acc(val)
 
 
@@ -76,8 +77,8 @@ def main() -> None:
                     f"prepare.seed={seed}"]  # fmt: skip
             prepare.run(raw, prep, resolve(params, over)["prepare"])
             assert (
-                load_manifest(prep)["source_classes"]
-                == load_manifest(work / "prep-source")["source_classes"]
+                load_manifest(prep).source_classes
+                == load_manifest(work / "prep-source").source_classes
             )
             matched = work / f"match-k{k}-s{seed}"
             if not (matched / "report.json").exists():

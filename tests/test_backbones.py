@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tlpipe.data.manifest import Manifest, Side, SplitRecord, write_manifest
 from tlpipe.data.prepared import Split, save_split
 from tlpipe.errors import TlpipeError
-from tlpipe.fsio import read_json, write_json
+from tlpipe.fsio import read_json
 from tlpipe.params.fields import build
 from tlpipe.steps import finetune, match, pretrain
+from tlpipe.train.checkpoint import CheckpointMeta
 from tlpipe.train.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,19 +41,29 @@ def _prepared(root: Path, channels: int = 1, size: int = 28, source: bool = True
     root.mkdir(parents=True)
     n_source = 16 if source else 0
     sizes = {"source": n_source, "source_val": n_source // 4, "target_train": 9}
+    records = {}
     for name, n in {**sizes, "target_val": 6, "target_test": 6}.items():
-        save_split(root, name, split(n, 2 if name.startswith("source") else 3))
-    manifest = {
-        "source": {"dataset": "theirs"} if source else None,
-        "source_classes": ["a", "b"] if source else [],
-        "target_classes": ["x", "y", "z"],
-        "input_shape": [channels, size, size],
-        "mean": [0.3] * channels,
-        "std": [0.2] * channels,
-        "dataset_sha256": f"hand-made-{channels}-{size}-{source}",
-    }
-    write_json(root / "manifest.json", manifest)
-    write_json(root / "source.json", manifest)  # what pretrain reads (a superset here)
+        classes = 2 if name.startswith("source") else 3
+        data = split(n, classes)
+        save_split(root, name, data)
+        per_class = tuple(np.bincount(data.y, minlength=classes).tolist()) if n else (0,) * classes
+        records[name] = SplitRecord(count=n, sha256=f"hand-made-{name}", per_class=per_class)
+    version = f"hand-made-{channels}-{size}-{source}"
+    manifest = Manifest(
+        dataset="mine",
+        one_dataset=False,
+        source=Side(dataset="theirs", format="npz") if source else None,
+        target=Side(dataset="mine", format="npz"),
+        scenario={},
+        source_classes=("a", "b") if source else (),
+        target_classes=("x", "y", "z"),
+        input_shape=(channels, size, size),
+        mean=(0.3,) * channels,
+        std=(0.2,) * channels,
+        splits=records,
+        dataset_sha256=version,
+    )
+    write_manifest(root, manifest, version)
     return root
 
 
@@ -140,7 +152,9 @@ def test_rgb_weights_feed_a_grey_stem_and_grey_weights_an_rgb_one(tmp_path: Path
 
     # a grey tlpipe model → RGB: the same image in grey or as RGB gives the same logits
     source = build_model("small_cnn", 4, in_chans=1, seed=3).eval()
-    meta = {"arch": "small_cnn", "num_classes": 4, "in_chans": 1, "mean": [0.3], "std": [0.2]}
+    meta = CheckpointMeta(
+        arch="small_cnn", in_chans=1, input_size=28, classes=tuple("abcd"), mean=(0.3,), std=(0.2,)
+    )
     save_checkpoint(tmp_path / "grey.pt", source, meta)
     weights = load_weights("small_cnn", tmp_path / "grey.pt")
     assert weights.normalisation(3) == ([0.3] * 3, [0.2] * 3)
@@ -172,13 +186,13 @@ def test_pretrain_and_finetune_keep_the_weights_normalisation(torch_home, tmp_pa
     cfg = build(pretrain.PretrainConfig, values)
     pretrain.run(prepared, tmp_path / "source.pt", cfg)
     _, meta = load_checkpoint(tmp_path / "source.pt")
-    assert (meta["mean"], meta["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
-    assert meta["pretrained"] == "torchvision mobilenet_v3_small IMAGENET1K_V1"
+    assert (meta.mean, meta.std) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    assert meta.pretrained == "torchvision mobilenet_v3_small IMAGENET1K_V1"
     for strategy, mean in (("linear_probe", list(IMAGENET_MEAN)), ("scratch", [0.3] * 3)):
         out = tmp_path / f"{strategy}.pt"
         ft = build(finetune.FinetuneConfig, {"strategy": strategy, "train": TINY, "probe": TINY})
         finetune.run(prepared, tmp_path / "source.pt", out, ft)
-        assert load_checkpoint(out)[1]["mean"] == mean  # what export and the edge runtime use
+        assert list(load_checkpoint(out)[1].mean) == mean  # what export and the edge runtime use
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +201,14 @@ def no_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("no_source")
     prepared = _prepared(root / "prepared", source=False)
     backbone = build_model("small_cnn", 7, seed=5)
-    meta = {"arch": "small_cnn", "num_classes": 7, "in_chans": 1, "mean": [0.4], "std": [0.3]}
+    meta = CheckpointMeta(
+        arch="small_cnn",
+        in_chans=1,
+        input_size=28,
+        classes=tuple("abcdefg"),
+        mean=(0.4,),
+        std=(0.3,),
+    )
     save_checkpoint(root / "backbone.pt", backbone, meta)
     cfg = build(pretrain.PretrainConfig, {"pretrained": str(root / "backbone.pt")})
     result = pretrain.run(prepared, root / "source.pt", cfg)
@@ -198,8 +219,8 @@ def no_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_no_source_pretrain_writes_the_backbone(no_source, tmp_path) -> None:
     prepared, source_model = no_source
     net, meta = load_checkpoint(source_model)
-    assert meta["num_classes"] == 0 and meta["strategy"] == "backbone"
-    assert (meta["mean"], meta["std"]) == ([0.4], [0.3])  # the backbone's own, not the data's
+    assert meta.num_classes == 0 and meta.strategy == "backbone"
+    assert (meta.mean, meta.std) == ((0.4,), (0.3,))  # the backbone's own, not the data's
     backbone, _ = load_checkpoint(source_model.parent / "backbone.pt")
     for key, value in backbone.backbone.state_dict().items():
         assert torch.equal(net.backbone.state_dict()[key], value), key
@@ -222,7 +243,7 @@ def test_no_source_finetunes_from_the_backbone(no_source, tmp_path, strategy) ->
     cfg = build(finetune.FinetuneConfig, {"strategy": strategy, "train": TINY, "probe": TINY})
     result = finetune.run(prepared, source_model, tmp_path / "m.pt", cfg)
     tuned, meta = load_checkpoint(result.model_path)
-    assert meta["classes"] == ["x", "y", "z"] and meta["mean"] == [0.4]
+    assert meta.classes == ("x", "y", "z") and meta.mean == (0.4,)
     if strategy == "linear_probe":
         source, _ = load_checkpoint(source_model)
         for key, value in source.backbone.state_dict().items():

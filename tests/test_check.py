@@ -10,37 +10,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe.data.prepared import Split, load_manifest, load_split, save_split
+from tlpipe.data.manifest import Manifest, load_manifest
+from tlpipe.data.prepared import Split, load_split, save_split
 from tlpipe.errors import TlpipeError
 from tlpipe.params import CheckConfig, RegisterConfig
 from tlpipe.steps import check, register
 
 
+def _compare(old: dict, new: dict) -> dict:
+    return check.compare(Manifest.from_dict(old), Manifest.from_dict(new))
+
+
 def test_compare_names_vanished_new_and_relabelled_classes(tiny_prepared: Path) -> None:
-    old = load_manifest(tiny_prepared)
-    same = check.compare(old, copy.deepcopy(old))
+    old = load_manifest(tiny_prepared).to_dict()
+    same = _compare(old, copy.deepcopy(old))
     assert not any(same["findings"].values()) and same["same_scenario_settings"]
 
     fewer = copy.deepcopy(old)  # the data lost a class the settings still ask for
     fewer["target_classes"] = old["target_classes"][:-1]
-    found = check.compare(old, fewer)["findings"]
+    found = _compare(old, fewer)["findings"]
     assert found["vanished_class"] == [old["target_classes"][-1]]
     assert found["label_set_changed"]
 
     chosen = copy.deepcopy(fewer)  # the user changed the target classes on purpose
     chosen["scenario"]["target"]["classes"] = chosen["scenario"]["target"]["classes"][:-1]
-    found = check.compare(old, chosen)["findings"]
+    found = _compare(old, chosen)["findings"]
     assert not found["vanished_class"] and not found["label_set_changed"]
 
     grey = copy.deepcopy(old)
     grey["input_shape"] = [3, 28, 28]
-    assert check.compare(old, grey)["findings"]["input_shape_changed"]
+    assert _compare(old, grey)["findings"]["input_shape_changed"]
     assert not same["findings"]["image_size_changed"]
     photos = copy.deepcopy(old)  # the same classes, shot with another camera
     size = [640, 480]
     photos["image_sizes"]["target"] = {"min": size, "median": size, "max": size,
                                        "commonest": [["640x480", 100]]}  # fmt: skip
-    report = check.compare(old, photos)
+    report = _compare(old, photos)
     assert report["findings"]["image_size_changed"]
     assert report["drift"]["image_sizes"]["now"]["median"] == [640, 480]
 
@@ -63,11 +68,11 @@ def test_an_image_in_two_target_splits_is_found(tiny_prepared: Path, tmp_path: P
 
 def test_classes_with_few_images_are_named_with_their_counts(tiny_prepared: Path) -> None:
     manifest = load_manifest(tiny_prepared)
-    counts = {split: manifest["splits"][split]["per_class"] for split in check.TARGET_SPLITS}
-    assert counts["target_train"] == [5] * 5 and min(counts["target_test"]) > 5
+    counts = {split: manifest.splits[split].per_class for split in check.TARGET_SPLITS}
+    assert counts["target_train"] == (5,) * 5 and min(counts["target_test"]) > 5
     assert check.few_images(manifest, 5) == {}
     few = check.few_images(manifest, 6)  # k = 5 train and 5 val images a class: all named
-    names = manifest["target_classes"]
+    names = manifest.target_classes
     assert few == {name: {"target_train": 5, "target_val": 5} for name in names}
     assert CheckConfig().min_images_per_class == 5
 
@@ -77,11 +82,12 @@ def test_check_against_the_champion_stops_on_a_vanished_class(
 ) -> None:
     from test_register import make_export
 
+    from tlpipe.train.checkpoint import CheckpointMeta
     from tlpipe.train.models import build_model, save_checkpoint
 
-    meta = {"arch": "small_cnn", "num_classes": 5, "in_chans": 1, "input_size": 28,
-            "classes": load_manifest(tiny_prepared)["target_classes"], "mean": [0.3],
-            "std": [0.35]}  # fmt: skip
+    classes = load_manifest(tiny_prepared).target_classes
+    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=classes,
+                          mean=(0.3,), std=(0.35,))  # fmt: skip
     model = save_checkpoint(tmp_path / "m.pt", build_model("small_cnn", 5), meta)
 
     name = f"m-{uuid.uuid4().hex[:8]}"
@@ -95,7 +101,7 @@ def test_check_against_the_champion_stops_on_a_vanished_class(
     assert same.failures == () and f"champion v{result.version}" in same.summary
     # the same settings, but the data now lacks class 9: the run stops before training
     lost = make_prepared(target={"classes": [5, 6, 7, 8]})
-    manifest = load_manifest(lost)  # as if class 9's images were gone (the config unchanged)
+    manifest = load_manifest(lost).to_dict()  # as if class 9's images were gone (same config)
     manifest["scenario"]["target"]["classes"] = [5, 6, 7, 8, 9]
     (lost / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(

@@ -20,7 +20,8 @@ import pytest
 from conftest import fmnist, make_patterns, mine, write_idx, write_idx_dataset
 
 from tlpipe.data import download
-from tlpipe.data.prepared import DATASETS, load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import DATASETS, load_split
 from tlpipe.data.readers import read_idx, read_raw
 from tlpipe.errors import TlpipeError
 from tlpipe.steps import fetch

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.params import JointConfig, TrainConfig
 from tlpipe.train.joint import JointBatches, SourceStream, attach_source_head, joint_loss
 from tlpipe.train.loop import ArrayBatches, cross_entropy, fit
@@ -59,7 +60,7 @@ def _fit(prepared: str, kind: str) -> dict[str, np.ndarray]:
         rows.append(len(batch["y"]))
         return loss_fn(model, batch)
 
-    fit(model, batches, cfg, mean=m["mean"], std=m["std"], loss_fn=counted)
+    fit(model, batches, cfg, mean=m.mean, std=m.std, loss_fn=counted)
     return {"rows": np.array(sum(rows)), **{k: v.numpy() for k, v in model.state_dict().items()}}
 
 

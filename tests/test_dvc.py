@@ -111,7 +111,7 @@ def test_stages_read_their_params_sections_and_the_strategy_set() -> None:
 def test_pretrain_depends_on_exactly_the_source_files_it_reads() -> None:
     """New target images must not re-train the source model: pretrain's data deps are the
     source side only, and they are every file of the prepared dir that pretrain reads."""
-    from tlpipe.data.prepared import SOURCE_FILES
+    from tlpipe.data.manifest import SOURCE_FILES
 
     deps = stages()["pretrain"]["deps"]
     data = sorted(d.removeprefix("data/prepared/") for d in deps if d.startswith("data/"))
@@ -122,7 +122,7 @@ def test_pretrain_reads_no_target_file(tiny_prepared: Path, tmp_path: Path) -> N
     """pretrain on a prepared dir that holds only SOURCE_FILES: it reads nothing else."""
     import shutil
 
-    from tlpipe.data.prepared import SOURCE_FILES
+    from tlpipe.data.manifest import SOURCE_FILES
     from tlpipe.params import PretrainConfig, TrainConfig
     from tlpipe.steps import pretrain
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.data.prepared import load_manifest
+from tlpipe.data.manifest import load_manifest
 from tlpipe.steps import export
+from tlpipe.train.checkpoint import CheckpointMeta
 from tlpipe.train.models import build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,10 @@ def test_edge_install_has_no_torch_and_predicts(
     tiny_prepared: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
     manifest = load_manifest(tiny_prepared)
-    classes = manifest["target_classes"]
+    classes = manifest.target_classes
     net = build_model("small_cnn", len(classes))
-    meta = {"arch": "small_cnn", "num_classes": len(classes), "in_chans": 1, "input_size": 28,
-            "classes": classes, "mean": manifest["mean"], "std": manifest["std"]}  # fmt: skip
+    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=classes,
+                          mean=manifest.mean, std=manifest.std)  # fmt: skip
     save_checkpoint(tmp_path / "m.pt", net, meta)
     result = export.run(tmp_path / "m.pt", tiny_prepared, tmp_path / "export",
                         export.ExportConfig(int8=False))  # fmt: skip

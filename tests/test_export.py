@@ -12,22 +12,24 @@ import pytest
 import torch
 
 import tlpipe
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import Manifest, load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import sha256_file
 from tlpipe.params import fields
 from tlpipe.steps import export
+from tlpipe.train.checkpoint import CheckpointMeta
 from tlpipe.train.loop import predict
 from tlpipe.train.models import build_model, save_checkpoint
 
 
-def _checkpoint(path: Path, manifest: dict, classes: list[str] | None = None) -> Path:
+def _checkpoint(path: Path, manifest: Manifest, classes: list[str] | None = None) -> Path:
     """A random-weight small_cnn saved with the contract's meta fields."""
     torch.manual_seed(0)
-    classes = classes or manifest["target_classes"]
-    meta = {"arch": "small_cnn", "num_classes": len(classes), "in_chans": 1, "input_size": 28,
-            "classes": classes, "mean": manifest["mean"], "std": manifest["std"],
-            "strategy": "full", "dataset_sha256": manifest["dataset_sha256"]}  # fmt: skip
+    classes = classes or manifest.target_classes
+    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=tuple(classes),
+                          mean=manifest.mean, std=manifest.std, strategy="full",
+                          dataset_sha256=manifest.dataset_sha256)  # fmt: skip
     return save_checkpoint(path, build_model("small_cnn", len(classes)), meta)
 
 
@@ -50,14 +52,14 @@ def test_export_passes_parity_and_writes_the_contract_files(exported, tiny_prepa
     parity = json.loads(exported.parity_path.read_text())
     assert parity["passed"] is True and exported.passed
     assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] >= 0.999
-    assert parity["test_sha256"] == load_manifest(tiny_prepared)["splits"]["target_test"]["sha256"]
+    assert parity["test_sha256"] == load_manifest(tiny_prepared).splits["target_test"].sha256
     fp32, int8 = parity["fp32"], parity["int8"]
     assert fp32["size_bytes"] == exported.onnx_path.stat().st_size
     assert int8["size_bytes"] < 0.3 * fp32["size_bytes"]
     assert 0 <= int8["accuracy"] <= 1 and fp32["accuracy"] == parity["torch"]["accuracy"]
     # tiny_prepared has under 500 target images: every val/train image calibrates
-    splits = load_manifest(tiny_prepared)["splits"]
-    assert int8["calibration"] == {n: splits[n]["count"] for n in ("target_val", "target_train")}
+    splits = load_manifest(tiny_prepared).splits
+    assert int8["calibration"] == {n: splits[n].count for n in ("target_val", "target_train")}
     assert exported.metrics["parity_passed"] == 1.0
     assert exported.metrics["int8_size_ratio"] == pytest.approx(int8["size_ratio"])
 
@@ -68,12 +70,12 @@ def test_metadata_carries_everything_the_edge_needs(exported, model_path, tiny_p
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
         props = {p.key: p.value for p in model.metadata_props}
-        assert json.loads(props["classes"]) == manifest["target_classes"]
+        assert json.loads(props["classes"]) == list(manifest.target_classes)
         assert json.loads(props["input_shape"]) == [1, 28, 28]
-        assert json.loads(props["mean"]) == pytest.approx(manifest["mean"])
-        assert json.loads(props["std"]) == pytest.approx(manifest["std"])
+        assert json.loads(props["mean"]) == pytest.approx(manifest.mean)
+        assert json.loads(props["std"]) == pytest.approx(manifest.std)
         assert props["model_version"] == sha256_file(model_path)[:12]
-        assert props["dataset_sha256"] == manifest["dataset_sha256"]
+        assert props["dataset_sha256"] == manifest.dataset_sha256
         assert props["tlpipe_version"] == tlpipe.__version__
         assert props["precision"] == precision
         assert [i.name for i in model.graph.input] == ["input"]
@@ -86,8 +88,8 @@ def test_dynamic_batch_matches_torch(exported, model_path, tiny_prepared, batch)
 
     model, meta = load_checkpoint(model_path)
     x = load_split(tiny_prepared, "target_test").x[:batch]
-    ref = predict(model, x, meta["mean"], meta["std"])
-    xn = export.normalise(x, meta["mean"], meta["std"])
+    ref = predict(model, x, meta.mean, meta.std)
+    xn = export.normalise(x, meta.mean, meta.std)
     for path in (exported.onnx_path, exported.int8_path):
         out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             None, {"input": xn}
@@ -136,7 +138,7 @@ def test_edge_runtime_serves_the_exported_model(exported, model_path, tiny_prepa
 
     model, meta = load_checkpoint(model_path)
     x = load_split(tiny_prepared, "target_test").x[:10]
-    want = [meta["classes"][i] for i in predict(model, x, meta["mean"], meta["std"]).argmax(1)]
+    want = [meta.classes[i] for i in predict(model, x, meta.mean, meta.std).argmax(1)]
     edge = EdgeModel(exported.onnx_path, provider="cpu")
     assert [label for label, _ in edge.predict(x)] == want
     assert [label for label, _ in edge.predict(list(x))] == want  # one (C, H, W) array each

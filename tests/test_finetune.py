@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe.data.prepared import load_manifest
+from tlpipe.data.manifest import load_manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.params.fields import build
 from tlpipe.steps import evaluate, finetune, pretrain
 from tlpipe.train import resume
+from tlpipe.train.checkpoint import CheckpointMeta
 from tlpipe.train.models import MODELS, build_model, load_checkpoint, save_checkpoint, seeded
 
 TINY_TRAIN = {"epochs": 2, "batch_size": 32, "steps_per_epoch": 3, "lr": 0.05}
@@ -96,9 +97,12 @@ def test_torchvision_weights_load_from_local_file(tmp_path: Path) -> None:
 
 def test_checkpoint_roundtrip_and_bad_file(tmp_path: Path) -> None:
     net = build_model("small_cnn", 4)
-    save_checkpoint(tmp_path / "m.pt", net, {"arch": "small_cnn", "num_classes": 4, "in_chans": 1})
-    back, meta = load_checkpoint(tmp_path / "m.pt")
-    assert meta["num_classes"] == 4 and not back.training
+    meta = CheckpointMeta(
+        arch="small_cnn", in_chans=1, input_size=28, classes=tuple("abcd"), mean=(0.3,), std=(0.2,)
+    )
+    save_checkpoint(tmp_path / "m.pt", net, meta)
+    back, read = load_checkpoint(tmp_path / "m.pt")
+    assert read == meta and read.num_classes == 4 and not back.training
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(TlpipeError, match="not a readable tlpipe model"):
         load_checkpoint(tmp_path / "bad.pt")
@@ -115,7 +119,7 @@ def test_linear_probe_only_changes_the_head(tiny_prepared, source_model, tmp_pat
     tuned, meta = load_checkpoint(out)
     assert not any(_changed(src.backbone, tuned.backbone))
     assert torch.equal(src.backbone[0][1].running_mean, tuned.backbone[0][1].running_mean)
-    assert meta["classes"] == load_manifest(tiny_prepared)["target_classes"] and meta["classes"]
+    assert meta.classes == load_manifest(tiny_prepared).target_classes and meta.classes
 
 
 def test_partial_trains_only_the_last_blocks(tiny_prepared, source_model, tmp_path) -> None:
@@ -256,7 +260,7 @@ def test_scratch_ships_when_no_transfer_beats_it_on_validation(tiny_prepared, tm
     )
     _, meta = load_checkpoint(models["scratch"])
     with seeded(123):  # an untrained "transfer" model: worse than scratch on validation
-        untrained = build_model("small_cnn", meta["num_classes"], meta["in_chans"])
+        untrained = build_model("small_cnn", meta.num_classes, meta.in_chans)
     save_checkpoint(models["full"], untrained, meta)
     res = evaluate.run(tiny_prepared, models, tmp_path / "eval", evaluate.EvaluateConfig())
     report = read_json(res.metrics_path)
@@ -281,7 +285,7 @@ def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) 
     finetune.run(tiny_prepared, src, tmp_path / "scratch.pt", _cfg("scratch", train=tiny))
     finetune.run(tiny_prepared, src, tmp_path / "lp.pt", _cfg("linear_probe", probe=tiny))
     scratch, meta = load_checkpoint(tmp_path / "scratch.pt")
-    assert meta["arch"] == "resnet18" and meta["strategy"] == "scratch"
+    assert meta.arch == "resnet18" and meta.strategy == "scratch"
     source, _ = load_checkpoint(src)
     assert any(_changed(source.backbone, scratch.backbone))  # random init, not the source's
     models = {"scratch": tmp_path / "scratch.pt", "linear_probe": tmp_path / "lp.pt"}
@@ -319,7 +323,7 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
     res = finetune.run(
         tiny_prepared, source_model, tmp_path / "lp.pt", _cfg("linear_probe", selection=cv_cfg)
     )
-    cv = load_checkpoint(tmp_path / "lp.pt")[1]["selection_cv"]
+    cv = load_checkpoint(tmp_path / "lp.pt")[1].selection_cv
     train, val = load_split(tiny_prepared, "target_train"), load_split(tiny_prepared, "target_val")
     assert len(cv["ids"]) == len(cv["correct"]) == len(train) + len(val) == 50
     assert cv["ids"][: len(train)] == [str(k) for k in train.ids]  # never a test image
@@ -333,13 +337,13 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
         tmp_path / "big.pt",
         _cfg("linear_probe", selection={**cv_cfg, "min_val": 25}),
     )
-    assert "selection_cv" not in load_checkpoint(tmp_path / "big.pt")[1]
+    assert load_checkpoint(tmp_path / "big.pt")[1].selection_cv is None
 
 
 def _with_cv(src: Path, out: Path, correct: list[int]) -> Path:
     """A copy of checkpoint `src` carrying made-up out-of-fold results on 50 images."""
     model, meta = load_checkpoint(src)
-    meta["selection_cv"] = {
+    cv = {
         "ids": [str(i) for i in range(50)],
         "correct": correct,
         "folds": 3,
@@ -348,7 +352,7 @@ def _with_cv(src: Path, out: Path, correct: list[int]) -> Path:
         "seed": 0,
         "accuracy": float(np.mean(correct)),
     }
-    return save_checkpoint(out, model, meta)
+    return save_checkpoint(out, model, meta.replace(selection_cv=cv))
 
 
 @pytest.mark.parametrize(
@@ -413,11 +417,11 @@ def test_logme_is_recorded_and_the_opt_in_skip_rule_skips(tiny_prepared, source_
 
     res = finetune.run(tiny_prepared, source_model, tmp_path / "lp.pt", _cfg("linear_probe"))
     meta = load_checkpoint(tmp_path / "lp.pt")[1]
-    assert np.isfinite(res.metrics["logme"]) and meta["logme"] == res.metrics["logme"]
+    assert np.isfinite(res.metrics["logme"]) and meta.logme == res.metrics["logme"]
     # a "source model" that is a random init: its features cannot beat a random init's
     model, source_meta = load_checkpoint(source_model)
     with seeded(7):
-        noise = build_model("small_cnn", len(source_meta["classes"]))
+        noise = build_model("small_cnn", len(source_meta.classes))
     save_checkpoint(tmp_path / "noise.pt", noise, source_meta)
     skipped = finetune.run(
         tiny_prepared, tmp_path / "noise.pt", tmp_path / "full.pt", _cfg("full", skip="logme")

@@ -154,7 +154,7 @@ def test_a_champion_that_cannot_read_the_data_is_not_compared(
     rgb = tmp_path / "rgb.onnx"  # a champion that reads 3-channel images
     export.export_onnx(build_model("small_cnn", 5, in_chans=3).eval(), rgb, (3, 28, 28))
     export.set_metadata(rgb, {"mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]",
-                              "classes": json.dumps(meta["classes"]),
+                              "classes": json.dumps(meta.classes),
                               "input_shape": "[3, 28, 28]"})  # fmt: skip
     ours = _export(trained, tiny_prepared, tmp_path) / "model.onnx"
     assert paired.compare_files(ours, rgb, tiny_prepared, "7") is None

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.params.fields import build
 from tlpipe.steps import finetune, match, pretrain
@@ -108,8 +109,8 @@ def test_joint_finetune_saves_a_plain_target_net(
     result = finetune.run(tiny_prepared, source_model, out, _cfg(sampling=sampling),
                           match_dir=match_dir)  # fmt: skip
     model, meta = load_checkpoint(out)  # strict load: no source head left in the file
-    assert meta["strategy"] == "joint"
-    assert meta["classes"] == load_manifest(tiny_prepared)["target_classes"] and meta["classes"]
+    assert meta.strategy == "joint"
+    assert meta.classes == load_manifest(tiny_prepared).target_classes and meta.classes
     assert model.head.out_features == 5 and not hasattr(model, "source_head")
     test = load_split(tiny_prepared, "target_test")
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_specialist_trains_on_the_selected_source_then_the_target(
         models[name], meta = load_checkpoint(tmp_path / f"{name}.pt")
     phases = [(r["phase"], "val_accuracy" in r) for r in res.history]
     assert phases == [("specialist", False)] * 2 + [("full", True)]
-    assert meta["strategy"] == "specialist" and not hasattr(models["b"], "source_head")
+    assert meta.strategy == "specialist" and not hasattr(models["b"], "source_head")
     assert 0 <= res.metrics["target_val_accuracy"] <= 1
     first = [m.backbone[0][0].weight for m in models.values()]
     assert torch.equal(first[0], first[1])  # same selection, same seed: the same model

@@ -20,6 +20,7 @@ from projects import benchmark, merge, synthetic
 from typer.testing import CliRunner
 
 from tlpipe import runner
+from tlpipe.data.manifest import load_manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.kfp import client, runtime
 from tlpipe.kfp.pipeline_cli import app
@@ -376,8 +377,8 @@ def test_run_local_retrains_when_the_target_grows(package, tmp_path: Path, monke
     digits.write_digits(target, range(900))  # new labelled images arrive
     second, _ = _run_local(package, path)
     assert {"prepare", "evaluate", "register"} <= _steps_run(second)
-    manifest = json.loads((second / "prepare/prepared/manifest.json").read_text())
-    n_test = manifest["splits"]["target_test"]["count"]
+    manifest = load_manifest(second / "prepare/prepared")
+    n_test = manifest.splits["target_test"].count
     report = (second / "register/report").read_text()
     assert "**tlpipe v2** → `champion`" in report, report
     assert "champion v1" in report and f"on the same {n_test} test images" in report, report
@@ -387,7 +388,7 @@ def _check_artifacts(run_dir: Path, selected: str) -> None:
     """Each step's output artifacts, as kfp.local stores them (<task>/<output name>)."""
     import onnx
 
-    manifest = json.loads((run_dir / "prepare/prepared/manifest.json").read_text())
+    manifest = load_manifest(run_dir / "prepare/prepared")
     tuned = {}
     for loop in run_dir.glob("for-loop-*"):
         out = json.loads((loop / "finetune/executor_output.json").read_text())
@@ -398,7 +399,7 @@ def _check_artifacts(run_dir: Path, selected: str) -> None:
     tuned["scratch"] = run_dir / "baseline/model"  # a candidate too: it ships if nothing beats it
     assert (run_dir / "match/matching/weights.npy").is_file()
     metrics = json.loads((run_dir / "evaluate/evaluation/metrics.json").read_text())
-    assert metrics["dataset_sha256"] == manifest["dataset_sha256"]
+    assert metrics["dataset_sha256"] == manifest.dataset_sha256
     assert set(metrics["models"]) == {"scratch", *STRATEGIES}
     assert metrics["selected"] == selected
     # the selected checkpoint is evaluate's `model`, and it is what export turned into ONNX
@@ -407,7 +408,7 @@ def _check_artifacts(run_dir: Path, selected: str) -> None:
     props = {p.key: p.value for p in onnx.load(run_dir / "export/onnx/model.onnx").metadata_props}
     assert props["model_version"] == digest[:12]
     confusion = json.loads((run_dir / "evaluate/confusion").read_text())["confusionMatrix"]
-    assert [s["displayName"] for s in confusion["annotationSpecs"]] == manifest["target_classes"]
-    assert len(confusion["rows"]) == len(manifest["target_classes"])
+    assert [s["displayName"] for s in confusion["annotationSpecs"]] == list(manifest.target_classes)
+    assert len(confusion["rows"]) == len(manifest.target_classes)
     for name in ("model.onnx", "model.int8.onnx", "parity.json"):
         assert (run_dir / "export/onnx" / name).is_file(), name

@@ -12,11 +12,11 @@ import torch
 
 from tlpipe import fsio
 from tlpipe.data.loader import ArrayBatches, Feed, Transform
+from tlpipe.data.manifest import load_manifest
 from tlpipe.data.prepared import (
     ArrayWriter,
     Split,
     file_view,
-    load_manifest,
     load_split,
     read_rows,
     save_split,
@@ -153,7 +153,7 @@ def test_fit_streamed_equals_fit_in_memory(tiny_prepared: Path) -> None:
         cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=4, augment=True, seed=5,
                           max_in_memory_mb=limit, num_workers=2)  # fmt: skip
         res = fit(model, ArrayBatches(src.x, src.y, 32, seed=5, steps_per_epoch=4), cfg,
-                  mean=m["mean"], std=m["std"], val=(val.x, val.y))  # fmt: skip
+                  mean=m.mean, std=m.std, val=(val.x, val.y))  # fmt: skip
         states.append((model.state_dict(), res.history))
     (a, hist_a), (b, hist_b) = states
     assert hist_a == hist_b

@@ -248,7 +248,8 @@ def tiny_source_model(tiny_prepared: Path, tmp_path_factory) -> Path:
 
 
 def test_match_step_end_to_end(tiny_prepared: Path, tiny_source_model: Path, tmp_path) -> None:
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.steps import match
 
     out = tmp_path / "matching"
@@ -265,8 +266,8 @@ def test_match_step_end_to_end(tiny_prepared: Path, tiny_source_model: Path, tmp
                 "selection_precision", "per_class_weight", "timings"):  # fmt: skip
         assert key in report, key
     assert report["n_target"] == 50 and report["target_splits"] == ["target_train", "target_val"]
-    source_classes = load_manifest(tiny_prepared)["source_classes"]
-    assert list(report["per_class_weight"]) == source_classes and len(source_classes) == 5
+    source_classes = load_manifest(tiny_prepared).source_classes
+    assert list(report["per_class_weight"]) == list(source_classes) and len(source_classes) == 5
     assert report["timings"]["embedding_seconds"] > 0 and report["embedding_dim"] > 64
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["extremes.png", "weights_hist.png"]
     assert result.metrics["selection_precision"] == report["selection_precision"]

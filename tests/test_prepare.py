@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import fetched, make_patterns, write_idx, write_idx_dataset, write_imagefolder
 
-from tlpipe.data.prepared import SPLITS, dataset_sha256, load_manifest, load_split, split_sha256
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import SPLITS, dataset_sha256, load_split, split_sha256
 from tlpipe.data.readers import read_raw
 from tlpipe.data.splitting import ShiftOp, apply_shift, conform_images
 from tlpipe.errors import TlpipeError
@@ -45,7 +46,7 @@ def test_tiny_prepared_matches_contract(tiny_prepared: Path) -> None:
     names = [f"{s}.{a}.npy" for s in SPLITS for a in ("x", "y", "shifted", "id")]
     files = sorted(p.name for p in tiny_prepared.iterdir())
     assert files == sorted([*names, "manifest.json", "source.json"])
-    m = load_manifest(tiny_prepared)
+    m = load_manifest(tiny_prepared).to_dict()
     assert m["version"] == 2 and m["dataset"] == "mine" and m["one_dataset"]
     assert m["source_classes"] == ["0", "1", "2", "3", "4"]
     assert m["target_classes"] == ["5", "6", "7", "8", "9"]
@@ -103,7 +104,7 @@ def test_splits_come_from_the_right_sets(tiny_raw: Path, tmp_path: Path) -> None
 def test_caps(tiny_raw: Path, tmp_path: Path) -> None:
     out = _run(tiny_raw, tmp_path / "p", source={"max_per_class": 10, "val_fraction": 0.2},
                target={"k": 2, "val_per_class": 1, "max_test_per_class": 3})  # fmt: skip
-    m = load_manifest(out)["splits"]
+    m = load_manifest(out).to_dict()["splits"]
     assert [a + b for a, b in zip(m["source"]["per_class"], m["source_val"]["per_class"],
                                   strict=True)] == [10] * 5  # fmt: skip
     assert 0 < m["source_val"]["count"] < 25
@@ -138,7 +139,7 @@ def test_added_images_move_no_existing_image(tmp_path: Path) -> None:
     after = _run(fetched(tmp_path / "raw2", folder, "imagefolder", None), tmp_path / "p2",
                  **values)  # fmt: skip
     old, new = _ids(before), _ids(after)
-    m_old, m_new = load_manifest(before), load_manifest(after)
+    m_old, m_new = load_manifest(before).to_dict(), load_manifest(after).to_dict()
     assert sum(len(v) for v in old.values()) == 120 and sum(len(v) for v in new.values()) == 222
     for name in ("target_train", "target_val", "target_test"):
         assert old[name] <= new[name], name  # nothing left its split
@@ -161,7 +162,7 @@ def test_two_datasets_source_idx_target_imagefolder(tmp_path: Path) -> None:
     out = _run(raw, tmp_path / "p", source={"classes": [], "names": [f"n{i}" for i in range(10)]},
                target={"classes": ["dog", "cat"], "names": ["Dog", "Cat"]}, channels=1,
                input_size=16)  # fmt: skip
-    m = load_manifest(out)
+    m = load_manifest(out).to_dict()
     assert m["source_classes"][:2] == ["n0", "n1"] and m["target_classes"] == ["Dog", "Cat"]
     assert m["input_shape"] == [1, 16, 16] and not m["one_dataset"]
     assert m["splits"]["source"]["count"] + m["splits"]["source_val"]["count"] == 80  # + t10k
@@ -178,7 +179,7 @@ def test_duplicates_across_target_splits_are_reported(tmp_path: Path) -> None:
     shutil.copy(folder / "test/cat/img0.png", folder / "train/cat/copy-of-test.png")
     raw = fetched(tmp_path / "raw", folder, "imagefolder", None)
     result = prepare.run(raw, tmp_path / "p", _cfg({"target": {"classes": []}, "input_size": 16}))
-    m = load_manifest(tmp_path / "p")
+    m = load_manifest(tmp_path / "p").to_dict()
     assert m["duplicates"]["across_target_splits"] == 1
     assert "1 image(s) in more than one split" in result.summary
 
@@ -197,14 +198,14 @@ def test_manifest_csv_and_parquet(tmp_path: Path) -> None:
     a = _run(fetched(tmp_path / "r1", folder / "manifest.csv", "manifest", None), tmp_path / "a",
              **values)  # fmt: skip
     b = _run(fetched(tmp_path / "r2", folder, "imagefolder", None), tmp_path / "b", **values)
-    assert load_manifest(a)["splits"] == load_manifest(b)["splits"]  # same images, same splits
+    assert load_manifest(a).splits == load_manifest(b).splits  # same images, same splits
     assert sorted(p.name for p in (tmp_path / "r1/target").iterdir()) == [
         "manifest.csv", "test", "train"]  # only what the manifest lists  # fmt: skip
     (folder / "manifest.csv").unlink()
     table = {"path": [r[0] for r in rows], "label": [r[1] for r in rows]}  # no split column
     pq.write_table(pa.table(table), folder / "manifest.parquet")
     c = _run(fetched(tmp_path / "r3", folder, "manifest", None), tmp_path / "c", **values)
-    assert load_manifest(c)["splits"]["target_test"]["count"] > 0  # by ratio now
+    assert load_manifest(c).splits["target_test"].count > 0  # by ratio now
     (folder / "manifest.parquet").unlink()
     (folder / "manifest.csv").write_text("path,label\n../outside.png,cat\n")
     with pytest.raises(TlpipeError, match="is not a file inside"):
@@ -219,7 +220,7 @@ def test_no_source_dataset(tmp_path: Path) -> None:
     raw = fetched(tmp_path / "raw", folder, "imagefolder", None)
     assert json.loads((raw / "source.json").read_text()) == {"dataset": None}
     out = _run(raw, tmp_path / "p", target={"classes": []}, input_size=16)
-    m = load_manifest(out)
+    m = load_manifest(out).to_dict()
     assert m["source_classes"] == [] and m["source"] is None
     assert load_split(out, "source").x.shape == (0, 3, 16, 16)
     train = load_split(out, "target_train")
@@ -393,7 +394,7 @@ def test_prepare_imagefolder(tmp_path: Path) -> None:
     out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
                target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.6},
                channels=3, input_size=16, shift=[{"op": "rotate", "degrees": 15}])  # fmt: skip
-    m = load_manifest(out)
+    m = load_manifest(out).to_dict()
     assert m["target_classes"] == ["c", "d"] and m["input_shape"] == [3, 16, 16]
     assert m["splits"]["target_test"]["count"] == 8 and len(m["mean"]) == 3
 
@@ -410,7 +411,7 @@ def test_prepare_npz_with_conversion(tmp_path: Path) -> None:
                input_size=32)  # fmt: skip
     split = load_split(out, "target_train")
     assert split.x.shape == (10, 3, 32, 32)
-    assert load_manifest(out)["source_classes"] == ["0", "1"]
+    assert load_manifest(out).source_classes == ("0", "1")
 
 
 # ---------------------------------------------------------------------------- real data
@@ -435,7 +436,7 @@ def test_real_fashion_mnist(tmp_path: Path) -> None:
 
 def test_make_prepared_factory(make_prepared) -> None:
     out = make_prepared(shift=[], source_shift_fraction=0.0, target={"k": 3})
-    assert load_manifest(out)["splits"]["target_train"]["count"] == 15
+    assert load_manifest(out).splits["target_train"].count == 15
     assert not load_split(out, "target_test").shifted.any()
 
 

@@ -59,13 +59,13 @@ def test_missing_parity_is_a_tlpipe_error(tmp_path, checkpoint):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    from tlpipe.train.checkpoint import CheckpointMeta
     from tlpipe.train.models import build_model, save_checkpoint
 
     path = tmp_path_factory.mktemp("models") / "target.pt"
     net = build_model("small_cnn", 3, in_chans=1, input_size=28)
-    meta = {"arch": "small_cnn", "num_classes": 3, "in_chans": 1, "input_size": 28,
-            "classes": ["a", "b", "c"], "mean": [0.3], "std": [0.35],
-            "dataset_sha256": "d" * 64}  # fmt: skip
+    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=("a", "b", "c"),
+                          mean=(0.3,), std=(0.35,), dataset_sha256="d" * 64)  # fmt: skip
     return save_checkpoint(path, net, meta)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import fetched, write_imagefolder
 
-from tlpipe.data.prepared import load_manifest
+from tlpipe.data.manifest import load_manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.params import fields, resolver
 from tlpipe.steps import fetch, prepare
@@ -64,7 +64,7 @@ def test_fetch_an_imagefolder_prefix_from_s3(bucket, tmp_path: Path) -> None:
     prepare.run(tmp_path / "raw", tmp_path / "p", cfg)
     local = fetched(tmp_path / "raw2", folder, "imagefolder", None)
     prepare.run(local, tmp_path / "q", cfg)
-    assert load_manifest(tmp_path / "p")["splits"] == load_manifest(tmp_path / "q")["splits"]
+    assert load_manifest(tmp_path / "p").splits == load_manifest(tmp_path / "q").splits
 
 
 def test_fetch_one_archive_object_with_sha256(bucket, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ import torch
 
 from tlpipe import runner
 from tlpipe.data.loader import augment
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.errors import TlpipeError
 from tlpipe.params.learning import Augment, ColorJitter, RandomResizedCrop
 from tlpipe.train.loop import ArrayBatches, TrainConfig, accuracy, augment_batch, fit, predict
@@ -31,16 +32,16 @@ def test_fit_learns_and_keeps_best_val_epoch(tiny_prepared: Path) -> None:
     m, src, val = _source(tiny_prepared)
     torch.manual_seed(0)
     model = build_model("small_cnn", 5)
-    before = accuracy(model, src.x, src.y, mean=m["mean"], std=m["std"])
+    before = accuracy(model, src.x, src.y, mean=m.mean, std=m.std)
     batches = ArrayBatches(src.x, src.y, 32, seed=0, steps_per_epoch=10)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
-    res = fit(model, batches, cfg, mean=m["mean"], std=m["std"], val=(val.x, val.y))
-    after = accuracy(model, src.x, src.y, mean=m["mean"], std=m["std"])
+    res = fit(model, batches, cfg, mean=m.mean, std=m.std, val=(val.x, val.y))
+    after = accuracy(model, src.x, src.y, mean=m.mean, std=m.std)
     assert after > max(before, 0.6)
     assert len(res.history) == 4
     best = max(r["val_accuracy"] for r in res.history)
     assert res.best_val_accuracy == best
-    assert accuracy(model, val.x, val.y, mean=m["mean"], std=m["std"]) == pytest.approx(best)
+    assert accuracy(model, val.x, val.y, mean=m.mean, std=m.std) == pytest.approx(best)
 
 
 def test_batches_are_deterministic_per_epoch_and_cycle() -> None:
@@ -129,7 +130,7 @@ def test_nan_loss_stops_with_clear_error(tiny_prepared: Path) -> None:
     model = build_model("small_cnn", 5)
     batches = ArrayBatches(src.x, src.y, 32)
     with pytest.raises(TlpipeError, match="NaN/inf.*lower the learning rate"):
-        fit(model, batches, FAST, mean=m["mean"], std=m["std"],
+        fit(model, batches, FAST, mean=m.mean, std=m.std,
             penalty=lambda: torch.tensor(float("nan")))  # fmt: skip
 
 
@@ -139,7 +140,7 @@ def test_everything_frozen_is_an_error(tiny_prepared: Path) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(TlpipeError, match="every parameter is frozen"):
-        fit(model, ArrayBatches(src.x, src.y, 32), FAST, mean=m["mean"], std=m["std"])
+        fit(model, ArrayBatches(src.x, src.y, 32), FAST, mean=m.mean, std=m.std)
 
 
 def test_bad_train_config_is_rejected() -> None:
@@ -153,7 +154,8 @@ KILLER = textwrap.dedent(
     """
     import os, sys, torch
     from pathlib import Path
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.train.models import build_model
     from tlpipe.train.loop import ArrayBatches, TrainConfig, fit
 
@@ -174,7 +176,7 @@ KILLER = textwrap.dedent(
     cfg = TrainConfig(epochs=4, batch_size=32, steps_per_epoch=5, augment=True, seed=1,
                       max_in_memory_mb=limit, num_workers=2)
     res = fit(model, ArrayBatches(src.x, src.y, 32, seed=1, steps_per_epoch=5), cfg,
-              mean=m["mean"], std=m["std"], val=(val.x, val.y), penalty=die_midway,
+              mean=m.mean, std=m.std, val=(val.x, val.y), penalty=die_midway,
               checkpoint=ckpt)
     torch.save({"state": model.state_dict(), "resumed_from": res.resumed_from,
                 "epochs": len(res.history)}, out)
@@ -218,7 +220,7 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     def run(lr: float, key: str = "") -> int:
         cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=2, lr=lr)
         batches = ArrayBatches(src.x, src.y, 32, steps_per_epoch=2)
-        res = fit(build_model("small_cnn", 5), batches, cfg, mean=m["mean"], std=m["std"],
+        res = fit(build_model("small_cnn", 5), batches, cfg, mean=m.mean, std=m.std,
                   checkpoint=ckpt, resume_key=key)  # fmt: skip
         return res.resumed_from
 
@@ -237,7 +239,7 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
 def test_predict_handles_empty_and_batches(tiny_prepared: Path) -> None:
     m, src, _ = _source(tiny_prepared)
     model = build_model("small_cnn", 5)
-    full = predict(model, src.x[:50], m["mean"], m["std"], batch_size=512)
-    chunked = predict(model, src.x[:50], m["mean"], m["std"], batch_size=7)
+    full = predict(model, src.x[:50], m.mean, m.std, batch_size=512)
+    chunked = predict(model, src.x[:50], m.mean, m.std, batch_size=7)
     np.testing.assert_allclose(full, chunked, atol=1e-5)
-    assert predict(model, src.x[:0], m["mean"], m["std"]).shape == (0, 5)
+    assert predict(model, src.x[:0], m.mean, m.std).shape == (0, 5)

@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import fetched, make_patterns, mine, write_idx_dataset, write_imagefolder
 
-from tlpipe.data.prepared import load_manifest, load_split
+from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import load_split
 from tlpipe.data.readers import read_raw
 from tlpipe.errors import TlpipeError
 from tlpipe.params import fields, resolver
@@ -175,7 +176,7 @@ def test_the_pixel_limit_is_a_per_dataset_param(tmp_path: Path) -> None:
         prepare.run(raw, tmp_path / "p", small)
     enough = resolver.resolve({"prepare": {**values, "max_image_pixels": 1360}})["prepare"]
     prepare.run(raw, tmp_path / "p", enough)
-    assert load_manifest(tmp_path / "p")["scenario"]["max_image_pixels"] == 1360
+    assert load_manifest(tmp_path / "p").scenario["max_image_pixels"] == 1360
     with pytest.raises(TlpipeError, match="max_image_pixels = 0 is out of range: it must be >= 1"):
         fields.build(prepare.PrepareConfig, {**values, "max_image_pixels": 0})
 
@@ -330,8 +331,8 @@ def _fit(prepared: Path, ckpt: Path):
     cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=2, seed=0)
     torch.manual_seed(0)
     model = build_model("small_cnn", 5)
-    res = fit(model, ArrayBatches(src.x, src.y, 32, steps_per_epoch=2), cfg, mean=m["mean"],
-              std=m["std"], checkpoint=ckpt)  # fmt: skip
+    res = fit(model, ArrayBatches(src.x, src.y, 32, steps_per_epoch=2), cfg, mean=m.mean,
+              std=m.std, checkpoint=ckpt)  # fmt: skip
     return res, model
 
 

@@ -135,6 +135,6 @@ def _lineage(inputs: dict[str, Any]) -> dict[str, str]:
     prepared = inputs.get("prepared_dir")
     if prepared is None or not (Path(prepared) / "manifest.json").is_file():
         return {}
-    from tlpipe.data.prepared import load_manifest
+    from tlpipe.data.manifest import load_manifest
 
-    return {"tlpipe.dataset_sha256": str(load_manifest(prepared).get("dataset_sha256", ""))}
+    return {"tlpipe.dataset_sha256": load_manifest(prepared).dataset_sha256}

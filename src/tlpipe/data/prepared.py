@@ -1,7 +1,8 @@
 """The data layer: known datasets, the raw and prepared data types, prepared splits.
 
 The raw readers are in `tlpipe.data.readers`. Prepared splits (written by `tlpipe.steps.prepare`
-with `save_split`) are read back with `load_split` (images memory-mapped) and `load_manifest`.
+with `save_split`) are read back with `load_split` (images memory-mapped); their record,
+manifest.json, is `tlpipe.data.manifest.Manifest`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe import fsio
 from tlpipe.errors import TlpipeError
 
 SPLITS = ("source", "source_val", "target_train", "target_val", "target_test")
@@ -329,27 +329,3 @@ def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
             raise TlpipeError("short read from a prepared split (file truncated?); "
                               "run `tlpipe prepare` again")  # fmt: skip
         done += got
-
-
-def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` of a prepared dir."""
-    return fsio.read_json(Path(prepared_dir) / "manifest.json")
-
-
-def has_source(manifest: dict[str, Any]) -> bool:
-    """Whether the prepared scenario has a source dataset (else only a pretrained backbone)."""
-    return bool(manifest.get("source_classes"))
-
-
-SOURCE_FILES = ("source.json", *(f"{s}.{a}.npy" for s in ("source", "source_val")
-                                 for a in (*ARRAYS, "id")))  # fmt: skip
-
-
-def load_source_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """Read ``source.json``: the part of the manifest that pretraining reads.
-
-    It (and the source splits, `SOURCE_FILES`) changes only when the source data does, so
-    pretrain, which depends on nothing else of the prepared dir, is not re-run when only the
-    target grows. Its ``dataset_sha256`` is the source data's version.
-    """
-    return fsio.read_json(Path(prepared_dir) / "source.json")

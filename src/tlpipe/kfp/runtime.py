@@ -366,9 +366,9 @@ def _path(value: Any) -> Any:
 
 def check_dataset(prepared_dir: Path, dataset_sha256: str) -> None:
     """Fail if `prepared_dir` is not the data version the task was started for."""
-    from tlpipe.fsio import read_json
+    from tlpipe.data.manifest import load_manifest
 
-    found = read_json(Path(prepared_dir) / "manifest.json").get("dataset_sha256")
+    found = load_manifest(prepared_dir).dataset_sha256
     if found != dataset_sha256:
         raise TlpipeError(
             f"prepared data is version {found}, but this step was started for "

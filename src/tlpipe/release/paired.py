@@ -96,11 +96,12 @@ def compare_files(new: Path, champion: Path, prepared_dir: Path, version: str) -
     None (with a line saying why) when the champion cannot read this data: other input
     shape or other classes; the gate then treats it as not comparable.
     """
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.errors import TlpipeError
 
     test = load_split(prepared_dir, "target_test")
-    classes = load_manifest(prepared_dir)["target_classes"]
+    classes = list(load_manifest(prepared_dir).target_classes)
     try:
         theirs = onnx_labels(champion, test.x, classes)
     except TlpipeError as e:

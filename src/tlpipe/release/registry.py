@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tlpipe.data.manifest import Manifest
 from tlpipe.edge.pull import sign
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import sha256_file
@@ -268,7 +269,7 @@ def verify_champion_file(path: Path, mv: Any) -> None:
         )
 
 
-def champion_manifest(model_name: str) -> tuple[dict[str, Any] | None, str | None]:
+def champion_manifest(model_name: str) -> tuple[Manifest | None, str | None]:
     """The manifest stored with the current champion, and its version (None, None: none)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -284,7 +285,8 @@ def champion_manifest(model_name: str) -> tuple[dict[str, Any] | None, str | Non
         except MlflowException:  # registered before register stored the manifest
             print(f"check: champion v{version.version} has no stored manifest: not compared")
             return None, str(version.version)
-        return json.loads(Path(path).read_text()), str(version.version)
+        found = Manifest.from_dict(json.loads(Path(path).read_text()), f"{path} (champion's)")
+        return found, str(version.version)
 
 
 def _set_tag(client: Any, model_name: str, version: str, key: str, value: str) -> None:

@@ -1,10 +1,12 @@
 """Pipeline steps: each module has one `run(inputs…, cfg) -> <Step>Result` function.
 
 Steps are pure: paths and a config in, files and a result out; no argv, no environment
-variables, no tracking runs of their own. `tlpipe.runner.run_step` is the one way the wrappers
-(CLI, DVC through the CLI, KFP components) call them: it picks each step's config, opens the
-tracked run and logs what every result carries the same way. `register` and `check`, whose
-job is the model registry, reach it only through `tlpipe.release.registry`.
+variables, no tracking. `tlpipe.runner.run_step` is the one way the wrappers (CLI, DVC through
+the CLI, KFP components) call them: it picks each step's config, opens the tracked run and logs
+what every result carries the same way. `register` and `check`, whose job is the model
+registry, reach it only through `tlpipe.release.registry`, which reads the registry's settings
+from the environment and logs into the runner's run (or, for a `register.run` called on its
+own, a run it opens).
 
 Steps do not import each other (an import-linter contract): what two steps share lives in the
 library subpackage of its responsibility (the prepared data's manifest in `tlpipe.data`,

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tlpipe.data.manifest import Manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.params import CheckConfig
 from tlpipe.release import registry
@@ -51,7 +52,7 @@ def run(
 ) -> CheckResult:
     """Compare `prepared_dir` with the champion of registered model `model_name`; write
     `out_dir/report.json`; raise a TlpipeError on a failure listed in `cfg.fail_on`."""
-    from tlpipe.data.prepared import load_manifest
+    from tlpipe.data.manifest import load_manifest
     from tlpipe.fsio import write_json
 
     new = load_manifest(prepared_dir)
@@ -74,41 +75,32 @@ def run(
                        summary=f"data check {what}: {seen}")  # fmt: skip
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def compare(old: Manifest, new: Manifest) -> dict[str, Any]:
     """What changed between two prepared-data manifests (champion's, this run's)."""
-    old_cls, new_cls = old["target_classes"], new["target_classes"]
+    old_cls, new_cls = old.target_classes, new.target_classes
     counts = {
         split: {"champion": _per_class(old, split), "now": _per_class(new, split)}
         for split in TARGET_SPLITS
     }
-    same_settings = settings(old) == settings(new)
-    sizes = {"champion": old.get("image_sizes", {}).get("target", {}),
-             "now": new.get("image_sizes", {}).get("target", {})}  # fmt: skip
+    same_settings = old.requested() == new.requested()
+    sizes = {
+        "champion": old.image_sizes.get("target", {}),
+        "now": new.image_sizes.get("target", {}),
+    }
     findings = {  # a class the settings still ask for but the data no longer has
         "vanished_class": sorted(set(old_cls) - set(new_cls)) if same_settings else [],
         "new_class": sorted(set(new_cls) - set(old_cls)),
         "label_set_changed": (old_cls != new_cls) and same_settings,
-        "input_shape_changed": old["input_shape"] != new["input_shape"],
+        "input_shape_changed": old.input_shape != new.input_shape,
         "image_size_changed": bool(sizes["champion"]) and _size_moved(**sizes),
     }
     drift = {
-        "mean": [round(b - a, 6) for a, b in zip(old["mean"], new["mean"], strict=False)],
-        "std": [round(b - a, 6) for a, b in zip(old["std"], new["std"], strict=False)],
+        "mean": [round(b - a, 6) for a, b in zip(old.mean, new.mean, strict=False)],
+        "std": [round(b - a, 6) for a, b in zip(old.std, new.std, strict=False)],
         "image_sizes": sizes,
     }
     return {"findings": findings, "class_counts": counts, "drift": drift,
             "same_scenario_settings": same_settings}  # fmt: skip
-
-
-def settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the scenario asked for, per side: dataset, format and the classes named in the
-    config (empty = every class of the data). Manifests of version 1 (one dataset) too."""
-    sc = manifest["scenario"]
-    if manifest.get("version", 1) < 2:
-        return {side: (sc.get("dataset"), sc.get("format"), sc.get(f"{side}_classes"))
-                for side in ("source", "target")}  # fmt: skip
-    return {side: ((manifest.get(side) or {}).get("dataset"), (manifest.get(side) or {}).get(
-        "format"), sc[side]["classes"]) for side in ("source", "target")}  # fmt: skip
 
 
 def _size_moved(champion: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -117,12 +109,12 @@ def _size_moved(champion: dict[str, Any], now: dict[str, Any]) -> bool:
     return champion.get("median") != now.get("median") or top(champion) != top(now)
 
 
-def _per_class(manifest: dict[str, Any], split: str) -> dict[str, int]:
-    counts = manifest["splits"][split]["per_class"]
-    return dict(zip(manifest["target_classes"], counts, strict=False))
+def _per_class(manifest: Manifest, split: str) -> dict[str, int]:
+    counts = manifest.splits[split].per_class
+    return dict(zip(manifest.target_classes, counts, strict=False))
 
 
-def few_images(manifest: dict[str, Any], at_least: int) -> dict[str, dict[str, int]]:
+def few_images(manifest: Manifest, at_least: int) -> dict[str, dict[str, int]]:
     """Target classes with fewer than `at_least` images in a split: {class: {split: count}}."""
     found: dict[str, dict[str, int]] = {}
     for split in TARGET_SPLITS:

@@ -51,7 +51,8 @@ def run(
     prepared_dir: Path, models: dict[str, Path], out_dir: Path, cfg: EvaluateConfig
 ) -> EvaluateResult:
     """Evaluate `models` (name → checkpoint) and write metrics.json, plots and curves.csv."""
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.fsio import atomic_path, write_json
 
     if cfg.baseline not in models:
@@ -60,7 +61,7 @@ def run(
         raise TlpipeError("nothing to compare: evaluate needs the baseline and ≥ 1 strategy")
     manifest = load_manifest(prepared_dir)
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
-    classes = manifest["target_classes"]
+    classes = list(manifest.target_classes)
     report, preds, histories, evidence = _score(models, test, val, classes)
     choice = select(report, cfg.baseline, evidence)
     selected, verdict = choice.selected, choice.verdict
@@ -77,8 +78,8 @@ def run(
         "extra_fits": choice.extra_fits,
         "baseline": cfg.baseline,
         "architectures": architectures(report, cfg.baseline),
-        "test_sha256": manifest["splits"]["target_test"]["sha256"],
-        "dataset_sha256": manifest.get("dataset_sha256", ""),
+        "test_sha256": manifest.splits["target_test"].sha256,
+        "dataset_sha256": manifest.dataset_sha256,
         "models": report,
         "gain_over_scratch": gain,
     }
@@ -255,23 +256,23 @@ def _score(
     nan = float("nan")
     for name, path in sorted(models.items()):
         model, meta = load_checkpoint(path)
-        if meta["classes"] != classes:
-            raise TlpipeError(f"{path} predicts {meta['classes']}, not the target classes")
-        preds[name] = predict(model, test.x, meta["mean"], meta["std"]).argmax(1)
-        val_logits = predict(model, val.x, meta["mean"], meta["std"])
+        if list(meta.classes) != classes:
+            raise TlpipeError(f"{path} predicts {list(meta.classes)}, not the target classes")
+        preds[name] = predict(model, test.x, meta.mean, meta.std).argmax(1)
+        val_logits = predict(model, val.x, meta.mean, meta.std)
         m = classification_metrics(test.y, preds[name], classes)
         m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
         m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
-        m["arch"] = str(meta.get("arch", "?"))
-        m["logme"] = meta.get("logme")
-        if meta.get("skipped"):
-            m["skipped"] = meta["skipped"]
+        m["arch"] = meta.arch
+        m["logme"] = meta.logme
+        if meta.skipped:
+            m["skipped"] = meta.skipped
         val_correct[name] = val_logits.argmax(1) == val.y
-        cvs[name] = meta.get("selection_cv")
+        cvs[name] = meta.selection_cv
         if cvs[name] is not None:
             m["cv_accuracy"] = float(cvs[name]["accuracy"])
         report[name] = m
-        histories[name] = meta.get("history", [])
+        histories[name] = list(meta.history)
     trained = {n: cv for n, cv in cvs.items() if not report[n].get("skipped")}
     evidence = _cv_evidence(trained) or _val_evidence(val_correct)
     return report, preds, histories, evidence

@@ -28,13 +28,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlpipe.errors import TlpipeError
 from tlpipe.params import Calibration, ExportConfig
 from tlpipe.steps import StepResult
+
+if TYPE_CHECKING:
+    from tlpipe.data.manifest import Manifest
+    from tlpipe.train.checkpoint import CheckpointMeta
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class ExportResult(StepResult):
 
 def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) -> ExportResult:
     """Write `model.onnx`, `model.int8.onnx` (if `cfg.int8`) and `parity.json` into `out_dir`."""
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.edge.model import EdgeModel
     from tlpipe.fsio import atomic_path, write_json
     from tlpipe.train.loop import predict
@@ -57,7 +62,7 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
     manifest = load_manifest(prepared_dir)
     test = load_split(prepared_dir, "target_test")
     _check_compatible(meta, manifest, test.x, model_path)
-    mean, std = meta["mean"], meta["std"]
+    mean, std = meta.mean, meta.std
     x_test = normalise(test.x, mean, std)
     reference = predict(model, test.x, mean, std, batch_size=cfg.batch_size)
     out_dir = Path(out_dir)
@@ -93,8 +98,8 @@ def run(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: ExportConfig) 
             report["int8"] |= int8_verdict(report["int8"], report["fp32"], cfg)
             if not report["int8"]["published"]:
                 int8_path.unlink()
-        report["test_sha256"] = manifest["splits"]["target_test"]["sha256"]
-        report["dataset_sha256"] = manifest.get("dataset_sha256", "")
+        report["test_sha256"] = manifest.splits["target_test"].sha256
+        report["dataset_sha256"] = manifest.dataset_sha256
         write_json(tmp / "parity.json", report)
     published = bool(report["int8"] and report["int8"]["published"])
     return ExportResult(
@@ -149,33 +154,36 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
 
 
 def _metadata(
-    meta: dict[str, Any], manifest: dict[str, Any], model_path: Path, cfg: ExportConfig, precision
+    meta: CheckpointMeta, manifest: Manifest, model_path: Path, cfg: ExportConfig, precision
 ) -> dict[str, str]:
+    """The ONNX file's metadata_props: what the edge runtime reads (`tlpipe.edge.model`)."""
     import tlpipe
     from tlpipe.fsio import sha256_file
 
     return {
-        "classes": json.dumps(list(meta["classes"])),
-        "input_shape": json.dumps(
-            [meta["in_chans"], meta.get("input_size", 28), meta.get("input_size", 28)]
-        ),  # fmt: skip
-        "mean": json.dumps([float(v) for v in meta["mean"]]),
-        "std": json.dumps([float(v) for v in meta["std"]]),
+        "classes": json.dumps(list(meta.classes)),
+        "input_shape": json.dumps(list(meta.input_shape)),
+        "mean": json.dumps([float(v) for v in meta.mean]),
+        "std": json.dumps([float(v) for v in meta.std]),
         "model_version": cfg.model_version or sha256_file(model_path)[:12],
-        "dataset_sha256": meta.get("dataset_sha256") or manifest.get("dataset_sha256", ""),
+        "dataset_sha256": meta.dataset_sha256 or manifest.dataset_sha256,
         "tlpipe_version": tlpipe.__version__,
-        "arch": str(meta["arch"]),
+        "arch": str(meta.arch),
         "precision": precision,
     }
 
 
-def _check_compatible(meta: dict, manifest: dict, x: np.ndarray, model_path: Path) -> None:
+def _check_compatible(
+    meta: CheckpointMeta, manifest: Manifest, x: np.ndarray, model_path: Path
+) -> None:
     if len(x) == 0:
         raise TlpipeError("the target test split is empty: nothing to check parity on")
-    if list(meta["classes"]) != list(manifest["target_classes"]):
-        raise TlpipeError(f"{model_path} predicts {meta['classes']}, not the target classes "
-                          f"{manifest['target_classes']}: export a fine-tuned model")  # fmt: skip
-    shape = (meta["in_chans"], meta.get("input_size", 28), meta.get("input_size", 28))
+    if list(meta.classes) != list(manifest.target_classes):
+        raise TlpipeError(
+            f"{model_path} predicts {list(meta.classes)}, not the target classes "
+            f"{list(manifest.target_classes)}: export a fine-tuned model"
+        )
+    shape = meta.input_shape
     if tuple(x.shape[1:]) != shape:
         raise TlpipeError(f"{model_path} takes {shape} images, the prepared data has "
                           f"{tuple(x.shape[1:])}: re-run prepare/finetune")  # fmt: skip

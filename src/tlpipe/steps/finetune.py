@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlpipe.data.prepared import has_source
+from tlpipe.data.manifest import Manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
 from tlpipe.params.learning import check_source_strategies
 from tlpipe.steps import TrainResult
 from tlpipe.train import joint
-from tlpipe.train.checkpoint import checkpoint_meta
+from tlpipe.train.checkpoint import CheckpointMeta
 from tlpipe.train.loop import ArrayBatches, TrainConfig
 
 
@@ -169,13 +169,14 @@ def run(
         match_dir: output of `match` (weights.npy, selected.npy): `joint` needs it.
         checkpoint_dir: per-epoch resume checkpoints, one file per phase.
     """
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.train.models import save_checkpoint
 
     if cfg.strategy not in STRATEGIES:
         raise TlpipeError(f"unknown strategy {cfg.strategy!r}; choose: {', '.join(STRATEGIES)}")
     manifest = load_manifest(prepared_dir)
-    check_source_strategies([cfg.strategy], has_source(manifest))
+    check_source_strategies([cfg.strategy], manifest.has_source)
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
     key = _resume_key(cfg, manifest, source_model, match_dir)
     data = Data(prepared_dir, source_model, match_dir, manifest)
@@ -185,22 +186,18 @@ def run(
         return _skipped(cfg, data, out_model, score)
     trained = _train(cfg, data, (train.x, train.y), (val.x, val.y), checkpoint_dir, key)
     model, result, start = trained.model, trained.result, trained.start
-    classes = manifest["target_classes"]
-    meta = checkpoint_meta(
-        manifest,
-        start.arch,
-        cfg.strategy,
-        classes,
-        result,
-        norm=(start.mean, start.std),
-        pretrained=start.pretrained,
-    )
-    meta["history"] = trained.history
-    meta["logme"] = score["logme"]
     cv = None
     if 0 < len(val) < cfg.selection.min_val:  # too few to choose by: k-fold over train + val
         cv = cross_validate(cfg, data, train, val)
-        meta["selection_cv"] = cv
+    meta = CheckpointMeta.for_data(
+        manifest,
+        start.arch,
+        cfg.strategy,
+        manifest.target_classes,
+        result,
+        norm=(start.mean, start.std),
+        pretrained=start.pretrained,
+    ).replace(history=tuple(trained.history), selection_cv=cv, logme=score["logme"])
     save_checkpoint(out_model, model, meta)
     metrics = {
         "target_val_accuracy": result.best_val_accuracy,
@@ -233,7 +230,7 @@ def transferability(cfg: FinetuneConfig, data: Data, labelled: tuple) -> dict[st
     from tlpipe.train.logme import logme
     from tlpipe.train.loop import embed
 
-    num_classes = len(data.manifest["target_classes"])
+    num_classes = len(data.manifest.target_classes)
     model, _, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
     x, y = labelled
     out: dict[str, Any] = {"logme": logme(embed(model, x, start.mean, start.std), y)}
@@ -254,9 +251,9 @@ def _skipped(cfg: FinetuneConfig, data: Data, out_model: Path, score: dict) -> T
     from tlpipe.train.loop import FitResult
     from tlpipe.train.models import save_checkpoint
 
-    classes = data.manifest["target_classes"]
+    classes = data.manifest.target_classes
     model, _, start = _start_model(cfg, data.source_model, data.manifest, len(classes))
-    meta = checkpoint_meta(
+    meta = CheckpointMeta.for_data(
         data.manifest,
         start.arch,
         cfg.strategy,
@@ -264,8 +261,7 @@ def _skipped(cfg: FinetuneConfig, data: Data, out_model: Path, score: dict) -> T
         FitResult(),
         norm=(start.mean, start.std),
         pretrained=start.pretrained,
-    )
-    meta |= {"history": [], "logme": score["logme"], "skipped": score["skip"]}
+    ).replace(logme=score["logme"], skipped=score["skip"])
     save_checkpoint(out_model, model, meta)
     phases = {
         "linear_probe": [cfg.probe],
@@ -286,7 +282,7 @@ class Data:
     prepared_dir: Path
     source_model: Path | None
     match_dir: Path | None
-    manifest: dict
+    manifest: Manifest
 
 
 @dataclass
@@ -303,7 +299,7 @@ def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, ke
     """Run the strategy's phases on (train x, y), selecting epochs on val (None: the last)."""
     from tlpipe.train.loop import fit
 
-    num_classes = len(data.manifest["target_classes"])
+    num_classes = len(data.manifest.target_classes)
     model, source_state, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
     history, result, seconds, resume_files = [], None, 0.0, []
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
@@ -397,7 +393,7 @@ def shorter(cfg: FinetuneConfig, fraction: float) -> FinetuneConfig:
     )
 
 
-def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) -> str:
+def _resume_key(cfg: FinetuneConfig, manifest: Manifest, source_model, match_dir) -> str:
     """What a resume file must have been written with: settings, data, source model, weights."""
     from tlpipe.fsio import sha256_file
 
@@ -405,7 +401,7 @@ def _resume_key(cfg: FinetuneConfig, manifest: dict, source_model, match_dir) ->
     if match_dir is not None:
         inputs += [Path(match_dir) / n for n in ("weights.npy", "selected.npy")]
     hashes = [sha256_file(f) if f.is_file() else "-" for f in inputs]
-    return f"{cfg!r}|{manifest.get('dataset_sha256')}|{'|'.join(hashes)}"
+    return f"{cfg!r}|{manifest.dataset_sha256}|{'|'.join(hashes)}"
 
 
 def _source_arch(source_model: Path | None) -> str:
@@ -417,7 +413,7 @@ def _source_arch(source_model: Path | None) -> str:
             "scratch copies the source model's architecture (finetune.model: null), but there "
             "is no source model: set finetune.model (e.g. to pretrain.model) or run pretrain"
         )
-    return str(load_checkpoint(source_model)[1]["arch"])
+    return load_checkpoint(source_model)[1].arch
 
 
 @dataclass(frozen=True)
@@ -426,33 +422,33 @@ class Start:
     model's: it belongs to its weights; scratch: the data's), the pretrained weights' origin."""
 
     arch: str
-    mean: list[float]
-    std: list[float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     pretrained: str | None = None
 
 
-def _start_model(cfg: FinetuneConfig, source_model, manifest, num_classes):
+def _start_model(cfg: FinetuneConfig, source_model, manifest: Manifest, num_classes: int):
     """A fresh model (scratch) or the source backbone with a new head for the target classes.
 
     Returns (model, the source's state or None, `Start`).
     """
     from tlpipe.train.models import build_model, load_checkpoint, seeded
 
-    in_chans, input_size = manifest["input_shape"][0], manifest["input_shape"][1]
+    in_chans, input_size = manifest.in_chans, manifest.input_size
     if cfg.strategy == "scratch":
         arch = cfg.model or _source_arch(source_model)
         model = build_model(arch, num_classes, in_chans, input_size, seed=cfg.train.seed)
-        return model, None, Start(arch, manifest["mean"], manifest["std"])
+        return model, None, Start(arch, manifest.mean, manifest.std)
     if source_model is None:
         raise TlpipeError(f"strategy {cfg.strategy!r} needs a source model (run pretrain first)")
     source, meta = load_checkpoint(source_model)
-    if [meta["in_chans"], meta["input_size"]] != [in_chans, input_size]:
+    if (meta.in_chans, meta.input_size) != (in_chans, input_size):
         raise TlpipeError(
-            f"source model expects {meta['in_chans']}×{meta['input_size']}px input but the "
+            f"source model expects {meta.in_chans}×{meta.input_size}px input but the "
             f"prepared data is {in_chans}×{input_size}px: re-run pretrain on this data"
         )
     source_state = {k: v.detach().clone() for k, v in source.state_dict().items()}
     with seeded(cfg.train.seed):
         source.head = nn.Linear(source.feat_dim, num_classes)
-    start = Start(meta["arch"], meta["mean"], meta["std"], meta.get("pretrained"))
+    start = Start(meta.arch, meta.mean, meta.std, meta.pretrained)
     return source, source_state, start

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tlpipe.data.manifest import Manifest
 from tlpipe.errors import TlpipeError
 from tlpipe.match import matchers
 from tlpipe.params import MatchConfig
@@ -48,11 +49,12 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     Without a source dataset there is nothing to weight: `out_dir` then gets empty weights and
     a report saying matching was skipped (the pipeline's stage still has its outputs).
     """
-    from tlpipe.data.prepared import has_source, load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.train.models import load_checkpoint
 
     manifest = load_manifest(prepared_dir)
-    if not has_source(manifest):
+    if not manifest.has_source:
         return _skipped(Path(out_dir), manifest, cfg)
     source = load_split(prepared_dir, "source")
     target_splits = ["target_train", "target_val"] if cfg.use_target_val else ["target_train"]
@@ -63,11 +65,11 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     if n_target == 0:
         raise TlpipeError(f"{prepared_dir}: no target images in {'/'.join(target_splits)}")
     model, meta = load_checkpoint(source_model)
-    if list(source.x.shape[1:]) != [meta["in_chans"], meta["input_size"], meta["input_size"]]:
+    if tuple(source.x.shape[1:]) != meta.input_shape:
         raise TlpipeError(f"{source_model} was trained on other input shapes: re-run pretrain")
 
     t0 = time.perf_counter()
-    mean, std = meta["mean"], meta["std"]
+    mean, std = meta.mean, meta.std
     s_emb = embed_images(model, source.x, mean, std, cfg.features, cfg.batch_size)
     t_emb = np.concatenate([embed_images(model, x, mean, std, cfg.features, cfg.batch_size)
                             for x in targets if len(x)])  # fmt: skip
@@ -88,9 +90,9 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
         "target_splits": target_splits,
         "top_fraction": cfg.top_fraction,
         **diagnostics,
-        **matchers.summary(weights, source.y, manifest["source_classes"], shifted, selected),
+        **matchers.summary(weights, source.y, list(manifest.source_classes), shifted, selected),
         "timings": timings,
-        "dataset_sha256": manifest.get("dataset_sha256", ""),
+        "dataset_sha256": manifest.dataset_sha256,
         "config": to_dict(cfg),
     }
     out_dir = Path(out_dir)
@@ -101,11 +103,11 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
                        summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}")  # fmt: skip
 
 
-def _skipped(out_dir: Path, manifest: dict[str, Any], cfg: MatchConfig) -> MatchResult:
+def _skipped(out_dir: Path, manifest: Manifest, cfg: MatchConfig) -> MatchResult:
     """The neutral output of a scenario without source data: no weights, a report saying so."""
     reason = "no source dataset (fetch.source: null): matching skipped"
     report = {"skipped": reason, "matcher": cfg.matcher, "n_source": 0, "n_selected": 0,
-              "timings": {}, "dataset_sha256": manifest.get("dataset_sha256", ""),
+              "timings": {}, "dataset_sha256": manifest.dataset_sha256,
               "config": to_dict(cfg)}  # fmt: skip
     _write(out_dir, np.zeros(0, np.float32), np.zeros(0, np.int64), report)
     return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",

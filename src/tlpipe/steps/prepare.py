@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe import fsio
+from tlpipe.data.manifest import Manifest, Side, SplitRecord, write_manifest
 from tlpipe.data.prepared import SPLITS, RawDataset, dataset_sha256, split_sha256
 from tlpipe.data.readers import read_raw, read_sides
 from tlpipe.data.splitting import (
@@ -32,8 +33,6 @@ from tlpipe.data.splitting import (
 from tlpipe.errors import TlpipeError
 from tlpipe.params import PrepareConfig, fields
 from tlpipe.steps import StepResult
-
-MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -87,52 +86,49 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
         hashes = {name: split_sha256(splits[name]) for name in SPLITS}
         stats_from = splits["source"] if len(splits["source"]) else splits["target_train"]
         mean, std = channel_stats(stats_from.x)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "dataset": sides["target"]["dataset"],
-            "one_dataset": one,
-            "source": _side(sides["source"], source, src_ids, cfg.source) if source else None,
-            "target": _side(sides["target"], target, tgt_ids, cfg.target),
-            "scenario": fields.to_dict(cfg),
-            "source_classes": class_names(src_ids, cfg.source, source) if source else [],
-            "target_classes": class_names(tgt_ids, cfg.target, target),
-            "input_shape": list(shape),
-            "mean": mean,
-            "std": std,
-            "image_sizes": {
-                "target": size_summary(
-                    np.concatenate(
-                        [target.sizes[selections[n].rows] for n in SPLITS if n.startswith("target")]
-                    )
-                ),  # fmt: skip
-                "source": size_summary(source.sizes[selections["source"].rows]) if source else {},
+        target_rows = [target.sizes[selections[n].rows] for n in SPLITS if n.startswith("target")]
+        source_sizes = source.sizes[selections["source"].rows] if source else None
+        found = duplicates(selections)
+        manifest = Manifest(
+            dataset=sides["target"]["dataset"],
+            one_dataset=one,
+            source=_side(sides["source"], source, src_ids, cfg.source) if source else None,
+            target=_side(sides["target"], target, tgt_ids, cfg.target),
+            scenario=fields.to_dict(cfg),
+            source_classes=tuple(class_names(src_ids, cfg.source, source) if source else []),
+            target_classes=tuple(class_names(tgt_ids, cfg.target, target)),
+            input_shape=shape,
+            mean=tuple(mean),
+            std=tuple(std),
+            image_sizes={
+                "target": size_summary(np.concatenate(target_rows)),
+                "source": size_summary(source_sizes) if source else {},
             },
-            "duplicates": duplicates(selections),
-            "splits": {
-                name: {
-                    "count": len(splits[name]),
-                    "sha256": hashes[name],
-                    "per_class": per_class_counts(
-                        splits[name], len(src_ids) if name.startswith("source") else len(tgt_ids)
+            duplicates=found,
+            splits={
+                name: SplitRecord(
+                    count=len(splits[name]),
+                    sha256=hashes[name],
+                    per_class=tuple(
+                        per_class_counts(
+                            splits[name], len(src_ids if name.startswith("source") else tgt_ids)
+                        )
                     ),
-                }
+                )
                 for name in SPLITS
             },
-            "dataset_sha256": dataset_sha256(hashes),
-        }
-        fsio.write_json(tmp / "manifest.json", manifest)
-        fsio.write_json(tmp / "source.json", {  # what pretrain reads (see load_source_manifest)
-            **{k: manifest[k] for k in ("source", "source_classes", "input_shape", "mean", "std")},
-            "dataset_sha256": dataset_sha256({n: hashes[n] for n in ("source", "source_val")}),
-        })  # fmt: skip
+            dataset_sha256=dataset_sha256(hashes),
+        )
+        source_sha256 = dataset_sha256({n: hashes[n] for n in ("source", "source_val")})
+        write_manifest(tmp, manifest, source_sha256)
     metrics: dict[str, float] = {f"n_{name}": float(len(splits[name])) for name in SPLITS}
-    metrics["duplicates_across_splits"] = float(manifest["duplicates"]["across_splits"])
+    dups = found["across_splits"]
+    metrics["duplicates_across_splits"] = float(dups)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
-    dups = manifest["duplicates"]["across_splits"]
     return PrepareResult(
         out_dir=out_dir,
         manifest=out_dir / "manifest.json",
-        dataset_sha256=manifest["dataset_sha256"],
+        dataset_sha256=manifest.dataset_sha256,
         metrics=metrics,
         artifacts=(out_dir / "manifest.json",),
         summary=f"prepared {out_dir}: "
@@ -166,7 +162,13 @@ def _shape(
     return cfg.channels or target.x.shape[1], cfg.input_size or h, cfg.input_size or w
 
 
-def _side(desc: dict, raw: RawDataset, ids: list[int], part: Any) -> dict[str, Any]:
-    return {"dataset": desc["dataset"], "format": desc["format"], "class_ids": ids,
-            "classes": [raw.classes[i] for i in ids], "names": class_names(ids, part, raw),
-            "images": len(raw), "own_test_set": bool(raw.test.any())}  # fmt: skip
+def _side(desc: dict, raw: RawDataset, ids: list[int], part: Any) -> Side:
+    return Side(
+        dataset=desc["dataset"],
+        format=desc["format"],
+        class_ids=tuple(ids),
+        classes=tuple(raw.classes[i] for i in ids),
+        names=tuple(class_names(ids, part, raw)),
+        images=len(raw),
+        own_test_set=bool(raw.test.any()),
+    )

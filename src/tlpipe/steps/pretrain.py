@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlpipe.data.prepared import has_source
 from tlpipe.errors import TlpipeError
 from tlpipe.params import PretrainConfig
 from tlpipe.steps import TrainResult
-from tlpipe.train.checkpoint import checkpoint_meta
+from tlpipe.train.checkpoint import CheckpointMeta
 
 if TYPE_CHECKING:
+    from tlpipe.data.manifest import SourceManifest
     from tlpipe.train.models import Weights
 
 
@@ -35,7 +35,8 @@ def run(
         checkpoint_dir: per-epoch resume checkpoints; a killed run restarted with the same
             directory continues after the last finished epoch.
     """
-    from tlpipe.data.prepared import load_source_manifest, load_split
+    from tlpipe.data.manifest import load_source_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.train.loop import ArrayBatches, FitResult, fit
     from tlpipe.train.models import build_model, load_weights, save_checkpoint
 
@@ -43,24 +44,34 @@ def run(
     weights = load_weights(cfg.model, cfg.pretrained) if cfg.pretrained else None
     mean, std = normalisation(manifest, weights)
     t, origin = cfg.train, weights.origin if weights else None
-    if not has_source(manifest):
+    if not manifest.has_source:
         if weights is None:
             raise TlpipeError(
                 "no source dataset and no pretrained backbone: nothing to transfer from; set "
                 "pretrain.pretrained (e.g. imagenet, with a torchvision pretrain.model) or give "
                 "the scenario a source dataset (fetch.source)"
             )
-        model = build_model(cfg.model, 0, *_shape(manifest), pretrained=weights, seed=t.seed)
-        meta = checkpoint_meta(manifest, cfg.model, "backbone", [], FitResult(),
-                               norm=(mean, std), pretrained=origin)  # fmt: skip
+        model = build_model(
+            cfg.model, 0, manifest.in_chans, manifest.input_size, pretrained=weights, seed=t.seed
+        )
+        meta = CheckpointMeta.for_data(
+            manifest, cfg.model, "backbone", [], FitResult(), norm=(mean, std), pretrained=origin
+        )
         save_checkpoint(out_model, model, meta)
         summary = f"wrote {out_model}: the {origin} backbone as is (no source dataset to train on)"
         return TrainResult(Path(out_model), summary=summary)
 
     source, source_val = load_split(prepared_dir, "source"), load_split(prepared_dir, "source_val")
     resume = _resume_file(checkpoint_dir, "pretrain")
-    model = build_model(cfg.model, len(manifest["source_classes"]), *_shape(manifest),
-                        pretrained=weights, seed=t.seed)  # fmt: skip
+    classes = manifest.source_classes
+    model = build_model(
+        cfg.model,
+        len(classes),
+        manifest.in_chans,
+        manifest.input_size,
+        pretrained=weights,
+        seed=t.seed,
+    )
     batches = ArrayBatches(
         source.x, source.y, t.batch_size, t.seed, steps_per_epoch=t.steps_per_epoch
     )
@@ -72,11 +83,12 @@ def run(
         std=std,
         val=(source_val.x, source_val.y) if len(source_val) else None,
         checkpoint=resume,
-        resume_key=f"{cfg!r}|{manifest.get('dataset_sha256')}",
+        resume_key=f"{cfg!r}|{manifest.dataset_sha256}",
         desc="pretrain",
     )
-    meta = checkpoint_meta(manifest, cfg.model, "source", manifest["source_classes"], result,
-                           norm=(mean, std), pretrained=origin)  # fmt: skip
+    meta = CheckpointMeta.for_data(
+        manifest, cfg.model, "source", classes, result, norm=(mean, std), pretrained=origin
+    )
     save_checkpoint(out_model, model, meta)
     metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds}  # fmt: skip
@@ -86,16 +98,11 @@ def run(
 
 
 def normalisation(
-    manifest: dict, weights: Weights | None = None
+    manifest: SourceManifest, weights: Weights | None = None
 ) -> tuple[list[float], list[float]]:
     """(mean, std) a model starting from `weights` trains with: theirs, else the data's."""
-    own = weights.normalisation(_shape(manifest)[0]) if weights is not None else None
-    return own or (list(manifest["mean"]), list(manifest["std"]))
-
-
-def _shape(manifest: dict) -> tuple[int, int]:
-    c, h, _ = manifest["input_shape"]
-    return c, h
+    own = weights.normalisation(manifest.in_chans) if weights is not None else None
+    return own or (list(manifest.mean), list(manifest.std))
 
 
 def _resume_file(checkpoint_dir: Path | None, name: str) -> Path | None:

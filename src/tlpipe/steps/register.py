@@ -147,7 +147,6 @@ def _log_pytorch(model_path: Path) -> tuple[str, str]:
     from tlpipe.train.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path)
-    size = int(meta.get("input_size", 28))
     # Batch 2, not 1: torch.export keeps a size-1 batch dimension static.
-    example = np.zeros((2, int(meta["in_chans"]), size, size), dtype=np.float32)
-    return registry.log_pytorch(model, example), str(meta.get("dataset_sha256", "unknown"))
+    example = np.zeros((2, *meta.input_shape), dtype=np.float32)
+    return registry.log_pytorch(model, example), meta.dataset_sha256 or "unknown"

@@ -60,7 +60,8 @@ def load_source_stream(
     prepared_dir: Path, match_dir: Path | None, strategy: str = "joint"
 ) -> SourceStream:
     """Source split + weights.npy/selected.npy, checked against each other."""
-    from tlpipe.data.prepared import load_manifest, load_split
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.data.prepared import load_split
     from tlpipe.fsio import read_json
 
     if match_dir is None:
@@ -73,7 +74,7 @@ def load_source_stream(
             raise TlpipeError(f"{match_dir / name} not found: run `tlpipe match` first")
     manifest, source = load_manifest(prepared_dir), load_split(prepared_dir, "source")
     report = read_json(match_dir / "report.json")
-    if report.get("dataset_sha256") != manifest.get("dataset_sha256"):
+    if report.get("dataset_sha256") != manifest.dataset_sha256:
         raise TlpipeError(f"{match_dir} was computed on other prepared data: re-run `tlpipe match`")
     weights = np.load(match_dir / "weights.npy").astype(np.float32)
     selected = np.load(match_dir / "selected.npy").astype(np.int64)
@@ -84,7 +85,7 @@ def load_source_stream(
         raise TlpipeError(f"{match_dir}/weights.npy holds non-positive or NaN weights")
     if len(selected) == 0 or selected.min() < 0 or selected.max() >= len(source):
         raise TlpipeError(f"{match_dir}/selected.npy is empty or indexes outside the source")
-    n_classes = len(manifest["source_classes"])
+    n_classes = len(manifest.source_classes)
     return SourceStream(source.x, source.y, weights, selected, n_classes)
 
 

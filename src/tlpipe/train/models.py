@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from tlpipe.errors import TlpipeError
 from tlpipe.fsio import atomic_path
+from tlpipe.train.checkpoint import CheckpointMeta
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights were trained on these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -250,9 +250,8 @@ def _read_file(path: Path) -> Weights:
     if not isinstance(data, dict):
         raise TlpipeError(f"{path} holds no state_dict (a {type(data).__name__})")
     if isinstance(data.get("meta"), dict) and "state_dict" in data:  # a tlpipe checkpoint
-        meta = data["meta"]
-        mean, std = meta.get("mean"), meta.get("std")
-        return Weights(data["state_dict"], str(path), mean and tuple(mean), std and tuple(std))
+        meta = CheckpointMeta.from_dict(data["meta"], path)
+        return Weights(data["state_dict"], str(path), meta.mean, meta.std)
     state = data.get("state_dict", data)
     weights = Weights(state, str(path), IMAGENET_MEAN, IMAGENET_STD)
     # A torchvision state_dict: torchvision's weights are trained on ImageNet-normalised input.
@@ -371,14 +370,14 @@ def _load_matching(module: nn.Module, weights: Weights, model: str) -> list[str]
     return sorted(loaded)
 
 
-def save_checkpoint(path: str | Path, model: Net, meta: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, model: Net, meta: CheckpointMeta) -> Path:
     """Write model weights + metadata atomically (a failed save leaves no file)."""
     with atomic_path(path) as tmp:
-        torch.save({"meta": dict(meta), "state_dict": model.state_dict()}, tmp)
+        torch.save({"meta": meta.to_dict(), "state_dict": model.state_dict()}, tmp)
     return Path(path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[Net, CheckpointMeta]:
     """Rebuild a model from `save_checkpoint` output; returns (model in eval mode, meta)."""
     path = Path(path)
     if not path.exists():
@@ -387,10 +386,8 @@ def load_checkpoint(path: str | Path) -> tuple[Net, dict[str, Any]]:
         with warnings.catch_warnings():  # torch warns on a foreign pickle protocol: refused below
             warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        meta = ckpt["meta"]
-        net = build_model(
-            meta["arch"], meta["num_classes"], meta["in_chans"], meta.get("input_size", 28)
-        )
+        meta = CheckpointMeta.from_dict(ckpt.get("meta") if isinstance(ckpt, dict) else None, path)
+        net = build_model(meta.arch, meta.num_classes, meta.in_chans, meta.input_size)
         net.load_state_dict(ckpt["state_dict"])
     except TlpipeError:
         raise
