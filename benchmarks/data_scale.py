@@ -69,9 +69,12 @@ def task_prepare(raw: str, out: str, size: int) -> dict:
     from tlpipe.params import PrepareConfig, fields
     from tlpipe.steps import prepare
 
-    values = {"source": {"classes": list(range(SOURCE)), "max_per_class": None},
-              "target": {"classes": list(range(SOURCE, N_CLASSES)), "k": 5, "val_per_class": 5},
-              "channels": 3, "input_size": size}  # fmt: skip
+    values = {
+        "source": {"classes": list(range(SOURCE)), "max_per_class": None},
+        "target": {"classes": list(range(SOURCE, N_CLASSES)), "k": 5, "val_per_class": 5},
+        "channels": 3,
+        "input_size": size,
+    }
     cfg = fields.build(PrepareConfig, values, where="prepare.")
     # fetch's layout without copying the JPEGs (fetch is not what is measured): one dataset,
     # split by class, data/raw/source a link to the generated folder
@@ -87,24 +90,38 @@ def task_prepare(raw: str, out: str, size: int) -> dict:
     return {"images": images, "seconds": time.perf_counter() - start}
 
 
-def task_tlpipe(prepared: str, model: str, size: int, steps: int, batch: int, workers: int,
-                limit_mb: float) -> dict:  # fmt: skip
+def task_tlpipe(
+    prepared: str, model: str, size: int, steps: int, batch: int, workers: int, limit_mb: float
+) -> dict:
     from tlpipe.data.prepared import load_split
     from tlpipe.train.loop import ArrayBatches, TrainConfig, fit
     from tlpipe.train.models import build_model
 
     src = load_split(prepared, "source")
-    cfg = TrainConfig(epochs=1, batch_size=batch, steps_per_epoch=steps, lr=0.01, augment=True,
-                      device="cpu", num_workers=workers, max_in_memory_mb=limit_mb)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=batch,
+        steps_per_epoch=steps,
+        lr=0.01,
+        augment=True,
+        device="cpu",
+        num_workers=workers,
+        max_in_memory_mb=limit_mb,
+    )
     net = build_model(model, SOURCE, 3, size)
     start = time.perf_counter()
-    fit(net, ArrayBatches(src.x, src.y, batch, steps_per_epoch=steps), cfg, mean=MEAN, std=STD,
-        desc="tlpipe")  # fmt: skip
+    fit(
+        net,
+        ArrayBatches(src.x, src.y, batch, steps_per_epoch=steps),
+        cfg,
+        mean=MEAN,
+        std=STD,
+        desc="tlpipe",
+    )
     return {"images": steps * batch, "seconds": time.perf_counter() - start}
 
 
-def task_torchvision(raw: str, model: str, size: int, steps: int, batch: int,
-                     workers: int) -> dict:  # fmt: skip
+def task_torchvision(raw: str, model: str, size: int, steps: int, batch: int, workers: int) -> dict:
     import torch
     import torch.nn.functional as F
     from torchvision import datasets, transforms
@@ -116,10 +133,14 @@ def task_torchvision(raw: str, model: str, size: int, steps: int, batch: int,
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())[:SOURCE]
             return classes, {c: i for i, c in enumerate(classes)}
 
-    tf = transforms.Compose([
-        transforms.RandomCrop(size, padding=2), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-    ])  # fmt: skip
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(size, padding=2),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     data = SourceFolder(str(Path(raw) / "train"), transform=tf)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers
@@ -201,17 +222,23 @@ def case(
         "prepare": run_child("prepare", raw, prepared, size),
     }
     train = (model, size, steps, batch, workers)
-    row |= median_run(repeats, {
-        "tlpipe": ("tlpipe", prepared, *train, 0.0),
-        "auto": ("tlpipe", prepared, *train, 256.0),
-        "torchvision": ("torchvision", raw, *train),
-    })  # fmt: skip
+    row |= median_run(
+        repeats,
+        {
+            "tlpipe": ("tlpipe", prepared, *train, 0.0),
+            "auto": ("tlpipe", prepared, *train, 256.0),
+            "torchvision": ("torchvision", raw, *train),
+        },
+    )
     p, t, a, v = row["prepare"], row["tlpipe"], row["auto"], row["torchvision"]
-    print(f"[{n} x {size} px, {model}] prepare {p['rate']:.0f} images/s, peak RSS "
-          f"{p['peak_rss_mb']:.0f} MB | train images/s: tlpipe streaming {t['rate']:.1f} "
-          f"(peak RSS {t['peak_rss_mb']:.0f} MB), tlpipe auto {a['rate']:.1f} (peak RSS "
-          f"{a['peak_rss_mb']:.0f} MB), torchvision {v['rate']:.1f} (peak RSS "
-          f"{v['peak_rss_mb']:.0f} MB)", flush=True)  # fmt: skip
+    print(
+        f"[{n} x {size} px, {model}] prepare {p['rate']:.0f} images/s, peak RSS "
+        f"{p['peak_rss_mb']:.0f} MB | train images/s: tlpipe streaming {t['rate']:.1f} "
+        f"(peak RSS {t['peak_rss_mb']:.0f} MB), tlpipe auto {a['rate']:.1f} (peak RSS "
+        f"{a['peak_rss_mb']:.0f} MB), torchvision {v['rate']:.1f} (peak RSS "
+        f"{v['peak_rss_mb']:.0f} MB)",
+        flush=True,
+    )
     return row
 
 
@@ -227,11 +254,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:  # (n, size, model, steps, batch)
         args.repeats = 1
-        cases = [(200, 32, "small_cnn", 3, 16), (1000, 32, "small_cnn", 3, 16),
-                 (120, 48, "resnet18", 2, 8)]  # fmt: skip
+        cases = [
+            (200, 32, "small_cnn", 3, 16),
+            (1000, 32, "small_cnn", 3, 16),
+            (120, 48, "resnet18", 2, 8),
+        ]
     else:
-        cases = [(2000, 64, "small_cnn", 40, 128), (20000, 64, "small_cnn", 40, 128),
-                 (100000, 64, "small_cnn", 40, 128), (5000, 224, "resnet18", 6, 32)]  # fmt: skip
+        cases = [
+            (2000, 64, "small_cnn", 40, 128),
+            (20000, 64, "small_cnn", 40, 128),
+            (100000, 64, "small_cnn", 40, 128),
+            (5000, 224, "resnet18", 6, 32),
+        ]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [case(args.work, *c, args.workers, args.repeats) for c in cases]
     if args.json:
@@ -241,8 +275,10 @@ def main() -> None:
     rss = max(hi[s]["peak_rss_mb"] / lo[s]["peak_rss_mb"] for s in ("prepare", "tlpipe", "auto"))
     speed = min(r["tlpipe"]["rate"] / r["torchvision"]["rate"] for r in (hi, rows[-1]))
     for stage in ("prepare", "tlpipe", "auto"):
-        print(f"peak RSS {stage}: {hi['n']}: {hi[stage]['peak_rss_mb']:.0f} MB, "
-              f"{lo['n']}: {lo[stage]['peak_rss_mb']:.0f} MB")  # fmt: skip
+        print(
+            f"peak RSS {stage}: {hi['n']}: {hi[stage]['peak_rss_mb']:.0f} MB, "
+            f"{lo['n']}: {lo[stage]['peak_rss_mb']:.0f} MB"
+        )
     print(f"peak RSS ratio 100k/2k = {rss:.2f}; loader throughput tlpipe/torchvision = {speed:.2f}")
 
 

@@ -86,8 +86,10 @@ def write_digits(out: Path, indices: Iterable[int] | None = None) -> list[Path]:
         path = out / rel
         if path.exists():
             if path.read_bytes() != data:
-                raise TlpipeError(f"{path} exists with other content: {out} is not this "
-                                  "script's output; write into a new folder")  # fmt: skip
+                raise TlpipeError(
+                    f"{path} exists with other content: {out} is not this "
+                    "script's output; write into a new folder"
+                )
             continue
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
@@ -98,9 +100,14 @@ def write_digits(out: Path, indices: Iterable[int] | None = None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("out", type=Path, help="the ImageFolder to write (OUT/<digit>/<index>.png)")
-    ap.add_argument("--first", type=int, default=N_IMAGES, metavar="N",
-                    help=f"write only images 0..N-1 (default: all {N_IMAGES}); run again with a "
-                         "larger N, or none, to add the next ones")  # fmt: skip
+    ap.add_argument(
+        "--first",
+        type=int,
+        default=N_IMAGES,
+        metavar="N",
+        help=f"write only images 0..N-1 (default: all {N_IMAGES}); run again with a "
+        "larger N, or none, to add the next ones",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.first <= N_IMAGES:
         ap.error(f"--first must be in 1..{N_IMAGES}")

@@ -89,8 +89,15 @@ def main() -> None:
     if args.quick:
         args.images, args.size, args.steps, args.batch, args.workers = 48, 32, 3, 8, 2
     device = resolve_device(args.device)
-    common = dict(epochs=1, batch_size=args.batch, steps_per_epoch=args.steps, lr=0.01,
-                  augment=True, device=str(device), num_workers=args.workers)  # fmt: skip
+    common = dict(
+        epochs=1,
+        batch_size=args.batch,
+        steps_per_epoch=args.steps,
+        lr=0.01,
+        augment=True,
+        device=str(device),
+        num_workers=args.workers,
+    )
     with tempfile.TemporaryDirectory(prefix="tlpipe-gpu-loader-") as tmp:
         split = load_split(write_split(Path(tmp), args.images, args.size), "source")
         streamed = ArrayBatches(split.x, split.y, args.batch, steps_per_epoch=args.steps)
@@ -100,9 +107,11 @@ def main() -> None:
         ceiling_batches = OnDevice(args.images, args.size, args.batch, args.steps, device)
         ceiling = images_per_s(ceiling_batches, TrainConfig(**common), args.size)
         tlpipe = images_per_s(streamed, TrainConfig(**common, max_in_memory_mb=0), args.size)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})"
-          f", resnet18 {args.size} px, batch {args.batch}, {args.steps} steps, "
-          f"{args.workers} workers")  # fmt: skip
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})"
+        f", resnet18 {args.size} px, batch {args.batch}, {args.steps} steps, "
+        f"{args.workers} workers"
+    )
     print(f"tlpipe streaming loader: {tlpipe:.1f} images/s")
     print(f"synthetic on device:     {ceiling:.1f} images/s")
     print(f"loader throughput tlpipe/on-device = {tlpipe / ceiling:.2f}")

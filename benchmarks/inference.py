@@ -179,8 +179,15 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         for name, fn in engines.items():
             t = time_calls(fn, x, batch, runs) * 1e3
             p50, p90 = float(np.median(t)), float(np.percentile(t, 90))
-            rows.append({"engine": name, "batch": batch, "p50_ms": p50, "p90_ms": p90,
-                         "images_per_s": batch * 1e3 / p50})  # fmt: skip
+            rows.append(
+                {
+                    "engine": name,
+                    "batch": batch,
+                    "p50_ms": p50,
+                    "p90_ms": p90,
+                    "images_per_s": batch * 1e3 / p50,
+                }
+            )
     preds = {
         name: np.concatenate([fn(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1)
         for name, fn in engines.items()
@@ -218,15 +225,19 @@ def report(
     import onnxruntime as ort
     import torch
 
-    print(f"# Inference benchmark\n\n{note}; {threads} thread(s); torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
+    print(
+        f"# Inference benchmark\n\n{note}; {threads} thread(s); torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs\n"
+    )
     torch_p50 = {r["batch"]: r["p50_ms"] for r in rows if r["engine"] == "torch eager"}
     print("| engine | batch | p50 ms | p90 ms | images/s | p50 / torch |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["p50_ms"] / torch_p50[r["batch"]]
-        print(f"| {r['engine']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} "
-              f"| {r['images_per_s']:.0f} | {ratio:.2f} |")  # fmt: skip
+        print(
+            f"| {r['engine']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} "
+            f"| {r['images_per_s']:.0f} | {ratio:.2f} |"
+        )
     print("\n| file | bytes | / fp32 |\n|---|---:|---:|")
     for name, size in sizes.items():
         print(f"| {name} | {size} | {size / sizes['fp32']:.2f} |")
@@ -241,8 +252,10 @@ def report(
     fp32_1 = [r["p50_ms"] for r in rows if r["engine"] == "ORT fp32" and r["batch"] == 1]
     if fp32_1:
         r1 = fp32_1[0] / torch_p50[1]
-        print(f"ORT fp32 batch-1 p50 = {r1:.2f}× torch eager (goal ≤ 0.5): "
-              f"{'met' if r1 <= 0.5 else 'NOT met'}")  # fmt: skip
+        print(
+            f"ORT fp32 batch-1 p50 = {r1:.2f}× torch eager (goal ≤ 0.5): "
+            f"{'met' if r1 <= 0.5 else 'NOT met'}"
+        )
 
 
 def _int8_verdict(rows: list[dict], accuracy: dict, agreement: dict) -> None:

@@ -54,8 +54,7 @@ from tlpipe.train.loop import accuracy
 from tlpipe.train.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"default": ROOT / "params.yaml",
-             "mixed-source": ROOT / "scenarios/mixed-source.yaml"}  # fmt: skip
+SCENARIOS = {"default": ROOT / "params.yaml", "mixed-source": ROOT / "scenarios/mixed-source.yaml"}
 # Shifts no preset names: mixed-source (half of the source shifted like the whole target) with
 # another `prepare.shift`; the presets' defaults otherwise. The first three were picked before
 # any was measured; rotate-30 was added after rotate-90 missed (benchmarks/README.md: a 90°
@@ -115,16 +114,23 @@ def embeddings(prepared: Path, model_path: Path, cfg: match.MatchConfig, cache: 
         t0 = time.perf_counter()
         s = match.embed_images(model, source.x, meta.mean, meta.std, cfg.features)
         t = match.embed_images(model, target_x, meta.mean, meta.std, cfg.features)
-        np.savez(cache, source=s, target=t, y=source.y, shifted=source.shifted,
-                 seconds=time.perf_counter() - t0)  # fmt: skip
+        np.savez(
+            cache,
+            source=s,
+            target=t,
+            y=source.y,
+            shifted=source.shifted,
+            seconds=time.perf_counter() - t0,
+        )
     z = np.load(cache)
     return {k: z[k] for k in z.files}
 
 
 def weigh(emb: dict, cfg: match.MatchConfig, name: str) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
-    w = matchers.fit_weights(matchers.build_matcher(name, cfg), emb["source"], emb["target"],
-                             emb["y"])  # fmt: skip
+    w = matchers.fit_weights(
+        matchers.build_matcher(name, cfg), emb["source"], emb["target"], emb["y"]
+    )
     return w, time.perf_counter() - t0
 
 
@@ -164,8 +170,11 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         sel = matchers.select_top(w, mcfg.top_fraction, mcfg.seed)
         shifted = emb["shifted"] if emb["shifted"].any() else None
         s = matchers.summary(w, emb["y"], [str(i) for i in range(5)], shifted, sel)
-        results[f"match:{name}"] = {"seconds": seconds, "ess_fraction": s["ess_fraction"],
-                                    "precision": s.get("selection_precision")}  # fmt: skip
+        results[f"match:{name}"] = {
+            "seconds": seconds,
+            "ess_fraction": s["ess_fraction"],
+            "precision": s.get("selection_precision"),
+        }
         write_match_dir(work / f"match_{name}", prepared, w, sel)
     if emb["shifted"].any():  # the oracle knows the answer: selected = the shifted images
         shifted = emb["shifted"].astype(bool)
@@ -184,11 +193,14 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
         cfg = resolve(section(params, "finetune", over))["finetune"].for_strategy(strategy)
         out = work / f"{variant}.pt"
         t0 = time.perf_counter()
-        r = finetune.run(prepared, model, out, cfg,
-                         match_dir=work / f"match_{matcher}" if matcher else None)  # fmt: skip
-        results[variant] = {"val": r.metrics["target_val_accuracy"],
-                            "test": test_accuracy(prepared, out),
-                            "seconds": time.perf_counter() - t0}  # fmt: skip
+        r = finetune.run(
+            prepared, model, out, cfg, match_dir=work / f"match_{matcher}" if matcher else None
+        )
+        results[variant] = {
+            "val": r.metrics["target_val_accuracy"],
+            "test": test_accuracy(prepared, out),
+            "seconds": time.perf_counter() - t0,
+        }
         print(f"  {scenario} seed {seed} {variant}: {results[variant]}", flush=True)
         write_json(cache, results)
     write_json(cache, results)
@@ -208,18 +220,26 @@ def accuracy_table(all_results: dict[str, list[dict]]) -> str:
     for scenario, runs in all_results.items():
         cells = [mean_std([100 * r[v]["test"] for r in runs if v in r]) for v in VARIANTS]
         lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
-    val = [f"| {scenario} (val, for reference) | " + " | ".join(
-        mean_std([100 * r[v]["val"] for r in runs if v in r]) for v in VARIANTS) + " |"
-        for scenario, runs in all_results.items()]  # fmt: skip
+    val = [
+        f"| {scenario} (val, for reference) | "
+        + " | ".join(mean_std([100 * r[v]["val"] for r in runs if v in r]) for v in VARIANTS)
+        + " |"
+        for scenario, runs in all_results.items()
+    ]
     return "\n".join(lines + val)
 
 
 def paired_table(all_results: dict[str, list[dict]]) -> str:
     """Per seed, what a selection adds over the uniform one in the same strategy (points)."""
-    pairs = [(v, v.split("+")[0] + "+uniform") for v in VARIANTS
-             if v.endswith(("+discriminator", "+oracle", "+anti"))]  # fmt: skip
-    lines = ["| scenario | " + " | ".join(f"{a} − uniform" for a, _ in pairs) + " |",
-             "|---" * (len(pairs) + 1) + "|"]  # fmt: skip
+    pairs = [
+        (v, v.split("+")[0] + "+uniform")
+        for v in VARIANTS
+        if v.endswith(("+discriminator", "+oracle", "+anti"))
+    ]
+    lines = [
+        "| scenario | " + " | ".join(f"{a} − uniform" for a, _ in pairs) + " |",
+        "|---" * (len(pairs) + 1) + "|",
+    ]
     for scenario, runs in all_results.items():
         cells = []
         for a, b in pairs:
@@ -274,15 +294,20 @@ def skada_table(emb: dict, mcfg: match.MatchConfig, n_sub: int, seed: int = 0) -
         "skada DiscriminatorReweight": skada.DiscriminatorReweightAdapter(),
         "skada KMMReweight": skada.KMMReweightAdapter(gamma=gamma),
         "skada KLIEPReweight": skada.KLIEPReweightAdapter(
-            gamma=[gamma / 10, gamma, gamma * 10], random_state=0),
+            gamma=[gamma / 10, gamma, gamma * 10], random_state=0
+        ),
         "skada NearestNeighborReweight": skada.NearestNeighborReweightAdapter(
-            laplace_smoothing=True),
-    }  # fmt: skip
+            laplace_smoothing=True
+        ),
+    }
     for name, adapter in theirs.items():
         ours[name] = lambda a=adapter: a.fit(x, sample_domain=domain).compute_weights(
-            x, sample_domain=domain)[: len(s)]  # fmt: skip
-    lines = [f"| method ({len(s)} source, {len(t)} target) | selection precision | "
-             "AUROC | seconds |", "|---|---|---|---|"]  # fmt: skip
+            x, sample_domain=domain
+        )[: len(s)]
+    lines = [
+        f"| method ({len(s)} source, {len(t)} target) | selection precision | AUROC | seconds |",
+        "|---|---|---|---|",
+    ]
     times = {}
     for name, fn in ours.items():
         t0 = time.perf_counter()
@@ -293,8 +318,9 @@ def skada_table(emb: dict, mcfg: match.MatchConfig, n_sub: int, seed: int = 0) -
             continue
         times[name] = time.perf_counter() - t0
         prec = shifted[matchers.select_top(w, 0.5, seed)].mean()
-        lines.append(f"| {name} | {prec:.3f} | {matchers.auroc(shifted, w):.3f} | "
-                     f"{times[name]:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {prec:.3f} | {matchers.auroc(shifted, w):.3f} | {times[name]:.2f} |"
+        )
     if "skada KMMReweight" in times:
         speedup = times["skada KMMReweight"] / times["tlpipe discriminator"]
         lines.append(f"\ntlpipe discriminator: {speedup:.0f}× faster than KMM at {len(s)} source.")
@@ -311,13 +337,17 @@ def full_size_timing(params: dict, model: Path, args) -> str:
         prepare.run(args.raw, prepared, cfg)
     mcfg = resolve(params)["match"]
     emb = embeddings(prepared, model, mcfg, work / "emb.npz")
-    lines = ["| matcher | source samples | weighting s | selection precision | "
-             "embedding s (separately) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| matcher | source samples | weighting s | selection precision | "
+        "embedding s (separately) |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("discriminator", "knn"):
         w, seconds = weigh(emb, mcfg, name)
         prec = emb["shifted"][matchers.select_top(w, mcfg.top_fraction)].mean()
-        lines.append(f"| {name} | {len(w)} | {seconds:.2f} | {prec:.3f} | "
-                     f"{float(emb['seconds']):.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {len(w)} | {seconds:.2f} | {prec:.3f} | {float(emb['seconds']):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -371,8 +401,10 @@ def main() -> None:
         print(f"\n(total {time.perf_counter() - t0:.0f} s)")
         return
     print(f"\n## Target test accuracy (%), mean ± std over seeds {args.seeds}\n")
-    print(f"pretrain epochs {args.pretrain_epochs or 'as in the preset'}, fine-tune epochs "
-          f"{args.finetune_epochs or 'as in the preset'}\n")  # fmt: skip
+    print(
+        f"pretrain epochs {args.pretrain_epochs or 'as in the preset'}, fine-tune epochs "
+        f"{args.finetune_epochs or 'as in the preset'}\n"
+    )
     print(accuracy_table(all_results))
     print("\n## Paired by seed: a selection minus the uniform one (points; per seed)\n")
     print(paired_table(all_results))

@@ -41,8 +41,9 @@ def load_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
 def bare_loop(model, x, y, cfg: TrainConfig) -> float:
     """The reference: what a person would write by hand, minus nothing essential."""
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+    )
     steps = len(x) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     model.train()
@@ -83,8 +84,10 @@ def main() -> None:
         ours.append(tlpipe_loop(copy.deepcopy(init), x, y, cfg))
     o, b = statistics.median(ours), statistics.median(bare)
     threads = torch.get_num_threads()
-    print(f"model {args.model}, {len(x)} {source} images/epoch, batch {args.batch_size}, "
-          f"{threads} threads, {args.repeats} alternating repeats (median)")  # fmt: skip
+    print(
+        f"model {args.model}, {len(x)} {source} images/epoch, batch {args.batch_size}, "
+        f"{threads} threads, {args.repeats} alternating repeats (median)"
+    )
     print("| loop | images/s |\n|---|---|")
     print(f"| bare PyTorch | {b:,.0f} |\n| tlpipe `fit` | {o:,.0f} |")
     print(f"ratio tlpipe/bare = {o / b:.3f}  (goal ≥ 0.9)")

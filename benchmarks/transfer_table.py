@@ -73,8 +73,11 @@ def main() -> None:
     for k in args.ks:
         for seed in args.seeds:
             prep = work / f"prep-k{k}-s{seed}"
-            over = [f"prepare.target.k={k}", "prepare.target.val_per_class=5",
-                    f"prepare.seed={seed}"]  # fmt: skip
+            over = [
+                f"prepare.target.k={k}",
+                "prepare.target.val_per_class=5",
+                f"prepare.seed={seed}",
+            ]
             prepare.run(raw, prep, resolve(params, over)["prepare"])
             assert (
                 load_manifest(prep).source_classes

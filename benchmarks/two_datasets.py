@@ -57,8 +57,9 @@ def run_setting(
 ) -> dict[str, Any]:
     """Prepare, match, fine-tune every strategy and evaluate, for one setting and seed."""
     seeded = {"train": {"seed": seed}, "probe": {"seed": seed}}
-    params = merge(params, {"prepare": {"target": SETTINGS[setting], "seed": seed},
-                             "finetune": seeded})  # fmt: skip
+    params = merge(
+        params, {"prepare": {"target": SETTINGS[setting], "seed": seed}, "finetune": seeded}
+    )
     resolved = resolve(params)
     tag = f"{setting.replace(' ', '').replace('=', '')}-s{seed}"
     prep, matched, models = work / f"prep-{tag}", work / f"match-{tag}", work / f"models-{tag}"
@@ -71,8 +72,9 @@ def run_setting(
         paths[name] = models / f"{name}.pt"
         if not paths[name].exists():  # --work of an interrupted run: keep what it finished
             cfg = resolved["finetune"].for_strategy(name)
-            finetune.run(prep, source, paths[name], cfg,
-                         match_dir=matched if matched.exists() else None)  # fmt: skip
+            finetune.run(
+                prep, source, paths[name], cfg, match_dir=matched if matched.exists() else None
+            )
     out = work / f"eval-{tag}"
     evaluate.run(prep, paths, out, EvaluateConfig(plots=False))
     return read_json(out / "metrics.json")
@@ -109,9 +111,12 @@ def main() -> None:
             for name, m in metrics["models"].items():
                 results[name][setting].append(m["accuracy"])
             results[SELECTED][setting].append(metrics["models"][metrics["selected"]]["accuracy"])
-            print(f"{setting}, seed {seed}: " + ", ".join(
-                f"{n} {100 * m['accuracy']:.1f}" for n, m in metrics["models"].items()
-            ) + f"; ships {metrics['selected']}", flush=True)  # fmt: skip
+            print(
+                f"{setting}, seed {seed}: "
+                + ", ".join(f"{n} {100 * m['accuracy']:.1f}" for n, m in metrics["models"].items())
+                + f"; ships {metrics['selected']}",
+                flush=True,
+            )
     print_table(results, len(args.seeds))
     print(f"total {time.perf_counter() - t0:.0f} s; files in {work}")
     print(final_line(results))
@@ -136,8 +141,10 @@ def final_line(results: dict[str, dict[str, list[float]]]) -> str:
     for s in SETTINGS:
         mean = {n: statistics.mean(v[s]) for n, v in results.items()}
         best = max((n for n in mean if n not in ("scratch", SELECTED)), key=mean.get)
-        parts.append(f"{s}: best transfer {best} {100 * (mean[best] - mean['scratch']):+.1f}, "
-                     f"shipped {100 * (mean[SELECTED] - mean['scratch']):+.1f}")  # fmt: skip
+        parts.append(
+            f"{s}: best transfer {best} {100 * (mean[best] - mean['scratch']):+.1f}, "
+            f"shipped {100 * (mean[SELECTED] - mean['scratch']):+.1f}"
+        )
     return "gain over scratch (points) — " + "; ".join(parts)
 
 

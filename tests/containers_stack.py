@@ -100,14 +100,40 @@ def postgres() -> Iterator[int]:
         subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
 
     port = free_port()
-    as_pg(f"{bindir}/initdb", "-D", str(data), "-U", creds["POSTGRES_USER"],
-          f"--pwfile={pwfile}", "--auth=scram-sha-256")  # fmt: skip
-    as_pg(f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(tmp / "pg.log"),
-          "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start")  # fmt: skip
+    as_pg(
+        f"{bindir}/initdb",
+        "-D",
+        str(data),
+        "-U",
+        creds["POSTGRES_USER"],
+        f"--pwfile={pwfile}",
+        "--auth=scram-sha-256",
+    )
+    as_pg(
+        f"{bindir}/pg_ctl",
+        "-D",
+        str(data),
+        "-w",
+        "-l",
+        str(tmp / "pg.log"),
+        "-o",
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         env = f"PGPASSWORD={creds['POSTGRES_PASSWORD']}"
-        as_pg("env", env, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port),
-              "-U", creds["POSTGRES_USER"], "mlflow")  # fmt: skip
+        as_pg(
+            "env",
+            env,
+            f"{bindir}/createdb",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            creds["POSTGRES_USER"],
+            "mlflow",
+        )
         yield port
     finally:
         as_pg(f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop")
@@ -244,8 +270,16 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
     auth = k8s_volume(tmp / "mlflow-auth", pod, "auth", {"basic_auth.ini": auth_ini(pg_port)})
     args = [a if not a.startswith("--port=") else f"--port={port}" for a in container["args"]]
     name = f"tlpipe-mlflow-{port}"
-    docker("run", "-d", "--name", name, *_run_args(pod, container, env, {"auth": auth}),
-           MLFLOW_IMAGE, *container["command"], *args)  # fmt: skip
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *_run_args(pod, container, env, {"auth": auth}),
+        MLFLOW_IMAGE,
+        *container["command"],
+        *args,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def alive() -> bool:
@@ -409,9 +443,15 @@ def kfp_reports_exit_status() -> Iterator[None]:
     def run(client, image, command, volumes, **run_args) -> int:
         image = handler.add_latest_tag_if_not_present(image=image)
         container = client.containers.run(
-            image=image, command=command, detach=True, stdout=True, stderr=True,
-            volumes=volumes, auto_remove=False, **run_args,
-        )  # fmt: skip
+            image=image,
+            command=command,
+            detach=True,
+            stdout=True,
+            stderr=True,
+            volumes=volumes,
+            auto_remove=False,
+            **run_args,
+        )
         try:
             for line in container.logs(stream=True):
                 print(line.decode(), end="")

@@ -20,8 +20,17 @@ from conftest import write_idx_dataset
 from tlpipe.params.fields import merge
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("fetch", "prepare", "check", "pretrain", "match", "finetune", "evaluate", "export",
-            "register")  # fmt: skip
+SECTIONS = (
+    "fetch",
+    "prepare",
+    "check",
+    "pretrain",
+    "match",
+    "finetune",
+    "evaluate",
+    "export",
+    "register",
+)
 
 
 def benchmark(name: str):
@@ -48,9 +57,10 @@ def dvc_project(tmp_path: Path, params: dict | None = None) -> Path:
     work = tmp_path / "project"
     work.mkdir()
     if params is None:
-        params = merge(synthetic(tmp_path), {"pretrain": {"train": {"epochs": 400,
-                                                                    "batch_size": 32}},
-                                             "strategies": ["full"]})  # fmt: skip
+        params = merge(
+            synthetic(tmp_path),
+            {"pretrain": {"train": {"epochs": 400, "batch_size": 32}}, "strategies": ["full"]},
+        )
     params = {**{s: {} for s in SECTIONS}, **params}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     (work / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
@@ -64,5 +74,10 @@ def project_env(uri: str, **extra: str) -> dict[str, str]:
     """The environment of a run: this venv's commands, tracking at `uri`, a new experiment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TLPIPE_")}
     bin_dir = str(Path(sys.executable).parent)
-    return {**env, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + env["PATH"],
-            "TLPIPE_EXPERIMENT": f"run-{uuid.uuid4().hex[:8]}", **extra}  # fmt: skip
+    return {
+        **env,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": bin_dir + os.pathsep + env["PATH"],
+        "TLPIPE_EXPERIMENT": f"run-{uuid.uuid4().hex[:8]}",
+        **extra,
+    }

@@ -69,15 +69,23 @@ def test_command_line(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(REPO / "benchmarks/two_datasets.py"), "--quick", "--work",
-           str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/two_datasets.py"),
+        "--quick",
+        "--work",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on two shared cores crawl
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in table[1:]] == [
-        "| scratch", "| linear_probe", "| joint", "| selected by val (ships)"
-    ]  # fmt: skip
+        "| scratch",
+        "| linear_probe",
+        "| joint",
+        "| selected by val (ships)",
+    ]
     assert table[0] == "| model | k = 10 | all labels |"
     last = done.stdout.splitlines()[-1]
     assert last.startswith("gain over scratch (points) — k = 10: best transfer "), last

@@ -43,8 +43,12 @@ def test_compare_names_vanished_new_and_relabelled_classes(tiny_prepared: Path) 
     assert not same["findings"]["image_size_changed"]
     photos = copy.deepcopy(old)  # the same classes, shot with another camera
     size = [640, 480]
-    photos["image_sizes"]["target"] = {"min": size, "median": size, "max": size,
-                                       "commonest": [["640x480", 100]]}  # fmt: skip
+    photos["image_sizes"]["target"] = {
+        "min": size,
+        "median": size,
+        "max": size,
+        "commonest": [["640x480", 100]],
+    }
     report = _compare(old, photos)
     assert report["findings"]["image_size_changed"]
     assert report["drift"]["image_sizes"]["now"]["median"] == [640, 480]
@@ -86,8 +90,9 @@ def test_check_against_the_champion_stops_on_a_vanished_class(
     from tlpipe.train.models import build_model, save_checkpoint
 
     classes = load_manifest(tiny_prepared).target_classes
-    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=classes,
-                          mean=(0.3,), std=(0.35,))  # fmt: skip
+    meta = CheckpointMeta(
+        arch="small_cnn", in_chans=1, input_size=28, classes=classes, mean=(0.3,), std=(0.35,)
+    )
     model = save_checkpoint(tmp_path / "m.pt", build_model("small_cnn", 5), meta)
 
     name = f"m-{uuid.uuid4().hex[:8]}"

@@ -17,8 +17,14 @@ from tlpipe.params.resolver import parse_overrides, resolve
 
 def tlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TLPIPE_NO_TRACK": "1"}
-    return subprocess.run([sys.executable, "-m", "tlpipe.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tlpipe.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_lists_every_step(tmp_path: Path) -> None:
@@ -60,8 +66,12 @@ def test_bad_params_file_is_reported(tmp_path: Path) -> None:
 def test_overrides_parse_yaml_values() -> None:
     pairs = ["p.k=5", "p.lr=1e-3", "p.cls=[5, 6]", "p.name=lp_ft", "strategies=[full]"]
     assert parse_overrides(pairs) == {
-        "p.k": 5, "p.lr": 1e-3, "p.cls": [5, 6], "p.name": "lp_ft", "strategies": ["full"]
-    }  # fmt: skip
+        "p.k": 5,
+        "p.lr": 1e-3,
+        "p.cls": [5, 6],
+        "p.name": "lp_ft",
+        "strategies": ["full"],
+    }
     resolved = resolve(
         {"finetune": {"l2sp": 0.1}}, ["finetune.train.epochs=3", "finetune.l2sp=0.5"]
     )
@@ -73,17 +83,31 @@ def test_overrides_parse_yaml_values() -> None:
 
 def test_cli_trains_on_prepared_data(tiny_prepared: Path, tmp_path: Path) -> None:
     args = ["--prepared", str(tiny_prepared), "--out", "m/source.pt"]
-    res = tlpipe("pretrain", *args, "-s", "pretrain.train.epochs=1",
-                 "-s", "pretrain.train.batch_size=32", cwd=tmp_path)  # fmt: skip
+    res = tlpipe(
+        "pretrain",
+        *args,
+        "-s",
+        "pretrain.train.epochs=1",
+        "-s",
+        "pretrain.train.batch_size=32",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert "source val accuracy" in res.stderr
     assert (tmp_path / "m/source.pt").exists()
 
 
 def test_configs_the_cli_and_the_kubeflow_client_import_no_torch() -> None:
-    code = ("import sys; from tlpipe import cli, params; from tlpipe.kfp import client, runtime\n"
-            "params.resolve('params.yaml'); runtime.default_arguments()\n"
-            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    code = (
+        "import sys; from tlpipe import cli, params; from tlpipe.kfp import client, runtime\n"
+        "params.resolve('params.yaml'); runtime.default_arguments()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr

@@ -105,9 +105,15 @@ def test_image_runs_a_step_non_root_on_a_read_only_root(tmp_path: Path) -> None:
     spec = {"sources": [str(FMNIST)]}
     params.write_text(json.dumps({"fetch": {"source": spec, "target": spec}}))
     _tlpipe(
-        "tlpipe", "fetch", "--no-track", "--params", "/in/params.yaml", "--out", "/out/raw",
+        "tlpipe",
+        "fetch",
+        "--no-track",
+        "--params",
+        "/in/params.yaml",
+        "--out",
+        "/out/raw",
         mounts=(f"{FMNIST}:{FMNIST}:ro", f"{params}:/in/params.yaml:ro", f"{out}:/out"),
-    )  # fmt: skip
+    )
     assert any((out / "raw").rglob("*ubyte*")), list((out / "raw").rglob("*"))
     # the image holds what the steps import, and no pip config or credentials from the build
     probe = "import tlpipe, kfp, torch, onnxruntime, mlflow; print(torch.__version__)"
@@ -256,8 +262,11 @@ def test_the_dag_runs_in_containers_against_the_real_server(
         aws_secret_access_key=PIPELINE["AWS_SECRET_ACCESS_KEY"],
         region_name="us-east-1",
     )
-    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
-            for o in p.get("Contents", [])]  # fmt: skip
+    keys = [
+        o["Key"]
+        for p in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+        for o in p.get("Contents", [])
+    ]
     assert any(k.endswith("model.onnx") for k in keys), keys[:20]
 
     # who may move `champion`: not an anonymous client, not another user; the pipeline may

@@ -113,9 +113,8 @@ def test_read_imagefolder(imagefolder_dir: Path, channels: int) -> None:
 
 @pytest.mark.parametrize(
     ("name", "content", "why"),
-    [("notes.txt", b"hello", "not a readable image"),
-     ("broken.png", None, "not a readable image")],
-)  # fmt: skip
+    [("notes.txt", b"hello", "not a readable image"), ("broken.png", None, "not a readable image")],
+)
 def test_read_imagefolder_bad_file(imagefolder_dir: Path, name: str, content, why: str) -> None:
     path = imagefolder_dir / "train" / "dog" / name
     if content is None:  # a real PNG cut in half
@@ -275,8 +274,12 @@ def test_fetch_custom_local_dir_and_archives(http_server, tmp_path: Path) -> Non
         (tree / split / "cat" / "a.png").write_bytes(split.encode())
     local = fetch.run(mine((str(tree),)), tmp_path / "r1")
     names = [p.relative_to(tmp_path / "r1").as_posix() for p in local.files]
-    assert names == ["source.json", "target/test/cat/a.png", "target/train/cat/a.png",
-                     "target.json"]  # fmt: skip
+    assert names == [
+        "source.json",
+        "target/test/cat/a.png",
+        "target/train/cat/a.png",
+        "target.json",
+    ]
     names = [name.removeprefix("target/") for name in names[1:3]]
     with tarfile.open(www / "d.tar.gz", "w:gz") as t:
         t.add(tree, arcname="mydata")  # one top-level folder: lifted
@@ -324,9 +327,11 @@ def test_fetch_fashion_mnist_download_fallback(http_server, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("split", "label", "match"),
-    [("train", 200, "train labels go up to 200 but none is 10 \\(190 missing\\)"),
-     ("t10k", 12, "test label 12 is not a train label \\(0..9\\)")],
-)  # fmt: skip
+    [
+        ("train", 200, "train labels go up to 200 but none is 10 \\(190 missing\\)"),
+        ("t10k", 12, "test label 12 is not a train label \\(0..9\\)"),
+    ],
+)
 def test_unnamed_labels_must_run_without_gaps(idx_dir: Path, split, label, match) -> None:
     """With no class names there is no list to check against: a stray label must not add classes."""
     path = idx_dir / f"{split}-labels-idx1-ubyte.gz"

@@ -23,11 +23,14 @@ SMALL = {
     "prepare": {"source": {"max_per_class": 1000}, "target": {"max_test_per_class": 200}},
     "pretrain": {"train": {"epochs": 3, "batch_size": 64}},
     "strategies": ["lp_ft"],
-    "finetune": {"train": {"epochs": 6}, "probe": {"epochs": 4},
-                 "per_strategy": {"scratch": {"train": {"lr": 0.05, "epochs": 10}}}},
+    "finetune": {
+        "train": {"epochs": 6},
+        "probe": {"epochs": 4},
+        "per_strategy": {"scratch": {"train": {"lr": 0.05, "epochs": 10}}},
+    },
     "export": {"calibration_images": 100},
     "register": {"accuracy_floor": 0.3},  # this test is about the plumbing, not the accuracy
-}  # fmt: skip
+}
 
 
 @pytest.mark.slow  # 1.5 min of real training; the DVC plumbing is also in test_retraining_loop
@@ -41,8 +44,11 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+    }
 
     def sh(*args: str) -> subprocess.CompletedProcess:
         res = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=900)
@@ -62,9 +68,17 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
 
     # a scheduled re-run on the same data: fetch runs (it checks the data), nothing else does;
     # two started together: one runs, the other says so in one line and exits non-zero
-    both = [subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]  # fmt: skip
+    both = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tlpipe.cli", "run"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [(p.wait(timeout=600), *p.communicate()) for p in both]
     assert sorted(code for code, _, _ in outs) == [0, 1], outs
     (_, again, log), (_, _, refused) = sorted(outs)
@@ -82,8 +96,11 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
     parents.sort(key=lambda r: r.info.start_time)
     assert len(parents) == 2 and parents[1].data.tags["tlpipe.changed_stages"] == "check"
-    children = {r.data.tags["tlpipe.step"] for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}  # fmt: skip
+    children = {
+        r.data.tags["tlpipe.step"]
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     steps = {
         "prepare",
         "check",

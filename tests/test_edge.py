@@ -41,11 +41,17 @@ def write_model(path: Path, channels: int = 1, size: int = 8, version: str = "te
     weights = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
     graph = helper.make_graph(nodes, "dark_bright", inputs, outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    helper.set_model_props(model, {
-        "classes": json.dumps(["dark", "bright"]), "input_shape": json.dumps(shape),
-        "mean": json.dumps([0.5] * channels), "std": json.dumps([0.25] * channels),
-        "model_version": version, "precision": "fp32",
-    })  # fmt: skip
+    helper.set_model_props(
+        model,
+        {
+            "classes": json.dumps(["dark", "bright"]),
+            "input_shape": json.dumps(shape),
+            "mean": json.dumps([0.5] * channels),
+            "std": json.dumps([0.25] * channels),
+            "model_version": version,
+            "precision": "fp32",
+        },
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -192,8 +198,10 @@ def test_providers():
 def test_base_and_edge_dependencies_have_no_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + project["optional-dependencies"]["edge"]
-    names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
-             for d in deps}  # fmt: skip
+    names = {
+        d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+        for d in deps
+    }
     assert "onnxruntime" in names and "numpy" in names and "pillow" in names
     assert not {n for n in names if "torch" in n}, names
 

@@ -31,8 +31,9 @@ def _publish(uri: str, export_dir: Path) -> None:
     client.set_terminated(run_id)
     sha = hashlib.sha256((export_dir / "model.onnx").read_bytes()).hexdigest()
     client.create_registered_model("edge-install")
-    mv = client.create_model_version("edge-install", f"runs:/{run_id}/onnx", run_id,
-                                     tags={"onnx_sha256": sha})  # fmt: skip
+    mv = client.create_model_version(
+        "edge-install", f"runs:/{run_id}/onnx", run_id, tags={"onnx_sha256": sha}
+    )
     client.set_registered_model_alias("edge-install", "champion", mv.version)
 
 
@@ -43,11 +44,18 @@ def test_edge_install_has_no_torch_and_predicts(
     manifest = load_manifest(tiny_prepared)
     classes = manifest.target_classes
     net = build_model("small_cnn", len(classes))
-    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=classes,
-                          mean=manifest.mean, std=manifest.std)  # fmt: skip
+    meta = CheckpointMeta(
+        arch="small_cnn",
+        in_chans=1,
+        input_size=28,
+        classes=classes,
+        mean=manifest.mean,
+        std=manifest.std,
+    )
     save_checkpoint(tmp_path / "m.pt", net, meta)
-    result = export.run(tmp_path / "m.pt", tiny_prepared, tmp_path / "export",
-                        export.ExportConfig(int8=False))  # fmt: skip
+    result = export.run(
+        tmp_path / "m.pt", tiny_prepared, tmp_path / "export", export.ExportConfig(int8=False)
+    )
     _publish(mlflow_server, tmp_path / "export")
 
     env_dir = tmp_path / "edge-venv"
@@ -55,8 +63,9 @@ def test_edge_install_has_no_torch_and_predicts(
     py = env_dir / "bin" / "python"
     # a regular (not editable) install from this checkout, as the README says
     subprocess.run([py, "-m", "pip", "install", "-q", f"{REPO}[edge]"], check=True, timeout=900)
-    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], check=True,
-                            capture_output=True, text=True).stdout.lower()  # fmt: skip
+    listed = subprocess.run(
+        [py, "-m", "pip", "list", "--format=freeze"], check=True, capture_output=True, text=True
+    ).stdout.lower()
     names = {line.split("==")[0] for line in listed.splitlines()}
     assert "onnxruntime" in names and "tlpipe" in names
     assert not names & {"torch", "torchvision", "mlflow", "dvc", "kfp"}, names
@@ -64,17 +73,30 @@ def test_edge_install_has_no_torch_and_predicts(
     image = tmp_path / "shoe.png"
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(image)
     exe = str(env_dir / "bin" / "tlpipe-edge")
-    direct = subprocess.run([exe, "predict", str(result.onnx_path), str(image)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    direct = subprocess.run(
+        [exe, "predict", str(result.onnx_path), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert direct.returncode == 0, direct.stderr
     assert "shoe.png" in direct.stdout and any(c in direct.stdout for c in classes)
 
     # pull over REST with the standard library, then serve from the model directory
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
-           "TLPIPE_EDGE_MODEL_DIR": str(tmp_path / "models")}  # fmt: skip
-    out = subprocess.run([exe, "pull", "--name", "edge-install"], env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "TLPIPE_EDGE_MODEL_DIR": str(tmp_path / "models"),
+    }
+    out = subprocess.run(
+        [exe, "pull", "--name", "edge-install"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "installed edge-install v1 (fp32)" in out.stdout, out.stderr
-    served = subprocess.run([exe, "predict", str(image)], env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    served = subprocess.run(
+        [exe, "predict", str(image)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert served.returncode == 0 and served.stdout == direct.stdout, served.stderr

@@ -60,8 +60,12 @@ def publish(uri: str, name: str, tmp: Path, label: str, *, tags: dict | None = N
     client.set_terminated(run_id)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
-    base = {"onnx_sha256": sha256(fp32), "onnx_int8_sha256": sha256(int8),
-            "onnx_uri": f"runs:/{run_id}/onnx/model.onnx", "gate_decision": "champion"}  # fmt: skip
+    base = {
+        "onnx_sha256": sha256(fp32),
+        "onnx_int8_sha256": sha256(int8),
+        "onnx_uri": f"runs:/{run_id}/onnx/model.onnx",
+        "gate_decision": "champion",
+    }
     tags = {k: v for k, v in {**base, **(tags or {})}.items() if v is not None}
     mv = client.create_model_version(name, f"runs:/{run_id}/onnx", run_id, tags=tags)
     client.set_registered_model_alias(name, "champion", mv.version)

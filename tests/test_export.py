@@ -27,9 +27,16 @@ def _checkpoint(path: Path, manifest: Manifest, classes: list[str] | None = None
     """A random-weight small_cnn saved with the contract's meta fields."""
     torch.manual_seed(0)
     classes = classes or manifest.target_classes
-    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=tuple(classes),
-                          mean=manifest.mean, std=manifest.std, strategy="full",
-                          dataset_sha256=manifest.dataset_sha256)  # fmt: skip
+    meta = CheckpointMeta(
+        arch="small_cnn",
+        in_chans=1,
+        input_size=28,
+        classes=tuple(classes),
+        mean=manifest.mean,
+        std=manifest.std,
+        strategy="full",
+        dataset_sha256=manifest.dataset_sha256,
+    )
     return save_checkpoint(path, build_model("small_cnn", len(classes)), meta)
 
 

@@ -162,8 +162,13 @@ def test_lp_ft_probe_phase_leaves_the_backbone_and_its_batchnorm_alone(
     """Phases are built up front; each must set its own trainable set when it runs."""
     diverging = _cfg("lp_ft", train={**TINY_TRAIN, "lr": 1e38})  # the full phase blows up...
     with pytest.raises(TlpipeError, match="NaN/inf"):
-        finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", diverging,
-                     checkpoint_dir=tmp_path / "ck")  # fmt: skip
+        finetune.run(
+            tiny_prepared,
+            source_model,
+            tmp_path / "lpft.pt",
+            diverging,
+            checkpoint_dir=tmp_path / "ck",
+        )
     assert not (tmp_path / "lpft.pt").exists()  # ...and a failed step keeps its resume files
     after_probe = resume.load_state(tmp_path / "ck/probe.pt", torch.device("cpu"))["best_state"]
     src, _ = load_checkpoint(source_model)
@@ -205,15 +210,21 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
     from tlpipe.fsio import read_json
 
     report = read_json(res.metrics_path)
-    scores = {n: (report["models"][n]["val_accuracy"], -report["models"][n]["val_loss"])
-              for n in ("linear_probe", "full")}  # fmt: skip
+    scores = {
+        n: (report["models"][n]["val_accuracy"], -report["models"][n]["val_loss"])
+        for n in ("linear_probe", "full")
+    }
     best = max(scores, key=scores.get)
     # the best transfer ships only when its paired interval against scratch excludes 0
     assert report["selected"] == (best if report["transfer_helped"] else "scratch")
     assert report["paired"]["model"] == best
     assert set(report["gain_over_scratch"]) == {"linear_probe", "full"}
-    for f in ("plots/confusion_full.png", "plots/curves.csv", "plots/predictions.csv",
-              "selected.txt"):  # fmt: skip
+    for f in (
+        "plots/confusion_full.png",
+        "plots/curves.csv",
+        "plots/predictions.csv",
+        "selected.txt",
+    ):
         assert (tmp_path / "eval" / f).stat().st_size > 0
     table = evaluate.format_table(report)
     assert "scratch" in table and "selected (by val)" in table
@@ -280,8 +291,9 @@ def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) 
     assert resolve(explicit)["finetune"].model == "small_cnn"
     tiny = {**TINY_TRAIN, "epochs": 1}
     src = tmp_path / "source.pt"
-    pretrain.run(tiny_prepared, src, build(pretrain.PretrainConfig,
-                                           {"model": "resnet18", "train": tiny}))  # fmt: skip
+    pretrain.run(
+        tiny_prepared, src, build(pretrain.PretrainConfig, {"model": "resnet18", "train": tiny})
+    )
     finetune.run(tiny_prepared, src, tmp_path / "scratch.pt", _cfg("scratch", train=tiny))
     finetune.run(tiny_prepared, src, tmp_path / "lp.pt", _cfg("linear_probe", probe=tiny))
     scratch, meta = load_checkpoint(tmp_path / "scratch.pt")
@@ -289,8 +301,9 @@ def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) 
     source, _ = load_checkpoint(src)
     assert any(_changed(source.backbone, scratch.backbone))  # random init, not the source's
     models = {"scratch": tmp_path / "scratch.pt", "linear_probe": tmp_path / "lp.pt"}
-    finetune.run(tiny_prepared, src, tmp_path / "small.pt",
-                 _cfg("scratch", train=tiny, model="small_cnn"))  # fmt: skip
+    finetune.run(
+        tiny_prepared, src, tmp_path / "small.pt", _cfg("scratch", train=tiny, model="small_cnn")
+    )
     report = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
     from tlpipe.fsio import read_json
 

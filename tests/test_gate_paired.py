@@ -22,8 +22,9 @@ from tlpipe.release.promotion import Candidate, decide
 from tlpipe.steps import export, finetune, register
 from tlpipe.train.models import build_model, load_checkpoint, save_checkpoint
 
-CFG = RegisterConfig(accuracy_floor=0.0, min_improvement=0.01, significance=0.05,
-                     max_class_recall_drop=0.05)  # fmt: skip
+CFG = RegisterConfig(
+    accuracy_floor=0.0, min_improvement=0.01, significance=0.05, max_class_recall_drop=0.05
+)
 
 
 def test_mcnemar_exact_one_sided() -> None:
@@ -153,9 +154,15 @@ def test_a_champion_that_cannot_read_the_data_is_not_compared(
     _, meta = load_checkpoint(trained)
     rgb = tmp_path / "rgb.onnx"  # a champion that reads 3-channel images
     export.export_onnx(build_model("small_cnn", 5, in_chans=3).eval(), rgb, (3, 28, 28))
-    export.set_metadata(rgb, {"mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]",
-                              "classes": json.dumps(meta.classes),
-                              "input_shape": "[3, 28, 28]"})  # fmt: skip
+    export.set_metadata(
+        rgb,
+        {
+            "mean": "[0.5, 0.5, 0.5]",
+            "std": "[0.25, 0.25, 0.25]",
+            "classes": json.dumps(meta.classes),
+            "input_shape": "[3, 28, 28]",
+        },
+    )
     ours = _export(trained, tiny_prepared, tmp_path) / "model.onnx"
     assert paired.compare_files(ours, rgb, tiny_prepared, "7") is None
     out = capsys.readouterr().out

@@ -25,11 +25,16 @@ def test_installed_package_runs_steps_and_the_kubeflow_dag_outside_a_checkout(
     # The dependencies (torch, mlflow, kfp, …) come from this test's environment through a .pth
     # file, which saves installing gigabytes again; tlpipe itself is a regular, non-editable
     # install of this checkout (a .pth line adds a folder, it runs no editable-install hook).
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    purelib = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(purelib, "_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps",
-                    str(REPO)], check=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", str(REPO)], check=True, timeout=600
+    )
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLPIPE_", "MLFLOW_"))}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
@@ -45,8 +50,16 @@ def test_installed_package_runs_steps_and_the_kubeflow_dag_outside_a_checkout(
 
     idx = write_idx_dataset(tmp_path / "idx", 30, 10)
     spec = f"{{dataset: synthetic, format: idx, sources: [{idx}]}}"
-    run(str(bin_dir / "tlpipe"), "fetch", "--out", "raw", "--set", f"fetch.source={spec}",
-        "--set", f"fetch.target={spec}")  # fmt: skip
+    run(
+        str(bin_dir / "tlpipe"),
+        "fetch",
+        "--out",
+        "raw",
+        "--set",
+        f"fetch.source={spec}",
+        "--set",
+        f"fetch.target={spec}",
+    )
     run(str(bin_dir / "tlpipe"), "prepare", "--raw", "raw", "--out", "prepared")
     assert (work / "prepared/manifest.json").is_file() and (work / "mlflow.db").is_file()
 

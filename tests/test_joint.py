@@ -87,8 +87,12 @@ def test_joint_loss_adds_the_weighted_source_term() -> None:
     joint.attach_source_head(
         model, {"head.weight": torch.zeros(5, 64), "head.bias": torch.zeros(5)}
     )
-    batch = {"input": torch.randn(6, 1, 28, 28), "y": torch.tensor([0, 1, 2, 0, 1, 2]),
-             "domain": torch.tensor([0, 0, 0, 1, 1, 1]), "w": torch.ones(6)}  # fmt: skip
+    batch = {
+        "input": torch.randn(6, 1, 28, 28),
+        "y": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "domain": torch.tensor([0, 0, 0, 1, 1, 1]),
+        "w": torch.ones(6),
+    }
     model.eval()
     target_only = joint.joint_loss(0.0)(model, batch)
     both = joint.joint_loss(0.5)(model, batch)
@@ -106,8 +110,9 @@ def test_joint_finetune_saves_a_plain_target_net(
 ) -> None:
     source_model, match_dir = source_and_match
     out = tmp_path / "joint.pt"
-    result = finetune.run(tiny_prepared, source_model, out, _cfg(sampling=sampling),
-                          match_dir=match_dir)  # fmt: skip
+    result = finetune.run(
+        tiny_prepared, source_model, out, _cfg(sampling=sampling), match_dir=match_dir
+    )
     model, meta = load_checkpoint(out)  # strict load: no source head left in the file
     assert meta.strategy == "joint"
     assert meta.classes == load_manifest(tiny_prepared).target_classes and meta.classes
@@ -153,11 +158,20 @@ def test_specialist_trains_on_the_selected_source_then_the_target(
     source_model, match_dir = source_and_match
     source = load_split(tiny_prepared, "source")
     models = {}
-    for name, sel in {"a": np.arange(0, len(source), 2), "a2": np.arange(0, len(source), 2),
-                      "b": np.arange(1, len(source), 2)}.items():  # fmt: skip
+    for name, sel in {
+        "a": np.arange(0, len(source), 2),
+        "a2": np.arange(0, len(source), 2),
+        "b": np.arange(1, len(source), 2),
+    }.items():
         md = _match_with_selection(match_dir, tmp_path / f"m_{name}", sel)
-        res = finetune.run(tiny_prepared, source_model, tmp_path / f"{name}.pt", _specialist_cfg(),
-                           match_dir=md, checkpoint_dir=tmp_path / "ck")  # fmt: skip
+        res = finetune.run(
+            tiny_prepared,
+            source_model,
+            tmp_path / f"{name}.pt",
+            _specialist_cfg(),
+            match_dir=md,
+            checkpoint_dir=tmp_path / "ck",
+        )
         models[name], meta = load_checkpoint(tmp_path / f"{name}.pt")
     phases = [(r["phase"], "val_accuracy" in r) for r in res.history]
     assert phases == [("specialist", False)] * 2 + [("full", True)]

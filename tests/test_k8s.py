@@ -429,8 +429,12 @@ def test_namespace_enforces_restricted_and_policies_deny_by_default() -> None:
     assert "ingress" not in deny and "egress" not in deny
 
     def ingress_from(app: str) -> set[str]:
-        spec = next(p for p in policies.values() if p["podSelector"].get("matchLabels") == {
-            "app.kubernetes.io/name": app} and "ingress" in p)  # fmt: skip
+        spec = next(
+            p
+            for p in policies.values()
+            if p["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": app}
+            and "ingress" in p
+        )
         return {
             json_label
             for rule in spec["ingress"]

@@ -253,7 +253,7 @@ def tiny_scenario(data: dict, prepare: dict | None = None) -> dict:
             "source": {"max_per_class": 100},
             "target": {"max_test_per_class": 30},
             "seed": 0,
-        },  # fmt: skip
+        },
         "pretrain": {"train": {"epochs": 1, "batch_size": 64}},
         "finetune": {"train": short, "probe": short},
         "match": {"plots": False},
@@ -358,17 +358,22 @@ def test_run_local_retrains_when_the_target_grows(package, tmp_path: Path, monke
     target = tmp_path / "digits"
     digits.write_digits(target, range(180))
     short = {"epochs": 6, "batch_size": 32, "steps_per_epoch": 0, "augment": False}
-    params = merge(yaml.safe_load((ROOT / "scenarios/fashion-to-digits.yaml").read_text()), {
-        "fetch": {"source": synthetic(tmp_path)["fetch"]["source"],  # a tiny stand-in
-                  "target": {"sources": [str(target)]}},
-        "prepare": {"source": {"max_per_class": 30}, "input_size": 16},
-        "pretrain": {"train": {"epochs": 1, "batch_size": 64, "augment": False}},
-        "match": {"plots": False},
-        "finetune": {"train": short, "probe": {**short, "epochs": 3}},
-        "export": {"calibration_images": 32},
-        "register": {"accuracy_floor": 0.2},
-        "strategies": ["full"],
-    })  # fmt: skip
+    params = merge(
+        yaml.safe_load((ROOT / "scenarios/fashion-to-digits.yaml").read_text()),
+        {
+            "fetch": {
+                "source": synthetic(tmp_path)["fetch"]["source"],  # a tiny stand-in
+                "target": {"sources": [str(target)]},
+            },
+            "prepare": {"source": {"max_per_class": 30}, "input_size": 16},
+            "pretrain": {"train": {"epochs": 1, "batch_size": 64, "augment": False}},
+            "match": {"plots": False},
+            "finetune": {"train": short, "probe": {**short, "epochs": 3}},
+            "export": {"calibration_images": 32},
+            "register": {"accuracy_floor": 0.2},
+            "strategies": ["full"],
+        },
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
 

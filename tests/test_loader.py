@@ -53,8 +53,10 @@ def test_split_round_trips_memory_mapped_with_the_same_hash(tmp_path: Path) -> N
     split = _split(50)
     paths = save_split(tmp_path, "target_test", split)
     assert sorted(p.name for p in paths.values()) == [
-        "target_test.shifted.npy", "target_test.x.npy", "target_test.y.npy"
-    ]  # fmt: skip
+        "target_test.shifted.npy",
+        "target_test.x.npy",
+        "target_test.y.npy",
+    ]
     back = load_split(tmp_path, "target_test")
     assert isinstance(back.x, np.memmap) and file_view(back.x) is not None
     np.testing.assert_array_equal(back.x, split.x)
@@ -150,10 +152,23 @@ def test_fit_streamed_equals_fit_in_memory(tiny_prepared: Path) -> None:
     for limit in (1e9, 0):  # in memory, then streamed by 2 workers
         torch.manual_seed(0)
         model = build_model("small_cnn", 5)
-        cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=4, augment=True, seed=5,
-                          max_in_memory_mb=limit, num_workers=2)  # fmt: skip
-        res = fit(model, ArrayBatches(src.x, src.y, 32, seed=5, steps_per_epoch=4), cfg,
-                  mean=m.mean, std=m.std, val=(val.x, val.y))  # fmt: skip
+        cfg = TrainConfig(
+            epochs=2,
+            batch_size=32,
+            steps_per_epoch=4,
+            augment=True,
+            seed=5,
+            max_in_memory_mb=limit,
+            num_workers=2,
+        )
+        res = fit(
+            model,
+            ArrayBatches(src.x, src.y, 32, seed=5, steps_per_epoch=4),
+            cfg,
+            mean=m.mean,
+            std=m.std,
+            val=(val.x, val.y),
+        )
         states.append((model.state_dict(), res.history))
     (a, hist_a), (b, hist_b) = states
     assert hist_a == hist_b
@@ -179,12 +194,19 @@ def test_streaming_fit_and_predict_copy_no_whole_split(tmp_path: Path) -> None:
     whole = split.x.nbytes
     torch.manual_seed(0)
     model = build_model("small_cnn", 5)
-    cfg = TrainConfig(epochs=1, batch_size=64, steps_per_epoch=20, augment=True,
-                      max_in_memory_mb=0, num_workers=0)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=1, batch_size=64, steps_per_epoch=20, augment=True, max_in_memory_mb=0, num_workers=0
+    )
 
     def train() -> None:
-        fit(model, ArrayBatches(split.x, split.y, 64, steps_per_epoch=20), cfg, mean=[0.5],
-            std=[0.25], val=(split.x, split.y))  # fmt: skip
+        fit(
+            model,
+            ArrayBatches(split.x, split.y, 64, steps_per_epoch=20),
+            cfg,
+            mean=[0.5],
+            std=[0.25],
+            val=(split.x, split.y),
+        )
 
     def infer() -> None:
         predict(model, split.x, [0.5], [0.25], batch_size=256)

@@ -262,8 +262,15 @@ def test_match_step_end_to_end(tiny_prepared: Path, tiny_source_model: Path, tmp
     assert sel.dtype == np.int64 and len(sel) == round(0.25 * len(source))
     assert w[sel].min() >= np.delete(w, sel).max()
     report = json.loads((out / "report.json").read_text())
-    for key in ("discriminator_accuracy", "proxy_a_distance", "ess", "ess_fraction",
-                "selection_precision", "per_class_weight", "timings"):  # fmt: skip
+    for key in (
+        "discriminator_accuracy",
+        "proxy_a_distance",
+        "ess",
+        "ess_fraction",
+        "selection_precision",
+        "per_class_weight",
+        "timings",
+    ):
         assert key in report, key
     assert report["n_target"] == 50 and report["target_splits"] == ["target_train", "target_val"]
     source_classes = load_manifest(tiny_prepared).source_classes
@@ -279,8 +286,10 @@ def test_match_step_other_matchers_and_errors(
 ) -> None:
     from tlpipe.steps import match
 
-    cfg = build(match.MatchConfig, {"matcher": "knn", "features": "backbone", "plots": False,
-                                    "use_target_val": False})  # fmt: skip
+    cfg = build(
+        match.MatchConfig,
+        {"matcher": "knn", "features": "backbone", "plots": False, "use_target_val": False},
+    )
     match.run(tiny_prepared, tiny_source_model, tmp_path / "knn", cfg)
     report = json.loads((tmp_path / "knn" / "report.json").read_text())
     assert report["n_target"] == 25 and report["embedding_dim"] == 64

@@ -85,8 +85,12 @@ def test_deterministic_with_seed(tiny_raw: Path, tmp_path: Path) -> None:
 
 
 def test_splits_come_from_the_right_sets(tiny_raw: Path, tmp_path: Path) -> None:
-    out = _run(tiny_raw, tmp_path / "p", source={"classes": [0, 1, 2, 3, 4, 5]},
-               target={"val_fraction": 0.5})  # class 5 in both: no image in both  # fmt: skip
+    out = _run(
+        tiny_raw,
+        tmp_path / "p",
+        source={"classes": [0, 1, 2, 3, 4, 5]},
+        target={"val_fraction": 0.5},
+    )  # class 5 in both: no image in both
     raw = read_raw(tiny_raw / "source", "idx")
     train_set, test_set = _image_set(raw.x[~raw.test]), _image_set(raw.x[raw.test])
     s = {name: load_split(out, name) for name in SPLITS}
@@ -102,11 +106,16 @@ def test_splits_come_from_the_right_sets(tiny_raw: Path, tmp_path: Path) -> None
 
 
 def test_caps(tiny_raw: Path, tmp_path: Path) -> None:
-    out = _run(tiny_raw, tmp_path / "p", source={"max_per_class": 10, "val_fraction": 0.2},
-               target={"k": 2, "val_per_class": 1, "max_test_per_class": 3})  # fmt: skip
+    out = _run(
+        tiny_raw,
+        tmp_path / "p",
+        source={"max_per_class": 10, "val_fraction": 0.2},
+        target={"k": 2, "val_per_class": 1, "max_test_per_class": 3},
+    )
     m = load_manifest(out).to_dict()["splits"]
-    assert [a + b for a, b in zip(m["source"]["per_class"], m["source_val"]["per_class"],
-                                  strict=True)] == [10] * 5  # fmt: skip
+    assert [
+        a + b for a, b in zip(m["source"]["per_class"], m["source_val"]["per_class"], strict=True)
+    ] == [10] * 5
     assert 0 < m["source_val"]["count"] < 25
     assert m["target_test"]["count"] == 15 and m["target_train"]["per_class"] == [2] * 5
     assert m["target_val"]["per_class"] == [1] * 5
@@ -133,11 +142,11 @@ def test_added_images_move_no_existing_image(tmp_path: Path) -> None:
     test set is a subset of the new one. All labels are used (k: auto = all on own data)."""
     folder = _digit_folder(tmp_path / "mine", 40)
     values = {"target": {"classes": []}, "input_size": 12, "channels": 1}
-    before = _run(fetched(tmp_path / "raw1", folder, "imagefolder", None), tmp_path / "p1",
-                  **values)  # fmt: skip
+    before = _run(
+        fetched(tmp_path / "raw1", folder, "imagefolder", None), tmp_path / "p1", **values
+    )
     _digit_folder(folder, 34, start=40)  # 102 more images
-    after = _run(fetched(tmp_path / "raw2", folder, "imagefolder", None), tmp_path / "p2",
-                 **values)  # fmt: skip
+    after = _run(fetched(tmp_path / "raw2", folder, "imagefolder", None), tmp_path / "p2", **values)
     old, new = _ids(before), _ids(after)
     m_old, m_new = load_manifest(before).to_dict(), load_manifest(after).to_dict()
     assert sum(len(v) for v in old.values()) == 120 and sum(len(v) for v in new.values()) == 222
@@ -159,9 +168,14 @@ def test_two_datasets_source_idx_target_imagefolder(tmp_path: Path) -> None:
     raw = fetched(tmp_path / "raw", folder, "imagefolder", source=idx)
     with pytest.raises(TlpipeError, match=r"have \[1, 3\] channels: set prepare.channels"):
         _run(raw, tmp_path / "p", source={"classes": []}, target={"classes": []}, input_size=28)
-    out = _run(raw, tmp_path / "p", source={"classes": [], "names": [f"n{i}" for i in range(10)]},
-               target={"classes": ["dog", "cat"], "names": ["Dog", "Cat"]}, channels=1,
-               input_size=16)  # fmt: skip
+    out = _run(
+        raw,
+        tmp_path / "p",
+        source={"classes": [], "names": [f"n{i}" for i in range(10)]},
+        target={"classes": ["dog", "cat"], "names": ["Dog", "Cat"]},
+        channels=1,
+        input_size=16,
+    )
     m = load_manifest(out).to_dict()
     assert m["source_classes"][:2] == ["n0", "n1"] and m["target_classes"] == ["Dog", "Cat"]
     assert m["input_shape"] == [1, 16, 16] and not m["one_dataset"]
@@ -189,18 +203,26 @@ def test_manifest_csv_and_parquet(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     folder = write_imagefolder(tmp_path / "pets", classes=("cat", "dog"), per_class=6)
-    rows = [(p.relative_to(folder).as_posix(), p.parent.name, p.parts[-3])
-            for p in sorted(folder.rglob("*.*"))]  # fmt: skip
+    rows = [
+        (p.relative_to(folder).as_posix(), p.parent.name, p.parts[-3])
+        for p in sorted(folder.rglob("*.*"))
+    ]
     (folder / "manifest.csv").write_text(
         "path,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows)
     )
     values = {"target": {"classes": []}, "input_size": 16}
-    a = _run(fetched(tmp_path / "r1", folder / "manifest.csv", "manifest", None), tmp_path / "a",
-             **values)  # fmt: skip
+    a = _run(
+        fetched(tmp_path / "r1", folder / "manifest.csv", "manifest", None),
+        tmp_path / "a",
+        **values,
+    )
     b = _run(fetched(tmp_path / "r2", folder, "imagefolder", None), tmp_path / "b", **values)
     assert load_manifest(a).splits == load_manifest(b).splits  # same images, same splits
     assert sorted(p.name for p in (tmp_path / "r1/target").iterdir()) == [
-        "manifest.csv", "test", "train"]  # only what the manifest lists  # fmt: skip
+        "manifest.csv",
+        "test",
+        "train",
+    ]  # only what the manifest lists
     (folder / "manifest.csv").unlink()
     table = {"path": [r[0] for r in rows], "label": [r[1] for r in rows]}  # no split column
     pq.write_table(pa.table(table), folder / "manifest.parquet")
@@ -289,13 +311,15 @@ def test_conform_images() -> None:
 
 @pytest.mark.parametrize(
     ("op", "match"),
-    [({"op": "sepia"}, "unknown shift op 'sepia'"),
-     ({"op": "rotate"}, "rotate needs degrees"),
-     ({"op": "invert", "degrees": 3}, "invert takes no degrees"),
-     ({"op": "gaussian_blur", "sigma": 0}, "sigma = 0.0 is out of range: it must be > 0"),
-     ({"op": "contrast", "factor": -1}, "factor = -1.0 is out of range: it must be >= 0"),
-     ({"op": "noise", "std": 0.1, "factor": 2}, "noise takes no factor")],
-)  # fmt: skip
+    [
+        ({"op": "sepia"}, "unknown shift op 'sepia'"),
+        ({"op": "rotate"}, "rotate needs degrees"),
+        ({"op": "invert", "degrees": 3}, "invert takes no degrees"),
+        ({"op": "gaussian_blur", "sigma": 0}, "sigma = 0.0 is out of range: it must be > 0"),
+        ({"op": "contrast", "factor": -1}, "factor = -1.0 is out of range: it must be >= 0"),
+        ({"op": "noise", "std": 0.1, "factor": 2}, "noise takes no factor"),
+    ],
+)
 def test_shift_op_validation(op: dict, match: str) -> None:
     with pytest.raises(TlpipeError, match=match):
         fields.build(prepare.PrepareConfig, {"shift": [op]})
@@ -332,11 +356,13 @@ def _label_out_of_range(raw: Path) -> None:
 
 @pytest.mark.parametrize(
     ("corrupt", "match"),
-    [(_corrupt_magic, "bad magic number"),
-     (_truncate, "truncated"),
-     (_count_mismatch, "80 images but 81 labels"),
-     (_label_out_of_range, "train labels go up to 12 but none is 0")],
-)  # fmt: skip
+    [
+        (_corrupt_magic, "bad magic number"),
+        (_truncate, "truncated"),
+        (_count_mismatch, "80 images but 81 labels"),
+        (_label_out_of_range, "train labels go up to 12 but none is 0"),
+    ],
+)
 def test_bad_raw_data_leaves_no_output(tmp_path: Path, corrupt, match: str) -> None:
     raw = fetched(tmp_path / "raw", write_idx_dataset(tmp_path / "idx"), "idx")
     corrupt(raw / "source")
@@ -348,17 +374,21 @@ def test_bad_raw_data_leaves_no_output(tmp_path: Path, corrupt, match: str) -> N
 
 @pytest.mark.parametrize(
     ("values", "match"),
-    [({"target": {"classes": [5, 10]}}, r"prepare.target.classes: no class 10 in the dataset"),
-     ({"target": {"classes": ["5", "cat"]}}, r"no class 'cat' in the dataset \(10 classes: 0=0"),
-     ({"source": {"classes": [1, 1]}}, "source.classes lists a class twice"),
-     ({"target": {"classes": [5, "5"]}}, "prepare.target.classes names a class twice"),
-     ({"target": {"val_fraction": 0.95, "test_fraction": 0.04}}, "target class '.' has no "
-      "training image"),
-     ({"source_shift_fraction": 0.5}, "needs a prepare.shift"),
-     ({"target": {"k": 0}}, "target.k = 0 is out of range: it must be >= 1"),
-     ({"target": {"names": ["a"]}}, "target.names must match target.classes one to one"),
-     ({"source": {"val_fraction": 1.0}}, r"source.val_fraction = 1.0 is out of range")],
-)  # fmt: skip
+    [
+        ({"target": {"classes": [5, 10]}}, r"prepare.target.classes: no class 10 in the dataset"),
+        ({"target": {"classes": ["5", "cat"]}}, r"no class 'cat' in the dataset \(10 classes: 0=0"),
+        ({"source": {"classes": [1, 1]}}, "source.classes lists a class twice"),
+        ({"target": {"classes": [5, "5"]}}, "prepare.target.classes names a class twice"),
+        (
+            {"target": {"val_fraction": 0.95, "test_fraction": 0.04}},
+            "target class '.' has no training image",
+        ),
+        ({"source_shift_fraction": 0.5}, "needs a prepare.shift"),
+        ({"target": {"k": 0}}, "target.k = 0 is out of range: it must be >= 1"),
+        ({"target": {"names": ["a"]}}, "target.names must match target.classes one to one"),
+        ({"source": {"val_fraction": 1.0}}, r"source.val_fraction = 1.0 is out of range"),
+    ],
+)
 def test_bad_scenario_leaves_no_output(tiny_raw: Path, tmp_path: Path, values, match) -> None:
     out = tmp_path / "prepared"
     with pytest.raises(TlpipeError, match=match):
@@ -391,9 +421,15 @@ def test_failed_run_keeps_previous_output(tiny_raw: Path, tmp_path: Path) -> Non
 def test_prepare_imagefolder(tmp_path: Path) -> None:
     folder = write_imagefolder(tmp_path / "pets", classes=("a", "b", "c", "d"), per_class=4)
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
-    out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
-               target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.6},
-               channels=3, input_size=16, shift=[{"op": "rotate", "degrees": 15}])  # fmt: skip
+    out = _run(
+        raw,
+        tmp_path / "p",
+        source={"classes": [0, 1]},
+        target={"classes": ["c", "d"], "k": 2, "val_per_class": 1, "val_fraction": 0.6},
+        channels=3,
+        input_size=16,
+        shift=[{"op": "rotate", "degrees": 15}],
+    )
     m = load_manifest(out).to_dict()
     assert m["target_classes"] == ["c", "d"] and m["input_shape"] == [3, 16, 16]
     assert m["splits"]["target_test"]["count"] == 8 and len(m["mean"]) == 3
@@ -406,9 +442,14 @@ def test_prepare_npz_with_conversion(tmp_path: Path) -> None:
         x, y = make_patterns(n, n_classes=4)
         np.savez(data / f"{name}.npz", x=x, y=y)
     raw = fetched(tmp_path / "raw", data, "npz")
-    out = _run(raw, tmp_path / "p", source={"classes": [0, 1]},
-               target={"classes": [2, 3], "k": 5, "val_fraction": 0.3}, channels=3,
-               input_size=32)  # fmt: skip
+    out = _run(
+        raw,
+        tmp_path / "p",
+        source={"classes": [0, 1]},
+        target={"classes": [2, 3], "k": 5, "val_fraction": 0.3},
+        channels=3,
+        input_size=32,
+    )
     split = load_split(out, "target_train")
     assert split.x.shape == (10, 3, 32, 32)
     assert load_manifest(out).source_classes == ("0", "1")

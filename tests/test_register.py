@@ -64,8 +64,15 @@ def checkpoint(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("models") / "target.pt"
     net = build_model("small_cnn", 3, in_chans=1, input_size=28)
-    meta = CheckpointMeta(arch="small_cnn", in_chans=1, input_size=28, classes=("a", "b", "c"),
-                          mean=(0.3,), std=(0.35,), dataset_sha256="d" * 64)  # fmt: skip
+    meta = CheckpointMeta(
+        arch="small_cnn",
+        in_chans=1,
+        input_size=28,
+        classes=("a", "b", "c"),
+        mean=(0.3,),
+        std=(0.35,),
+        dataset_sha256="d" * 64,
+    )
     return save_checkpoint(path, net, meta)
 
 
@@ -159,8 +166,12 @@ def test_gate_replays_a_register_still_in_flight(server):
     run = client.create_run(client.create_experiment(cfg.model_name)).info
 
     def pending(accuracy: float) -> str:
-        tags = {"accuracy": str(accuracy), "test_sha256": "t1", "parity_passed": "true",
-                "gate_decision": "pending"}  # fmt: skip
+        tags = {
+            "accuracy": str(accuracy),
+            "test_sha256": "t1",
+            "parity_passed": "true",
+            "gate_decision": "pending",
+        }
         source = run.artifact_uri + "/model"
         return client.create_model_version(cfg.model_name, source, run.run_id, tags).version
 

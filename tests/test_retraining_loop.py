@@ -54,8 +54,17 @@ TARGET_SPLITS = ("target_train", "target_val", "target_test")
 FIRST, GROWN = 180, 900  # digits in the target folder at run 1, and from run 2 on
 # The stages new target images re-run: all but pretrain, which reads only the source splits
 # (fetch and check run every time).
-RETRAINED = {"fetch", "prepare", "check", "match", "baseline", "finetune@full", "evaluate",
-             "export", "register"}  # fmt: skip
+RETRAINED = {
+    "fetch",
+    "prepare",
+    "check",
+    "match",
+    "baseline",
+    "finetune@full",
+    "evaluate",
+    "export",
+    "register",
+}
 
 # The preset, made tiny: a synthetic IDX dataset (`projects.synthetic`) as the source, short
 # training at 16 px, one transfer strategy next to the scratch baseline, and a low accuracy
@@ -64,13 +73,14 @@ TINY = {
     "prepare": {"source": {"max_per_class": 30}, "input_size": 16},
     "pretrain": {"train": {"epochs": 1, "batch_size": 64, "augment": False}},
     "match": {"plots": False},
-    "finetune": {"train": {"epochs": 6, "batch_size": 32, "steps_per_epoch": 0,
-                           "augment": False},
-                 "probe": {"epochs": 3, "batch_size": 32, "steps_per_epoch": 0}},
+    "finetune": {
+        "train": {"epochs": 6, "batch_size": 32, "steps_per_epoch": 0, "augment": False},
+        "probe": {"epochs": 3, "batch_size": 32, "steps_per_epoch": 0},
+    },
     "export": {"calibration_images": 32},
     "register": {"accuracy_floor": 0.2},
     "strategies": ["full"],
-}  # fmt: skip
+}
 
 
 digits = benchmark("digits_imagefolder")
@@ -82,8 +92,9 @@ def project(tmp_path: Path, mlflow_server: str) -> tuple[Path, dict[str, str], s
     name = f"loop-{uuid.uuid4().hex[:8]}"
     params = merge(yaml.safe_load((REPO / "scenarios/fashion-to-digits.yaml").read_text()), TINY)
     source = synthetic(tmp_path)["fetch"]["source"]
-    work = dvc_project(tmp_path, merge(params, {"fetch": {"source": source},
-                                                "register": {"model_name": name}}))  # fmt: skip
+    work = dvc_project(
+        tmp_path, merge(params, {"fetch": {"source": source}, "register": {"model_name": name}})
+    )
     # One torch thread per stage: with two on two cores that other processes share, each
     # training step of this tiny CNN waits on the other thread (measured 45x slower).
     return work, project_env(mlflow_server, OMP_NUM_THREADS="1"), name
@@ -164,15 +175,27 @@ def test_the_retraining_loop(project, mlflow_server, tmp_path, capsys) -> None:
 
 def _run(work: Path, env: dict[str, str]) -> tuple[set[str], str]:
     """`tlpipe run` in `work`; returns (the stages DVC ran, the run's log on stderr)."""
-    res = subprocess.run([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "tlpipe.cli", "run"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return _stages(res.stdout), res.stderr
 
 
 def _popen_run(work: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlpipe.cli", "run"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:

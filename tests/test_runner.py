@@ -23,16 +23,31 @@ from tlpipe.params import resolver
 
 # A pretrain on the tiny data that lasts ~20-30 s on 2 busy cores: long enough to lose the
 # server in the middle of it, short enough to resume.
-LONG_PRETRAIN = ["pretrain.train.epochs=40", "pretrain.train.steps_per_epoch=40",
-                 "pretrain.train.batch_size=32"]  # fmt: skip
+LONG_PRETRAIN = [
+    "pretrain.train.epochs=40",
+    "pretrain.train.steps_per_epoch=40",
+    "pretrain.train.batch_size=32",
+]
 
 
 def _pretrain(prepared: Path, work: Path, env: dict[str, str]) -> subprocess.Popen:
     sets = [a for s in LONG_PRETRAIN for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "tlpipe.cli", "pretrain", "--prepared", str(prepared),
-           "--out", "source.pt", "--checkpoints", "ck", *sets]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tlpipe.cli",
+        "pretrain",
+        "--prepared",
+        str(prepared),
+        "--out",
+        "source.pt",
+        "--checkpoints",
+        "ck",
+        *sets,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -100,8 +115,14 @@ def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(
 
     work = dvc_project(tmp_path)
     env = project_env(mlflow_server)
-    proc = subprocess.Popen([sys.executable, "-m", "tlpipe.cli", "run"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tlpipe.cli", "run"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(work / "checkpoints/pretrain/pretrain.resume.pt", proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -154,20 +175,31 @@ def test_two_first_runs_create_the_sqlite_store_safely(tmp_path: Path) -> None:
     code = "from tlpipe import tracking; print(tracking.start_pipeline_run('p'))"
     for i in range(3):  # a fresh database each time: the race is in its creation
         env = project_env(f"sqlite:///{tmp_path / f'mlflow{i}.db'}", TLPIPE_EXPERIMENT="tlpipe")
-        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         for p in procs:
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0, err[-2000:]
 
 
 def test_temporary_outputs_of_a_killed_step_are_removed_by_the_next_run(tmp_path: Path) -> None:
-    code = ("import time; from tlpipe import fsio\n"
-            "with fsio.atomic_path('export') as tmp:\n"
-            "    tmp.mkdir(); print(tmp, flush=True); time.sleep(60)")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    code = (
+        "import time; from tlpipe import fsio\n"
+        "with fsio.atomic_path('export') as tmp:\n"
+        "    tmp.mkdir(); print(tmp, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
     orphan = tmp_path / Path(proc.stdout.readline().strip()).name
     assert orphan.is_dir() and orphan.name.startswith(f".export.{proc.pid}.")
     proc.kill()  # SIGKILL: no `finally` runs

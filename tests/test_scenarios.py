@@ -27,8 +27,9 @@ def test_default_scenario_is_the_dataclass_defaults() -> None:
 def test_mixed_source_changes_only_the_shift() -> None:
     base = resolver.resolve(REPO / "params.yaml").as_dict()
     mixed = resolver.resolve(REPO / "scenarios/mixed-source.yaml").as_dict()
-    assert mixed["prepare"].pop("shift") == [{"op": "invert", "degrees": None, "sigma": None,
-                                              "std": None, "factor": None}]  # fmt: skip
+    assert mixed["prepare"].pop("shift") == [
+        {"op": "invert", "degrees": None, "sigma": None, "std": None, "factor": None}
+    ]
     assert mixed["prepare"].pop("source_shift_fraction") == 0.5
     base["prepare"].pop("shift")
     base["prepare"].pop("source_shift_fraction")

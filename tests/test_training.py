@@ -130,8 +130,9 @@ def test_nan_loss_stops_with_clear_error(tiny_prepared: Path) -> None:
     model = build_model("small_cnn", 5)
     batches = ArrayBatches(src.x, src.y, 32)
     with pytest.raises(TlpipeError, match="NaN/inf.*lower the learning rate"):
-        fit(model, batches, FAST, mean=m.mean, std=m.std,
-            penalty=lambda: torch.tensor(float("nan")))  # fmt: skip
+        fit(
+            model, batches, FAST, mean=m.mean, std=m.std, penalty=lambda: torch.tensor(float("nan"))
+        )
 
 
 def test_everything_frozen_is_an_error(tiny_prepared: Path) -> None:
@@ -192,8 +193,15 @@ def test_resume_after_kill_matches_uninterrupted_run(
     script.write_text(KILLER)
 
     def go(ckpt: str, out: str, die_at: int) -> int:
-        args = [sys.executable, str(script), str(tiny_prepared), str(tmp_path / ckpt),
-                str(tmp_path / out), str(die_at), str(limit_mb)]  # fmt: skip
+        args = [
+            sys.executable,
+            str(script),
+            str(tiny_prepared),
+            str(tmp_path / ckpt),
+            str(tmp_path / out),
+            str(die_at),
+            str(limit_mb),
+        ]
         return subprocess.run(args, capture_output=True, timeout=120).returncode
 
     assert go("a.pt", "never.pt", die_at=13) == 9  # killed during epoch 3 of 4
@@ -220,8 +228,15 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     def run(lr: float, key: str = "") -> int:
         cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=2, lr=lr)
         batches = ArrayBatches(src.x, src.y, 32, steps_per_epoch=2)
-        res = fit(build_model("small_cnn", 5), batches, cfg, mean=m.mean, std=m.std,
-                  checkpoint=ckpt, resume_key=key)  # fmt: skip
+        res = fit(
+            build_model("small_cnn", 5),
+            batches,
+            cfg,
+            mean=m.mean,
+            std=m.std,
+            checkpoint=ckpt,
+            resume_key=key,
+        )
         return res.resumed_from
 
     assert run(0.05) == 0 and ckpt.exists()  # a finished fit keeps its file...
@@ -231,8 +246,14 @@ def test_a_stale_resume_file_is_not_resumed_and_a_finished_step_removes_its_own(
     assert run(0.01, key="other data") == 0
     # a whole step run deletes its resume files once the model is written
     cfg = build(pretrain.PretrainConfig, {"train": {"epochs": 1, "steps_per_epoch": 2}})
-    runner.run_step("pretrain", {"pretrain": cfg}, track=False, prepared_dir=tiny_prepared,
-                    out_model=tmp_path / "source.pt", checkpoint_dir=tmp_path / "ck")  # fmt: skip
+    runner.run_step(
+        "pretrain",
+        {"pretrain": cfg},
+        track=False,
+        prepared_dir=tiny_prepared,
+        out_model=tmp_path / "source.pt",
+        checkpoint_dir=tmp_path / "ck",
+    )
     assert (tmp_path / "source.pt").exists() and not list((tmp_path / "ck").iterdir())
 
 

@@ -149,16 +149,19 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize(
     ("side", "match"),
-    [(13_300, r"13300x13300 = 176,890,000 pixels is over prepare.max_image_pixels = 50,000,000"),
-     (20_000, "refused, too many pixels to decode safely")],  # PIL's own hard limit, first
-)  # fmt: skip
+    [
+        (13_300, r"13300x13300 = 176,890,000 pixels is over prepare.max_image_pixels = 50,000,000"),
+        (20_000, "refused, too many pixels to decode safely"),
+    ],  # PIL's own hard limit, first
+)
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side, match) -> None:
     folder = write_imagefolder(tmp_path / "folder")
     bomb = folder / "train" / "cat" / "bomb.png"
     bomb.write_bytes(_png_header_only(side, side))
     # the check reads the header only: decoding this file would fail with another message
-    cfg = resolver.resolve({"prepare": {"input_size": 16, "source": {"classes": [0]},
-                                      "target": {"classes": [1, 2]}}})["prepare"]  # fmt: skip
+    cfg = resolver.resolve(
+        {"prepare": {"input_size": 16, "source": {"classes": [0]}, "target": {"classes": [1, 2]}}}
+    )["prepare"]
     assert cfg.max_image_pixels == 50_000_000
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
     with pytest.raises(TlpipeError, match=rf"bomb.png: {match}"):
@@ -168,8 +171,12 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side, m
 
 def test_the_pixel_limit_is_a_per_dataset_param(tmp_path: Path) -> None:
     folder = write_imagefolder(tmp_path / "folder")  # images up to 34 x 40 = 1360 pixels
-    values = {"input_size": 16, "source": {"classes": [0]},
-              "target": {"classes": [1, 2], "val_fraction": 0.5}, "seed": 1}  # fmt: skip
+    values = {
+        "input_size": 16,
+        "source": {"classes": [0]},
+        "target": {"classes": [1, 2], "val_fraction": 0.5},
+        "seed": 1,
+    }
     raw = fetched(tmp_path / "raw", folder, "imagefolder")
     small = resolver.resolve({"prepare": {**values, "max_image_pixels": 1000}})["prepare"]
     with pytest.raises(TlpipeError, match=r"cat/img2.jpg: 30x34 = 1,020 pixels is over .* = 1,000"):
@@ -331,8 +338,14 @@ def _fit(prepared: Path, ckpt: Path):
     cfg = TrainConfig(epochs=2, batch_size=32, steps_per_epoch=2, seed=0)
     torch.manual_seed(0)
     model = build_model("small_cnn", 5)
-    res = fit(model, ArrayBatches(src.x, src.y, 32, steps_per_epoch=2), cfg, mean=m.mean,
-              std=m.std, checkpoint=ckpt)  # fmt: skip
+    res = fit(
+        model,
+        ArrayBatches(src.x, src.y, 32, steps_per_epoch=2),
+        cfg,
+        mean=m.mean,
+        std=m.std,
+        checkpoint=ckpt,
+    )
     return res, model
 
 

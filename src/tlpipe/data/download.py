@@ -148,8 +148,13 @@ def download(
                 length = response.headers.get("Content-Length")
                 total = int(length) if length is not None else None
                 chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                           disable=not sys.stderr.isatty())  # fmt: skip
+                bar = tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    disable=not sys.stderr.isatty(),
+                )
                 with bar:
                     while block := response.read1(1 << 20):  # read1: whatever has arrived
                         f.write(block)
@@ -191,8 +196,15 @@ def check_complete(path: Path, name: str, url: str) -> None:
                 f"{url} came without Content-Length or fetch.sha256, and a file named {name} "
                 "cannot be checked for completeness: set fetch.sha256"
             )
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
-            tarfile.TarError) as e:  # fmt: skip
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+        lzma.LZMAError,
+        zipfile.BadZipFile,
+        tarfile.TarError,
+    ) as e:
         raise Unreachable(f"download of {url} is cut short or damaged ({e})") from e
 
 

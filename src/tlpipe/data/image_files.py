@@ -73,10 +73,15 @@ def read_imagefolder(
 
 
 def _image_dataset(
-    items: list[tuple[str, int]], test: np.ndarray, classes: tuple[str, ...],
-    channels: int | None, size: int | None, max_pixels: int | None, max_bytes: int | None,
+    items: list[tuple[str, int]],
+    test: np.ndarray,
+    classes: tuple[str, ...],
+    channels: int | None,
+    size: int | None,
+    max_pixels: int | None,
+    max_bytes: int | None,
     raw_dir: Path,
-) -> RawDataset:  # fmt: skip
+) -> RawDataset:
     if size is None:
         raise TlpipeError("set prepare.input_size for image files (images differ in size)")
     x, keys, sizes = _load_images(
@@ -106,8 +111,9 @@ def _list_images(
     """
     unknown = sorted(set(_class_dirs(root)) - set(classes))
     if unknown:
-        raise TlpipeError(f"{root}: class folder(s) {unknown} are not in the train classes "
-                          f"({list(classes)})")  # fmt: skip
+        raise TlpipeError(
+            f"{root}: class folder(s) {unknown} are not in the train classes ({list(classes)})"
+        )
     items = []
     for label, name in enumerate(classes):
         folder = root / name
@@ -165,8 +171,11 @@ def _load_images(
         shutil.rmtree(tmp, ignore_errors=True)
     if not tty and paths:  # CI, pod logs, DVC stages: one line instead of a bar
         seconds = max(time.perf_counter() - start, 1e-9)
-        print(f"read {len(paths)} images from {raw_dir} in {seconds:.1f} s "
-              f"({len(paths) / seconds:.0f} images/s)", flush=True)  # fmt: skip
+        print(
+            f"read {len(paths)} images from {raw_dir} in {seconds:.1f} s "
+            f"({len(paths) / seconds:.0f} images/s)",
+            flush=True,
+        )
     return x, keys, sizes
 
 
@@ -216,9 +225,12 @@ def check_inside(path: Path, root: Path) -> Path:
 
 
 def load_image(
-    path: Path | io.BytesIO, channels: int, size: int, max_pixels: int | None = None,
+    path: Path | io.BytesIO,
+    channels: int,
+    size: int,
+    max_pixels: int | None = None,
     name: Path | None = None,
-) -> tuple[np.ndarray, tuple[int, int]]:  # fmt: skip
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Load one image as uint8 (C, size, size), converted to L (1 channel) or RGB (3).
 
     Returns the pixels and the image's stored (width, height). The pixel count is read from the
@@ -327,8 +339,10 @@ def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
     for n, row in enumerate(table, start=2):
         missing = {"path", "label"} - {k for k, v in row.items() if v not in (None, "")}
         if missing:
-            raise TlpipeError(f"{path}: row {n} has no {' or '.join(sorted(missing))} "
-                              "(want columns path,label[,split])")  # fmt: skip
+            raise TlpipeError(
+                f"{path}: row {n} has no {' or '.join(sorted(missing))} "
+                "(want columns path,label[,split])"
+            )
         split = str(row.get("split") or "train").strip().lower()
         if split not in ("train", "test"):
             raise TlpipeError(f"{path}: row {n}: split {split!r} is not train or test")

@@ -167,8 +167,11 @@ class ArrayWriter:
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
         self.rows = 0
         self._f = open(self.path, "wb")  # noqa: SIM115 (closed in __exit__)
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": self.shape}  # fmt: skip
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
         np.lib.format.write_array_header_2_0(self._f, header)
 
     def write(self, rows: np.ndarray) -> None:
@@ -203,9 +206,12 @@ def save_split(prepared_dir: str | Path, name: str, split: Split) -> dict[str, P
 
 
 def save_labels(
-    prepared_dir: str | Path, name: str, y: np.ndarray, shifted: np.ndarray,
+    prepared_dir: str | Path,
+    name: str,
+    y: np.ndarray,
+    shifted: np.ndarray,
     ids: np.ndarray | None,
-) -> None:  # fmt: skip
+) -> None:
     """Write split `name`'s labels, shift flags and (when known) content keys."""
     paths = split_paths(prepared_dir, name)
     np.save(paths["y"], np.asarray(y, np.int64))
@@ -234,11 +240,17 @@ def load_split(prepared_dir: str | Path, name: str) -> Split:
     except (OSError, ValueError) as e:
         raise TlpipeError(f"{paths['x']} is damaged ({e}); run `tlpipe prepare` again") from e
     if x.dtype != np.uint8 or x.ndim != 4 or not len(x) == len(y) == len(shifted):
-        raise TlpipeError(f"{prepared_dir}: split {name} is inconsistent ({x.dtype} {x.shape}, "
-                          f"{len(y)} labels); run `tlpipe prepare` again")  # fmt: skip
+        raise TlpipeError(
+            f"{prepared_dir}: split {name} is inconsistent ({x.dtype} {x.shape}, "
+            f"{len(y)} labels); run `tlpipe prepare` again"
+        )
     ids = ids_path(prepared_dir, name)
-    return Split(x=x, y=y.astype(np.int64, copy=False), shifted=shifted.astype(bool, copy=False),
-                 ids=np.load(ids, allow_pickle=False) if ids.is_file() else None)  # fmt: skip
+    return Split(
+        x=x,
+        y=y.astype(np.int64, copy=False),
+        shifted=shifted.astype(bool, copy=False),
+        ids=np.load(ids, allow_pickle=False) if ids.is_file() else None,
+    )
 
 
 # ---------------------------------------------------------------------------- reading rows
@@ -280,8 +292,9 @@ def take_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
             raise IndexError(f"index {i} out of range for {n} rows")
         got = os.preadv(fd, [memoryview(out[k]).cast("B")], offset + (i % n) * row)
         if got != row:
-            raise TlpipeError("short read from a prepared split (file truncated?); "
-                              "run `tlpipe prepare` again")  # fmt: skip
+            raise TlpipeError(
+                "short read from a prepared split (file truncated?); run `tlpipe prepare` again"
+            )
     return out
 
 
@@ -326,6 +339,7 @@ def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
     while done < len(buffer):
         got = os.preadv(fd, [buffer[done:]], offset + done)
         if got <= 0:
-            raise TlpipeError("short read from a prepared split (file truncated?); "
-                              "run `tlpipe prepare` again")  # fmt: skip
+            raise TlpipeError(
+                "short read from a prepared split (file truncated?); run `tlpipe prepare` again"
+            )
         done += got

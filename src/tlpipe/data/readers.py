@@ -196,8 +196,9 @@ def read_npz_dir(raw_dir: Path, max_ratio: float = MAX_UNPACK_RATIO, **_: Any) -
     if (raw_dir / "test.npz").exists():
         test_x, test_y, _unused = _read_npz(raw_dir / "test.npz", raw_dir, max_ratio)
         if test_x.shape[1:] != train_x.shape[1:]:
-            raise TlpipeError(f"{raw_dir}: test.npz images are {test_x.shape[1:]}, train.npz "
-                              f"{train_x.shape[1:]}")  # fmt: skip
+            raise TlpipeError(
+                f"{raw_dir}: test.npz images are {test_x.shape[1:]}, train.npz {train_x.shape[1:]}"
+            )
         parts.append((test_x, test_y))
     return _array_dataset(parts, classes, raw_dir)
 

@@ -94,8 +94,15 @@ def download_prefix(url: str, dest: Path, timeout: float, deadline: float) -> No
                 rel = obj["Key"][len(prefix) :]
                 if rel.endswith("/"):  # a "folder" marker, no data
                     continue
-                _get(client, bucket, obj["Key"], obj["Size"], _inside(dest, rel, url), start,
-                     deadline)  # fmt: skip
+                _get(
+                    client,
+                    bucket,
+                    obj["Key"],
+                    obj["Size"],
+                    _inside(dest, rel, url),
+                    start,
+                    deadline,
+                )
 
 
 def download_object(url: str, target: Path, timeout: float, deadline: float) -> None:
@@ -114,12 +121,15 @@ def _inside(dest: Path, rel: str, url: str) -> Path:
     return dest.joinpath(*path.parts)
 
 
-def _get(client: Any, bucket: str, key: str, size: int, target: Path, start: float,
-         deadline: float) -> None:  # fmt: skip
+def _get(
+    client: Any, bucket: str, key: str, size: int, target: Path, start: float, deadline: float
+) -> None:
     def progress(_n: int) -> None:
         if time.monotonic() - start > deadline:
-            raise TlpipeError(f"s3://{bucket}/{key}: download took over fetch.deadline = "
-                              f"{deadline:.0f} s; raise it for slow links")  # fmt: skip
+            raise TlpipeError(
+                f"s3://{bucket}/{key}: download took over fetch.deadline = "
+                f"{deadline:.0f} s; raise it for slow links"
+            )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(bucket, key, str(target), Callback=progress)

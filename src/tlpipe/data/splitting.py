@@ -61,8 +61,12 @@ def _rotate(x: np.ndarray, degrees: float, _rng: np.random.Generator) -> np.ndar
     fr, fc = src_r - r0, src_c - c0
     flat = x.reshape(n * c, h * w)
     out = np.zeros_like(flat)
-    for dr, dc, weight in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc),
-                           (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):  # fmt: skip
+    for dr, dc, weight in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 0, fr * (1 - fc)),
+        (1, 1, fr * fc),
+    ):
         rr, cc = r0 + dr, c0 + dc
         inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
         idx = (np.clip(rr, 0, h - 1) * w + np.clip(cc, 0, w - 1)).astype(np.intp).ravel()
@@ -199,8 +203,9 @@ def class_ids(wanted: tuple[int | str, ...], classes: tuple[str, ...], where: st
         else:
             shown = ", ".join(f"{i}={n}" for i, n in enumerate(classes[:12]))
             more = " …" if len(classes) > 12 else ""
-            raise TlpipeError(f"{where}: no class {c!r} in the dataset ({len(classes)} classes: "
-                              f"{shown}{more})")  # fmt: skip
+            raise TlpipeError(
+                f"{where}: no class {c!r} in the dataset ({len(classes)} classes: {shown}{more})"
+            )
     if len(set(ids)) != len(ids):
         raise TlpipeError(f"{where} names a class twice: {list(wanted)}")
     return ids
@@ -216,8 +221,9 @@ def class_names(ids: list[int], part: SourceSplit | TargetSplit, raw: RawDataset
     return list(part.names) if part.names else [raw.classes[i] for i in ids]
 
 
-def select_target(raw: RawDataset, ids: list[int], cfg: PrepareConfig,
-                  one_dataset: bool) -> dict[str, Selection]:  # fmt: skip
+def select_target(
+    raw: RawDataset, ids: list[int], cfg: PrepareConfig, one_dataset: bool
+) -> dict[str, Selection]:
     """target_train / target_val / target_test, by content hash, per class (see module doc)."""
     t = cfg.target
     k, val_cap = caps(t, one_dataset)
@@ -242,15 +248,19 @@ def select_target(raw: RawDataset, ids: list[int], cfg: PrepareConfig,
                 f"{int(test.sum())} test): add images of it, fix its label if it is a typo, "
                 "or leave it out of prepare.target.classes"
             )
-        for name, mask, cap in (("target_train", train, k), ("target_val", val, val_cap),
-                                ("target_test", test, t.max_test_per_class)):  # fmt: skip
+        for name, mask, cap in (
+            ("target_train", train, k),
+            ("target_val", val, val_cap),
+            ("target_test", test, t.max_test_per_class),
+        ):
             chosen = rows[mask][np.argsort(u[rows[mask]], kind="stable")][:cap]
             parts[name].append(chosen)
     return {name: _selection(raw, chunks_, ids, cfg.shift != ()) for name, chunks_ in parts.items()}
 
 
-def select_source(raw: RawDataset, ids: list[int], cfg: PrepareConfig, one_dataset: bool,
-                  taken: np.ndarray) -> dict[str, Selection]:  # fmt: skip
+def select_source(
+    raw: RawDataset, ids: list[int], cfg: PrepareConfig, one_dataset: bool, taken: np.ndarray
+) -> dict[str, Selection]:
     """source / source_val, by content hash; images whose key is in `taken` are left out.
 
     On one dataset the source draws from its train set only (its test set is the target's);
@@ -301,12 +311,16 @@ def duplicates(selections: dict[str, Selection]) -> dict[str, int]:
             where.setdefault(key, set()).add(name)
     across = [names for names in where.values() if len(names) > 1]
     in_target = sum(1 for names in across if len(names - {"source", "source_val"}) > 1)
-    return {"within_splits": within, "across_splits": len(across),
-            "across_target_splits": in_target}  # fmt: skip
+    return {
+        "within_splits": within,
+        "across_splits": len(across),
+        "across_target_splits": in_target,
+    }
 
 
-def write_split(out_dir: Path, name: str, sel: Selection, cfg: PrepareConfig,
-                shape: tuple[int, int, int]) -> Split:  # fmt: skip
+def write_split(
+    out_dir: Path, name: str, sel: Selection, cfg: PrepareConfig, shape: tuple[int, int, int]
+) -> Split:
     """Write `sel`'s images (conformed to `shape`, shifted where flagged) chunk by chunk."""
     from tlpipe.data.prepared import load_split, save_labels
 
@@ -367,6 +381,9 @@ def size_summary(sizes: np.ndarray) -> dict:
     pick = lambda i: sizes[order[i]].tolist()  # noqa: E731
     uniq, counts = np.unique(sizes, axis=0, return_counts=True)
     top = np.argsort(-counts, kind="stable")[:5]
-    return {"min": pick(0), "median": pick(len(order) // 2), "max": pick(-1),
-            "commonest": [[f"{w}x{h}", int(counts[i])] for i, (w, h) in
-                          ((i, uniq[i]) for i in top)]}  # fmt: skip
+    return {
+        "min": pick(0),
+        "median": pick(len(order) // 2),
+        "max": pick(-1),
+        "commonest": [[f"{w}x{h}", int(counts[i])] for i, (w, h) in ((i, uniq[i]) for i in top)],
+    }

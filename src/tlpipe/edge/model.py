@@ -101,8 +101,10 @@ class EdgeModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
         if missing:
-            raise TlpipeError(f"{self.path} lacks tlpipe metadata ({', '.join(missing)}): "
-                              "export it with `tlpipe export`")  # fmt: skip
+            raise TlpipeError(
+                f"{self.path} lacks tlpipe metadata ({', '.join(missing)}): "
+                "export it with `tlpipe export`"
+            )
         too_long = [k for k in REQUIRED_METADATA if len(self.metadata[k]) > MAX_METADATA_CHARS]
         if too_long:
             raise TlpipeError(
@@ -137,8 +139,9 @@ class EdgeModel:
         if isinstance(images, np.ndarray) and images.ndim == 4:
             if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.input_shape:
                 want = ", ".join(map(str, self.input_shape))
-                raise TlpipeError(f"a batch must be uint8 (N, {want}), got {images.dtype} "
-                                  f"{images.shape}")  # fmt: skip
+                raise TlpipeError(
+                    f"a batch must be uint8 (N, {want}), got {images.dtype} {images.shape}"
+                )
             return images
         if isinstance(images, str | Path | np.ndarray) or hasattr(images, "convert"):
             images = [images]
@@ -215,8 +218,10 @@ def load_file(
         with img:
             width, height = img.size
             if width * height > max_pixels:
-                raise TlpipeError(f"{path}: {width}×{height} = {width * height} pixels is over the "
-                                  f"limit of {max_pixels} (--max-pixels); not decoded")  # fmt: skip
+                raise TlpipeError(
+                    f"{path}: {width}×{height} = {width * height} pixels is over the "
+                    f"limit of {max_pixels} (--max-pixels); not decoded"
+                )
             return _to_chw(img, c, h, w)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -251,8 +256,10 @@ def select_providers(provider: str = "auto") -> list[str]:
         raise TlpipeError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
     if PROVIDERS[provider] not in available:
         have = ", ".join(available)
-        raise TlpipeError(f"provider {provider!r} is not in this onnxruntime ({have}); "
-                          "install onnxruntime-gpu for CUDA")  # fmt: skip
+        raise TlpipeError(
+            f"provider {provider!r} is not in this onnxruntime ({have}); "
+            "install onnxruntime-gpu for CUDA"
+        )
     return [PROVIDERS[provider], PROVIDERS["cpu"]] if provider == "cuda" else [PROVIDERS["cpu"]]
 
 
@@ -262,8 +269,11 @@ def image_files(args: Iterable[str | Path]) -> list[Path]:
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in
-                           IMAGE_SUFFIXES and not f.name.startswith("."))  # fmt: skip
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+            )
             if not found:
                 raise TlpipeError(f"{p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out += found
@@ -286,5 +296,11 @@ def bench(model: EdgeModel, batch: int = 1, runs: int = 200, warmup: int = 20) -
         model.logits(x)
         times[i] = time.perf_counter() - t0
     p50, p90, p99 = np.percentile(times * 1e3, [50, 90, 99])
-    return {"batch": batch, "runs": runs, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
-            "images_per_s": batch * runs / times.sum()}  # fmt: skip
+    return {
+        "batch": batch,
+        "runs": runs,
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "images_per_s": batch * runs / times.sum(),
+    }

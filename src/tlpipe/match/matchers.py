@@ -199,8 +199,9 @@ class KnnMatcher:
     def fit(self, source, target, source_y=None) -> KnnMatcher:
         check_embeddings(source, target, source_y)
         p = self.params
-        idx = ratio.subsample(len(source), source_y, p.discriminator.max_fit_source,
-                         np.random.default_rng(p.seed))  # fmt: skip
+        idx = ratio.subsample(
+            len(source), source_y, p.discriminator.max_fit_source, np.random.default_rng(p.seed)
+        )
         fit_y = None if source_y is None else source_y[idx]
         self.features = ratio.Features(p.dims, p.class_neutral).fit(source[idx], fit_y)
         self.target = ratio.unit(self.features(target))

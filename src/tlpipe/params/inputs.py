@@ -265,8 +265,14 @@ def caps(target: TargetSplit, one_dataset: bool) -> tuple[int | None, int | None
     return tuple(auto if v == "auto" else v for v in (target.k, target.val_per_class))  # type: ignore[return-value]
 
 
-CHECK_FINDINGS = ("vanished_class", "label_set_changed", "input_shape_changed",
-                  "image_size_changed", "duplicates_across_splits", "few_images")  # fmt: skip
+CHECK_FINDINGS = (
+    "vanished_class",
+    "label_set_changed",
+    "input_shape_changed",
+    "image_size_changed",
+    "duplicates_across_splits",
+    "few_images",
+)
 
 
 @dataclass(frozen=True)

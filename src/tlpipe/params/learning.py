@@ -151,8 +151,15 @@ class TrainConfig:
 
 def _few_shot(**changes: Any) -> TrainConfig:
     """The fine-tune recipe: 10 steps an epoch over the few labelled images, cosine LR."""
-    base = TrainConfig(epochs=30, batch_size=64, steps_per_epoch=10, lr=0.03, weight_decay=1e-4,
-                       schedule="cosine", augment=True)  # fmt: skip
+    base = TrainConfig(
+        epochs=30,
+        batch_size=64,
+        steps_per_epoch=10,
+        lr=0.03,
+        weight_decay=1e-4,
+        schedule="cosine",
+        augment=True,
+    )
     return dataclasses.replace(base, **changes)
 
 

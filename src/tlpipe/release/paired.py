@@ -48,19 +48,27 @@ class Paired:
         vs = f"champion v{self.champion} ({self.champion_accuracy:.4f})"
         if not (self.gain > eps and self.gain >= min_gain - eps):
             by = f" by at least {min_gain:g}" if min_gain > 0 else ""
-            return False, (f"accuracy {self.new_accuracy:.4f} does not beat {vs}{by} {same} "
-                           f"(gain {self.gain:+.4f})")  # fmt: skip
+            return False, (
+                f"accuracy {self.new_accuracy:.4f} does not beat {vs}{by} {same} "
+                f"(gain {self.gain:+.4f})"
+            )
         if not self.p_value < significance:
-            return False, (f"gain {100 * self.gain:+.2f} points over {vs} {same} is within "
-                           f"noise: McNemar p = {self.p_value:.3g} ≥ {significance:g} (only "
-                           f"new right: {self.n01}, only champion right: {self.n10})")  # fmt: skip
+            return False, (
+                f"gain {100 * self.gain:+.2f} points over {vs} {same} is within "
+                f"noise: McNemar p = {self.p_value:.3g} ≥ {significance:g} (only "
+                f"new right: {self.n01}, only champion right: {self.n10})"
+            )
         if self.worst_recall_drop > max_drop + eps:
-            return False, (f"wins on average ({100 * self.gain:+.2f} points) but recall of "
-                           f"class {self.worst_class!r} drops {100 * self.worst_recall_drop:.1f}"
-                           f" points against {vs} (limit {100 * max_drop:g})")  # fmt: skip
-        return True, (f"accuracy {self.new_accuracy:.4f} beats {vs} by {100 * self.gain:+.2f} "
-                      f"points {same} (McNemar p = {self.p_value:.3g}; no class recall drops "
-                      f"more than {100 * max_drop:g} points)")  # fmt: skip
+            return False, (
+                f"wins on average ({100 * self.gain:+.2f} points) but recall of "
+                f"class {self.worst_class!r} drops {100 * self.worst_recall_drop:.1f}"
+                f" points against {vs} (limit {100 * max_drop:g})"
+            )
+        return True, (
+            f"accuracy {self.new_accuracy:.4f} beats {vs} by {100 * self.gain:+.2f} "
+            f"points {same} (McNemar p = {self.p_value:.3g}; no class recall drops "
+            f"more than {100 * max_drop:g} points)"
+        )
 
     def tags(self) -> dict[str, str]:
         """The version tags that record it (`from_tags` reads them back)."""
@@ -86,8 +94,17 @@ def compare(
         if (y == c).any()
     ]
     drop, worst = max(drops) if drops else (0.0, "")
-    return Paired(version, len(y), float(new_ok.mean()), float(champ_ok.mean()), n01, n10,
-                  mcnemar_p(n01, n10), worst, drop)  # fmt: skip
+    return Paired(
+        version,
+        len(y),
+        float(new_ok.mean()),
+        float(champ_ok.mean()),
+        n01,
+        n10,
+        mcnemar_p(n01, n10),
+        worst,
+        drop,
+    )
 
 
 def compare_files(new: Path, champion: Path, prepared_dir: Path, version: str) -> Paired | None:
@@ -116,8 +133,10 @@ def mcnemar_p(n01: int, n10: int) -> float:
     if n == 0:
         return 1.0
     log_half = n * math.log(0.5)
-    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + log_half
-             for k in range(n01, n + 1)]  # fmt: skip
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + log_half
+        for k in range(n01, n + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -136,8 +155,11 @@ def onnx_labels(path: Path, x: np.ndarray, classes: list[str], batch_size: int =
     if model.classes != list(classes):
         raise TlpipeError(f"{path} predicts {model.classes}, not the classes {list(classes)}")
     if model.input_shape != tuple(x.shape[1:]):
-        raise TlpipeError(f"{path} reads images of shape {model.input_shape}, the data is "
-                          f"{tuple(x.shape[1:])}")  # fmt: skip
-    labels = [model.logits(model.preprocess(np.asarray(x[i : i + batch_size]))).argmax(1)
-              for i in range(0, len(x), batch_size)]  # fmt: skip
+        raise TlpipeError(
+            f"{path} reads images of shape {model.input_shape}, the data is {tuple(x.shape[1:])}"
+        )
+    labels = [
+        model.logits(model.preprocess(np.asarray(x[i : i + batch_size]))).argmax(1)
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(labels) if labels else np.zeros(0, np.int64)

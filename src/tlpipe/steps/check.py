@@ -71,8 +71,9 @@ def run(
     what = f"vs champion v{version}" if old is not None else "(no champion to compare with)"
     seen = ", ".join(f"{k}: {v}" for k, v in found.items()) or "nothing to report"
     metrics = {f"found_{k}": float(bool(found.get(k))) for k in report["findings"]}
-    return CheckResult(path, failures, metrics=metrics, artifacts=(path,),
-                       summary=f"data check {what}: {seen}")  # fmt: skip
+    return CheckResult(
+        path, failures, metrics=metrics, artifacts=(path,), summary=f"data check {what}: {seen}"
+    )
 
 
 def compare(old: Manifest, new: Manifest) -> dict[str, Any]:
@@ -99,8 +100,12 @@ def compare(old: Manifest, new: Manifest) -> dict[str, Any]:
         "std": [round(b - a, 6) for a, b in zip(old.std, new.std, strict=False)],
         "image_sizes": sizes,
     }
-    return {"findings": findings, "class_counts": counts, "drift": drift,
-            "same_scenario_settings": same_settings}  # fmt: skip
+    return {
+        "findings": findings,
+        "class_counts": counts,
+        "drift": drift,
+        "same_scenario_settings": same_settings,
+    }
 
 
 def _size_moved(champion: dict[str, Any], now: dict[str, Any]) -> bool:

@@ -34,8 +34,9 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) 
     tp = np.diag(cm).astype(float)
     precision = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
     recall = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
-                   where=(precision + recall) > 0)  # fmt: skip
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0
+    )
     return {
         "accuracy": float(tp.sum() / max(cm.sum(), 1)),
         "macro_f1": float(f1.mean()),
@@ -66,8 +67,9 @@ def run(
     choice = select(report, cfg.baseline, evidence)
     selected, verdict = choice.selected, choice.verdict
     base = report[cfg.baseline]["accuracy"]
-    gain = {n: round(100 * (m["accuracy"] - base), 2) for n, m in report.items()
-            if n != cfg.baseline}  # fmt: skip
+    gain = {
+        n: round(100 * (m["accuracy"] - base), 2) for n, m in report.items() if n != cfg.baseline
+    }
     out = {
         "selected": selected,
         "selected_by": choice.selected_by,
@@ -92,8 +94,12 @@ def run(
         _write_predictions(tmp / "plots" / "predictions.csv", test.y, preds[selected], classes)
         if cfg.plots:
             for name, m in report.items():
-                plot_confusion(tmp / "plots" / f"confusion_{name}.png", m["confusion"],
-                               classes, f"{name}: accuracy {m['accuracy']:.3f}")  # fmt: skip
+                plot_confusion(
+                    tmp / "plots" / f"confusion_{name}.png",
+                    m["confusion"],
+                    classes,
+                    f"{name}: accuracy {m['accuracy']:.3f}",
+                )
     summary = {
         "selected_accuracy": report[selected]["accuracy"],
         "baseline_accuracy": base,
@@ -102,8 +108,13 @@ def run(
         "extra_fits": float(choice.extra_fits),
     }
     line = f"selected {selected} (test accuracy {report[selected]['accuracy']:.4f}); {verdict}"
-    return EvaluateResult(Path(out_dir) / "metrics.json", selected, metrics=summary,
-                          artifacts=(Path(out_dir),), summary=line)  # fmt: skip
+    return EvaluateResult(
+        Path(out_dir) / "metrics.json",
+        selected,
+        metrics=summary,
+        artifacts=(Path(out_dir),),
+        summary=line,
+    )
 
 
 @dataclass(frozen=True)
@@ -292,8 +303,15 @@ def _write_curves(path: Path, histories: dict[str, list]) -> None:
         w.writerow(["model", "step", "phase", "train_loss", "val_accuracy"])
         for name, rows in sorted(histories.items()):
             for i, row in enumerate(rows, 1):
-                w.writerow([name, i, row.get("phase", ""), f"{row.get('train_loss', 0):.5f}",
-                            f"{row.get('val_accuracy', float('nan')):.4f}"])  # fmt: skip
+                w.writerow(
+                    [
+                        name,
+                        i,
+                        row.get("phase", ""),
+                        f"{row.get('train_loss', 0):.5f}",
+                        f"{row.get('val_accuracy', float('nan')):.4f}",
+                    ]
+                )
 
 
 def _write_predictions(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:

@@ -126,10 +126,16 @@ def export_onnx(model: Any, path: Path, input_shape: tuple[int, ...], opset: int
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     try:
         program = torch.onnx.export(
-            model.eval(), (example,), None, dynamo=True, opset_version=opset,
-            input_names=["input"], output_names=["logits"], verbose=False,
+            model.eval(),
+            (example,),
+            None,
+            dynamo=True,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )  # fmt: skip
+        )
     except Exception as e:  # noqa: BLE001 — exporter failures are many and varied
         raise TlpipeError(f"ONNX export failed ({type(e).__name__}: {e})") from e
     proto = program.model_proto
@@ -185,8 +191,10 @@ def _check_compatible(
         )
     shape = meta.input_shape
     if tuple(x.shape[1:]) != shape:
-        raise TlpipeError(f"{model_path} takes {shape} images, the prepared data has "
-                          f"{tuple(x.shape[1:])}: re-run prepare/finetune")  # fmt: skip
+        raise TlpipeError(
+            f"{model_path} takes {shape} images, the prepared data has "
+            f"{tuple(x.shape[1:])}: re-run prepare/finetune"
+        )
 
 
 # ---------------------------------------------------------------------------- INT8
@@ -230,13 +238,22 @@ def quantize_int8(
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     keep = _first_and_last(onnx.load(str(pre))) if fp32_first_last else []
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     quantize_static(
-        str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,  # U8S8: see the top
-        calibrate_method=methods[method], nodes_to_exclude=keep,
-    )  # fmt: skip
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,  # U8S8: see the top
+        calibrate_method=methods[method],
+        nodes_to_exclude=keep,
+    )
     pre.unlink()
     return out
 
@@ -305,8 +322,10 @@ def calibration_set(prepared_dir: Path, cfg: ExportConfig) -> tuple[np.ndarray, 
         counts[name] = len(parts[-1])
         missing -= counts[name]
     if missing == cfg.calibration_images:
-        raise TlpipeError(f"no calibration images in {', '.join(cfg.calibration_splits)}: set "
-                          "export.int8=false or export.calibration_splits")  # fmt: skip
+        raise TlpipeError(
+            f"no calibration images in {', '.join(cfg.calibration_splits)}: set "
+            "export.int8=false or export.calibration_splits"
+        )
     return np.concatenate(parts), counts
 
 
@@ -327,8 +346,10 @@ def ort_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(["logits"], {"input": x[i : i + batch_size]})[0]
-            for i in range(0, len(x), batch_size)]  # fmt: skip
+    outs = [
+        sess.run(["logits"], {"input": x[i : i + batch_size]})[0]
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(outs)
 
 

@@ -85,8 +85,10 @@ def data_format(spec: DataSpec, side: str) -> str:
     known = DATASETS.get(spec.dataset)
     fmt = spec.format or (known.format if known else None)
     if fmt is None:
-        raise TlpipeError(f"fetch.{side}.format: set it for dataset {spec.dataset!r} "
-                          "(imagefolder, manifest, npz or idx)")  # fmt: skip
+        raise TlpipeError(
+            f"fetch.{side}.format: set it for dataset {spec.dataset!r} "
+            "(imagefolder, manifest, npz or idx)"
+        )
     return fmt
 
 
@@ -115,9 +117,10 @@ def _fetch_side(spec: DataSpec, dest: Path, cfg: FetchConfig, where: str) -> str
             shutil.rmtree(dest, ignore_errors=True)
             raise
     raise TlpipeError(
-        f"could not fetch {where} ({spec.dataset}) from any source:\n  " + "\n  ".join(failures)
+        f"could not fetch {where} ({spec.dataset}) from any source:\n  "
+        + "\n  ".join(failures)
         + f"\nset {where}.sources to a directory or URL that holds it"
-    )  # fmt: skip
+    )
 
 
 def _result(out_dir: Path, served: dict[str, str]) -> FetchResult:

@@ -124,14 +124,22 @@ def specialist_phase(model, cfg: FinetuneConfig, source_state) -> Phase:
     joint.attach_source_head(model, source_state, cfg.strategy)
     head = getattr(model, joint.SOURCE_HEAD)
     params = list(model.backbone.parameters()) + list(head.parameters())
-    phase = Phase("specialist", _trainable([{"params": params}], model), cfg.specialist,
-                  validate=False)  # fmt: skip
+    phase = Phase(
+        "specialist", _trainable([{"params": params}], model), cfg.specialist, validate=False
+    )
 
     def source_stream(_target_batches, prepared_dir: Path, match_dir: Path | None):
         stream = _source_stream(prepared_dir, match_dir, head, cfg.strategy)
         t = phase.train
-        batches = ArrayBatches(stream.x, stream.y, t.batch_size, seed=t.seed, rows=stream.selected,
-                               steps_per_epoch=t.steps_per_epoch, domain=1)  # fmt: skip
+        batches = ArrayBatches(
+            stream.x,
+            stream.y,
+            t.batch_size,
+            seed=t.seed,
+            rows=stream.selected,
+            steps_per_epoch=t.steps_per_epoch,
+            domain=1,
+        )
         return batches, joint.source_loss(t.label_smoothing)
 
     phase.source_stream = source_stream
@@ -304,8 +312,9 @@ def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, ke
     history, result, seconds, resume_files = [], None, 0.0, []
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
         t = phase.train
-        batches = ArrayBatches(*train_xy, t.batch_size, seed=t.seed,
-                               steps_per_epoch=t.steps_per_epoch)  # fmt: skip
+        batches = ArrayBatches(
+            *train_xy, t.batch_size, seed=t.seed, steps_per_epoch=t.steps_per_epoch
+        )
         loss_fn = None
         if phase.source_stream is not None:
             batches, loss_fn = phase.source_stream(batches, data.prepared_dir, data.match_dir)
@@ -314,11 +323,19 @@ def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, ke
         _trainable(phase.groups, model)  # phases are built up front: each sets its own again
         validate = val_xy is not None and len(val_xy[1]) and phase.validate
         result = fit(
-            model, batches, t, mean=start.mean, std=start.std,
-            val=val_xy if validate else None, param_groups=phase.groups,
-            loss_fn=loss_fn, penalty=phase.penalty, checkpoint=resume, resume_key=key,
+            model,
+            batches,
+            t,
+            mean=start.mean,
+            std=start.std,
+            val=val_xy if validate else None,
+            param_groups=phase.groups,
+            loss_fn=loss_fn,
+            penalty=phase.penalty,
+            checkpoint=resume,
+            resume_key=key,
             desc=f"{cfg.strategy}:{phase.name}",
-        )  # fmt: skip
+        )
         history += [{**row, "phase": phase.name} for row in result.history]
         seconds += result.seconds
     joint.detach_extra_heads(model)

@@ -71,16 +71,20 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     t0 = time.perf_counter()
     mean, std = meta.mean, meta.std
     s_emb = embed_images(model, source.x, mean, std, cfg.features, cfg.batch_size)
-    t_emb = np.concatenate([embed_images(model, x, mean, std, cfg.features, cfg.batch_size)
-                            for x in targets if len(x)])  # fmt: skip
+    t_emb = np.concatenate(
+        [embed_images(model, x, mean, std, cfg.features, cfg.batch_size) for x in targets if len(x)]
+    )
     t1 = time.perf_counter()
     matcher = matchers.build_matcher(cfg.matcher, cfg)
     weights = matchers.fit_weights(matcher, s_emb, t_emb, source.y)
     selected = matchers.select_top(weights, cfg.top_fraction, cfg.seed)
     t2 = time.perf_counter()
     diagnostics = matcher.diagnostics or matchers.domain_diagnostics(s_emb, t_emb, source.y, cfg)
-    timings = {"embedding_seconds": t1 - t0, "weighting_seconds": t2 - t1,
-               "diagnostics_seconds": time.perf_counter() - t2}  # fmt: skip
+    timings = {
+        "embedding_seconds": t1 - t0,
+        "weighting_seconds": t2 - t1,
+        "diagnostics_seconds": time.perf_counter() - t2,
+    }
     shifted = source.shifted if source.shifted.any() else None
     report: dict[str, Any] = {
         "matcher": cfg.matcher,
@@ -98,21 +102,38 @@ def run(prepared_dir: Path, source_model: Path, out_dir: Path, cfg: MatchConfig)
     out_dir = Path(out_dir)
     _write(out_dir, weights, selected, report, source.x if cfg.plots else None, shifted)
     metrics = _metrics(report)
-    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
-                       out_dir / "report.json", metrics=metrics, artifacts=(out_dir,),
-                       summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}")  # fmt: skip
+    return MatchResult(
+        out_dir,
+        out_dir / "weights.npy",
+        out_dir / "selected.npy",
+        out_dir / "report.json",
+        metrics=metrics,
+        artifacts=(out_dir,),
+        summary=f"wrote {out_dir}: {cfg.matcher} weights, {metrics}",
+    )
 
 
 def _skipped(out_dir: Path, manifest: Manifest, cfg: MatchConfig) -> MatchResult:
     """The neutral output of a scenario without source data: no weights, a report saying so."""
     reason = "no source dataset (fetch.source: null): matching skipped"
-    report = {"skipped": reason, "matcher": cfg.matcher, "n_source": 0, "n_selected": 0,
-              "timings": {}, "dataset_sha256": manifest.dataset_sha256,
-              "config": to_dict(cfg)}  # fmt: skip
+    report = {
+        "skipped": reason,
+        "matcher": cfg.matcher,
+        "n_source": 0,
+        "n_selected": 0,
+        "timings": {},
+        "dataset_sha256": manifest.dataset_sha256,
+        "config": to_dict(cfg),
+    }
     _write(out_dir, np.zeros(0, np.float32), np.zeros(0, np.int64), report)
-    return MatchResult(out_dir, out_dir / "weights.npy", out_dir / "selected.npy",
-                       out_dir / "report.json", artifacts=(out_dir,),
-                       summary=f"wrote {out_dir}: {reason}")  # fmt: skip
+    return MatchResult(
+        out_dir,
+        out_dir / "weights.npy",
+        out_dir / "selected.npy",
+        out_dir / "report.json",
+        artifacts=(out_dir,),
+        summary=f"wrote {out_dir}: {reason}",
+    )
 
 
 def _write(
@@ -137,8 +158,14 @@ def _write(
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, float]:
-    keys = ("ess_fraction", "discriminator_accuracy", "proxy_a_distance", "selection_precision",
-            "shifted_auroc", "n_selected")  # fmt: skip
+    keys = (
+        "ess_fraction",
+        "discriminator_accuracy",
+        "proxy_a_distance",
+        "selection_precision",
+        "shifted_auroc",
+        "n_selected",
+    )
     out = {k: float(report[k]) for k in keys if k in report}
     return out | {k: round(v, 3) for k, v in report["timings"].items()}
 
@@ -183,12 +210,20 @@ def plot_histogram(path: Path, weights: np.ndarray, shifted: np.ndarray | None) 
     if shifted is None:
         ax.hist(weights, bins=bins, color="tab:blue")
     else:
-        ax.hist([weights[shifted], weights[~shifted]], bins=bins, stacked=True,
-                label=["shifted (target-like)", "clean"],
-                color=["tab:orange", "tab:blue"])  # fmt: skip
+        ax.hist(
+            [weights[shifted], weights[~shifted]],
+            bins=bins,
+            stacked=True,
+            label=["shifted (target-like)", "clean"],
+            color=["tab:orange", "tab:blue"],
+        )
         ax.legend()
-    ax.set(xscale="log", xlabel="importance weight (mean 1)", ylabel="source samples",
-           title="match: source sample weights")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="importance weight (mean 1)",
+        ylabel="source samples",
+        title="match: source sample weights",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -210,12 +245,14 @@ def plot_extremes(path: Path, x: np.ndarray, weights: np.ndarray, n: int = 10) -
     for r, (label, idx) in enumerate(rows):
         for c, (i, image) in enumerate(zip(idx, take_rows(x, idx), strict=True)):
             img = image.transpose(1, 2, 0)
-            axes[r, c].imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0,
-                              vmax=255)  # fmt: skip
+            axes[r, c].imshow(
+                img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255
+            )
             axes[r, c].set_title(f"{weights[i]:.2g}", fontsize=7)
             axes[r, c].axis("off")
-        axes[r, 0].text(-0.1, 0.5, label, transform=axes[r, 0].transAxes, ha="right",
-                        va="center", fontsize=8)  # fmt: skip
+        axes[r, 0].text(
+            -0.1, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -55,8 +55,11 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
     sides = read_sides(raw_dir)
     one = sides["one_dataset"]
     target = _read(raw_dir, "source" if one else "target", sides["target"], cfg)
-    source = target if one else (_read(raw_dir, "source", sides["source"], cfg)
-                                 if sides["source"] else None)  # fmt: skip
+    source = (
+        target
+        if one
+        else (_read(raw_dir, "source", sides["source"], cfg) if sides["source"] else None)
+    )
     if cfg.source_shift_fraction > 0 and not cfg.shift:
         raise TlpipeError("prepare.source_shift_fraction > 0 needs a prepare.shift to apply")
     tgt_ids = class_ids(cfg.target.classes, target.classes, "prepare.target.classes")
@@ -76,8 +79,10 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
         selections |= select_source(source, src_ids, cfg, one, taken)
     for name in ("target_val", "target_test"):
         if not len(selections[name]):
-            raise TlpipeError(f"{name} is empty: add target images or raise "
-                              "prepare.target.val_fraction / test_fraction")  # fmt: skip
+            raise TlpipeError(
+                f"{name} is empty: add target images or raise "
+                "prepare.target.val_fraction / test_fraction"
+            )
     shape = _shape(source, target, cfg)
     out_dir = Path(out_dir)
     with fsio.atomic_path(out_dir) as tmp:
@@ -138,9 +143,16 @@ def run(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> PrepareResult:
 
 
 def _read(raw_dir: Path, side: str, desc: dict[str, Any], cfg: PrepareConfig) -> RawDataset:
-    return read_raw(raw_dir / side, desc["format"], desc["dataset"], cfg.channels,
-                    cfg.input_size, cfg.max_image_pixels, cfg.max_image_bytes,
-                    cfg.max_unpack_ratio)  # fmt: skip
+    return read_raw(
+        raw_dir / side,
+        desc["format"],
+        desc["dataset"],
+        cfg.channels,
+        cfg.input_size,
+        cfg.max_image_pixels,
+        cfg.max_image_bytes,
+        cfg.max_unpack_ratio,
+    )
 
 
 def _shape(
@@ -151,11 +163,14 @@ def _shape(
     raws = [r for r in (source, target) if r is not None]
     stored = {r.x.shape[1] for r in raws}, {r.x.shape[2:] for r in raws}
     if cfg.channels is None and len(stored[0]) > 1:
-        raise TlpipeError(f"source and target images have {sorted(stored[0])} channels: set "
-                          "prepare.channels to 1 or 3")  # fmt: skip
+        raise TlpipeError(
+            f"source and target images have {sorted(stored[0])} channels: set "
+            "prepare.channels to 1 or 3"
+        )
     if cfg.input_size is None and len(stored[1]) > 1:
-        raise TlpipeError(f"source and target images differ in size {sorted(stored[1])}: set "
-                          "prepare.input_size")  # fmt: skip
+        raise TlpipeError(
+            f"source and target images differ in size {sorted(stored[1])}: set prepare.input_size"
+        )
     h, w = target.x.shape[2:]
     if cfg.input_size is None and h != w:
         raise TlpipeError(f"images are {w}x{h}, not square: set prepare.input_size")

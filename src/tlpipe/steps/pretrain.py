@@ -90,11 +90,19 @@ def run(
         manifest, cfg.model, "source", classes, result, norm=(mean, std), pretrained=origin
     )
     save_checkpoint(out_model, model, meta)
-    metrics = {"source_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-               "train_seconds": result.seconds}  # fmt: skip
+    metrics = {
+        "source_val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.seconds,
+    }
     summary = f"wrote {out_model}: source val accuracy {result.best_val_accuracy:.4f}"
-    return TrainResult(Path(out_model), history=result.history, metrics=metrics,
-                       resume_files=(resume,) if resume else (), summary=summary)  # fmt: skip
+    return TrainResult(
+        Path(out_model),
+        history=result.history,
+        metrics=metrics,
+        resume_files=(resume,) if resume else (),
+        summary=summary,
+    )
 
 
 def normalisation(

@@ -120,16 +120,29 @@ def run(
         "parity_passed": float(bool(parity["passed"])),
     }
     if paired is not None:
-        metrics |= {"champion_accuracy_same_images": paired.champion_accuracy,
-                    "paired_gain_points": 100 * paired.gain, "mcnemar_p": paired.p_value,
-                    "worst_class_recall_drop_points": 100 * paired.worst_recall_drop}  # fmt: skip
+        metrics |= {
+            "champion_accuracy_same_images": paired.champion_accuracy,
+            "paired_gain_points": 100 * paired.gain,
+            "mcnemar_p": paired.p_value,
+            "worst_class_recall_drop_points": 100 * paired.worst_recall_drop,
+        }
     summary = f"{cfg.model_name} v{version} → {decision.alias}: {decision.reason}"
     if decision_path is not None:
-        outcome = {"version": str(version), "alias": decision.alias,
-                   "promoted": decision.promoted, "reason": decision.reason}  # fmt: skip
+        outcome = {
+            "version": str(version),
+            "alias": decision.alias,
+            "promoted": decision.promoted,
+            "reason": decision.reason,
+        }
         write_json(decision_path, outcome)
-    return RegisterResult(str(version), decision.alias, decision.promoted, decision.reason,
-                          metrics=metrics, summary=summary)  # fmt: skip
+    return RegisterResult(
+        str(version),
+        decision.alias,
+        decision.promoted,
+        decision.reason,
+        metrics=metrics,
+        summary=summary,
+    )
 
 
 def _score_champion(name: str, export_dir: Path, prepared_dir: Path) -> Paired | None:

@@ -79,8 +79,10 @@ def load_source_stream(
     weights = np.load(match_dir / "weights.npy").astype(np.float32)
     selected = np.load(match_dir / "selected.npy").astype(np.int64)
     if weights.shape != (len(source),):
-        raise TlpipeError(f"{match_dir}/weights.npy has {weights.shape} weights for "
-                          f"{len(source)} source samples: re-run `tlpipe match`")  # fmt: skip
+        raise TlpipeError(
+            f"{match_dir}/weights.npy has {weights.shape} weights for "
+            f"{len(source)} source samples: re-run `tlpipe match`"
+        )
     if not (np.isfinite(weights).all() and (weights > 0).all()):
         raise TlpipeError(f"{match_dir}/weights.npy holds non-positive or NaN weights")
     if len(selected) == 0 or selected.min() < 0 or selected.max() >= len(source):
@@ -147,9 +149,7 @@ class JointBatches:
         return {
             "x": torch.cat([batch["x"], take(self.x, idx)]),
             "y": torch.cat([batch["y"], self.y[idx]]),
-            "w": torch.cat(
-                [torch.ones_like(batch["y"], dtype=torch.float32), w.to(self.y.device)]
-            ),  # fmt: skip
+            "w": torch.cat([torch.ones_like(batch["y"], dtype=torch.float32), w.to(self.y.device)]),
             "domain": torch.cat([torch.zeros_like(batch["y"]), torch.ones_like(idx)]),
         }
 
@@ -179,13 +179,18 @@ def joint_loss(source_weight: float, label_smoothing: float = 0.0) -> LossFn:
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         feats = model.backbone(batch["input"])
         is_target = batch["domain"] == 0
-        target = F.cross_entropy(model.head(feats[is_target]), batch["y"][is_target],
-                                 label_smoothing=label_smoothing)  # fmt: skip
+        target = F.cross_entropy(
+            model.head(feats[is_target]), batch["y"][is_target], label_smoothing=label_smoothing
+        )
         if source_weight == 0:
             return target
         src = ~is_target
-        losses = F.cross_entropy(getattr(model, SOURCE_HEAD)(feats[src]), batch["y"][src],
-                                 label_smoothing=label_smoothing, reduction="none")  # fmt: skip
+        losses = F.cross_entropy(
+            getattr(model, SOURCE_HEAD)(feats[src]),
+            batch["y"][src],
+            label_smoothing=label_smoothing,
+            reduction="none",
+        )
         w = batch["w"][src]
         return target + source_weight * (losses * w).sum() / w.sum().clamp_min(1e-12)
 

@@ -219,8 +219,14 @@ def _train_one_epoch(model, step_loss, feed, epoch, optimizer, scheduler, desc) 
     _freeze_frozen_batchnorm(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=_on_cuda(model))
     total = torch.zeros((), device=next(model.parameters()).device)
-    bar = tqdm(feed.epoch(epoch), total=len(feed), desc=desc, leave=False,
-               disable=not sys.stderr.isatty(), unit="batch")  # fmt: skip
+    bar = tqdm(
+        feed.epoch(epoch),
+        total=len(feed),
+        desc=desc,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+        unit="batch",
+    )
     for step, batch in enumerate(bar):  # batch["input"]: augmented and normalised (Feed)
         if _on_cuda(model):
             batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
@@ -262,26 +268,35 @@ def _freeze_frozen_batchnorm(model: nn.Module) -> None:
 
 def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int):
     groups = [
-        {"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0),
-         "weight_decay": g.get("weight_decay", cfg.weight_decay)}
+        {
+            "params": g["params"],
+            "lr": cfg.lr * g.get("lr_scale", 1.0),
+            "weight_decay": g.get("weight_decay", cfg.weight_decay),
+        }
         for g in groups
         if len(g["params"])
-    ]  # fmt: skip
+    ]
     if not groups:
         raise TlpipeError("nothing to train: every parameter is frozen")
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+        )
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     max_lrs = [g["lr"] for g in groups]
     if cfg.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=max_lrs, total_steps=max(total_steps, 2),
-            pct_start=cfg.warmup_frac, cycle_momentum=False,
-        )  # fmt: skip
+            opt,
+            max_lr=max_lrs,
+            total_steps=max(total_steps, 2),
+            pct_start=cfg.warmup_frac,
+            cycle_momentum=False,
+        )
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
     else:

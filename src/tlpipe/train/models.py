@@ -131,13 +131,22 @@ def _convnext(m: nn.Module, in_chans: int, small: bool) -> tuple[list[nn.Module]
 
 
 TORCHVISION: dict[str, Family] = {  # torchvision name → family adapter
-    "resnet18": _resnet, "resnet34": _resnet, "resnet50": _resnet, "resnet101": _resnet,
+    "resnet18": _resnet,
+    "resnet34": _resnet,
+    "resnet50": _resnet,
+    "resnet101": _resnet,
     "resnext50_32x4d": _resnet,
-    "mobilenet_v2": _features, "mobilenet_v3_small": _features, "mobilenet_v3_large": _features,
-    "efficientnet_b0": _features, "efficientnet_b1": _features, "efficientnet_b2": _features,
-    "efficientnet_b3": _features, "efficientnet_v2_s": _features,
-    "convnext_tiny": _convnext, "convnext_small": _convnext,
-}  # fmt: skip
+    "mobilenet_v2": _features,
+    "mobilenet_v3_small": _features,
+    "mobilenet_v3_large": _features,
+    "efficientnet_b0": _features,
+    "efficientnet_b1": _features,
+    "efficientnet_b2": _features,
+    "efficientnet_b3": _features,
+    "efficientnet_v2_s": _features,
+    "convnext_tiny": _convnext,
+    "convnext_small": _convnext,
+}
 
 
 def _adapt_stem(

@@ -75,14 +75,20 @@ def load(path: Path, device: torch.device, desc: str, key: str) -> dict[str, Any
     """The state to resume from, or None (not resumable: train from the start; says why)."""
     state = load_state(path, device)
     if state is None:
-        print(f"{path} is not a checked resume file (an older tlpipe's?): not resuming from it, "
-              "training from the start", file=sys.stderr)  # fmt: skip
+        print(
+            f"{path} is not a checked resume file (an older tlpipe's?): not resuming from it, "
+            "training from the start",
+            file=sys.stderr,
+        )
         return None
     if state.get("desc") != desc:
         raise TlpipeError(f"checkpoint {path} belongs to {state.get('desc')!r}, not {desc!r}")
     if state.get("key") != key:
-        print(f"{path} was written with other settings, data or starting model: "
-              "not resuming from it, training from the start", file=sys.stderr)  # fmt: skip
+        print(
+            f"{path} was written with other settings, data or starting model: "
+            "not resuming from it, training from the start",
+            file=sys.stderr,
+        )
         return None
     return state
 
