@@ -224,9 +224,9 @@ def test_bad_config_is_a_clear_error() -> None:
 
     with pytest.raises(TlpipeError, match="unknown matcher 'magic'.*discriminator"):
         build(MatchConfig, {"matcher": "magic"})
-    with pytest.raises(TlpipeError, match="top_fraction must be in"):
+    with pytest.raises(TlpipeError, match=r"top_fraction = 1.5 is out of range: .* in \(0, 1\]"):
         build(MatchConfig, {"top_fraction": 1.5})
-    with pytest.raises(TlpipeError, match="clip must be >= 1"):
+    with pytest.raises(TlpipeError, match="clip = 0.5 is out of range: it must be >= 1"):
         build(MatchConfig, {"clip": 0.5})
     with pytest.raises(TlpipeError, match="discriminator.folds"):
         build(MatchConfig, {"discriminator": {"folds": 1}})

@@ -159,6 +159,29 @@ def test_added_images_move_no_existing_image(tmp_path: Path) -> None:
     assert m_new["source"] is None and m_new["splits"]["source"]["count"] == 0
 
 
+def test_a_small_class_still_gets_a_val_and_a_test_image(tmp_path: Path) -> None:
+    """3 images a class and fractions no hash of 3 is likely to hit: each split still gets one
+    image per class (the smallest hashes), so the run is measurable instead of refused."""
+    folder = _digit_folder(tmp_path / "mine", 3)
+    values = {
+        "target": {"classes": [], "val_fraction": 0.01, "test_fraction": 0.01},
+        "input_size": 12,
+        "channels": 1,
+    }
+    out = _run(fetched(tmp_path / "raw", folder, "imagefolder", None), tmp_path / "p", **values)
+    splits = load_manifest(out).to_dict()["splits"]
+    for name in ("target_train", "target_val", "target_test"):
+        assert splits[name]["per_class"] == [1, 1, 1], name
+    again = _run(fetched(tmp_path / "raw2", folder, "imagefolder", None), tmp_path / "p2", **values)
+    assert _ids(out) == _ids(again)  # the promotion is by hash, not by chance
+    _digit_folder(folder, 1, start=3)  # 2 images a class cannot fill 3 splits: refused
+    for c in range(3):
+        for extra in sorted((folder / f"class{c}").iterdir())[2:]:
+            extra.unlink()
+    with pytest.raises(TlpipeError, match="has no (validation|test)"):
+        _run(fetched(tmp_path / "raw3", folder, "imagefolder", None), tmp_path / "p3", **values)
+
+
 # ---------------------------------------------------------------------------- two datasets
 
 

@@ -127,8 +127,13 @@ def test_the_retraining_loop(project, mlflow_server, tmp_path, capsys) -> None:
     ran, log = _run(work, env)
     assert ran == RETRAINED, ran
     after = _identities(work / "data/prepared")
-    for split in TARGET_SPLITS:  # no image already there moved; the old test set is inside
-        assert before[split] <= after[split], split
+    # no training image moved; val/test lose only a small class's promoted image, which goes
+    # back to training once the class has one of its own there (docs/data.md)
+    assert before["target_train"] <= after["target_train"]
+    for split in ("target_val", "target_test"):
+        left = before[split] - after[split]
+        assert left <= after["target_train"] | after["target_val"], split
+        assert len(left) <= 10, split  # at most one per class
     assert sum(map(len, after.values())) == GROWN
     assert _decision(work) == ("2", "champion") and "registered v2 → champion" in log
     comparison = Paired.from_tags(_tags(client, name, "2"))

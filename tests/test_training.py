@@ -115,9 +115,11 @@ def test_augment_params_take_a_section_or_true_false() -> None:
         Augment(pad_crop=2, hflip=False)
     )  # a partial section keeps the other defaults
     bad = {
-        "pad_crop must be >= 0": {"pad_crop": -1},
+        "augment.pad_crop = -1 is out of range: it must be >= 0": {"pad_crop": -1},
         "scale": {"random_resized_crop": {"scale": [0.5, 2]}},
-        "hue in": {"color_jitter": {"hue": 0.9}},
+        r"color_jitter.hue = 0.9 is out of range: it must be in \[0, 0.5\]": {
+            "color_jitter": {"hue": 0.9}
+        },
         "unknown parameter.*augment.flip": {"flip": True},
     }
     for message, values in bad.items():

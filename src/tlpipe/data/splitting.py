@@ -9,7 +9,9 @@ for sample matching (the `shifted` flags).
 
 Images are assigned to splits by a hash of their content key (`RawDataset.keys`) and the seed,
 never by their position: adding images to a dataset moves no existing image to another split,
-and the previous test set stays a subset of the new one. Caps (`k`, `max_per_class`, …) take
+and the previous test set stays a subset of the new one. The one exception is a class so small
+that no hash fell in its validation or test range: its smallest-hash image is promoted there
+(`_promote`) until the class grows one of its own. Caps (`k`, `max_per_class`, …) take
 the images with the smallest hash. Images are written split by split, chunk by chunk, so memory
 stays flat however large the data.
 """
@@ -238,6 +240,10 @@ def select_target(
         else:
             test = u[rows] < t.test_fraction
             val = ~test & (u[rows] < t.test_fraction + t.val_fraction)
+        if not own_test and not test.any() and len(rows) >= 3:
+            test = _promote(test, u[rows], ~test)
+        if not val.any() and (~test).sum() >= 2:
+            val = _promote(val, u[rows], ~test)
         train = ~(test | val)
         masks = {"training": train, "validation": val, "test": test}
         lacking = [what for what, mask in masks.items() if not mask.any()]
@@ -256,6 +262,16 @@ def select_target(
             chosen = rows[mask][np.argsort(u[rows[mask]], kind="stable")][:cap]
             parts[name].append(chosen)
     return {name: _selection(raw, chunks_, ids, cfg.shift != ()) for name, chunks_ in parts.items()}
+
+
+def _promote(mask: np.ndarray, u: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """`mask` plus the row of `among` with the smallest hash: a small class whose hashes all
+    missed a split still gets one image there (a class with no val or no test image cannot be
+    measured). The choice is the same hash order as the thresholds, so it stays put until the
+    class grows an image of its own there; then the promoted one goes back to training."""
+    out = mask.copy()
+    out[np.flatnonzero(among)[np.argmin(u[among])]] = True
+    return out
 
 
 def select_source(
