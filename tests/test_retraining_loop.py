@@ -76,6 +76,8 @@ TINY = {
     "finetune": {
         "train": {"epochs": 6, "batch_size": 32, "steps_per_epoch": 0, "augment": False},
         "probe": {"epochs": 3, "batch_size": 32, "steps_per_epoch": 0},
+        # the cross-validated selection runs (val < 100) with a third of the epochs per fit
+        "selection": {"epoch_fraction": 0.34},
     },
     "export": {"calibration_images": 32},
     "register": {"accuracy_floor": 0.2},
@@ -100,6 +102,10 @@ def project(tmp_path: Path, mlflow_server: str) -> tuple[Path, dict[str, str], s
     return work, project_env(mlflow_server, OMP_NUM_THREADS="1"), name
 
 
+# Five `tlpipe run`s of 9 stages, ~3 min on 2 cores (each stage imports torch and MLflow):
+# `make test-slow`, which CI runs. The default suite runs every step through the compiled DAG
+# (test_kfp) and `tlpipe run` under SIGTERM (test_runner).
+@pytest.mark.slow
 def test_the_retraining_loop(project, mlflow_server, tmp_path, capsys) -> None:
     import mlflow
 

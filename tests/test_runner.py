@@ -58,7 +58,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("failure", ["killed", "frozen"])
+# A frozen server (the watchdog's deadline) runs by default; a killed one (refused connections,
+# the same recovery path) in `make test-slow`: each is a ~70 s pretrain on 2 cores.
+@pytest.mark.parametrize("failure", [pytest.param("killed", marks=pytest.mark.slow), "frozen"])
 def test_lost_server_stops_the_step_in_one_line_and_keeps_its_resume_file(
     failure: str, tiny_prepared: Path, tmp_path: Path
 ) -> None:
