@@ -145,7 +145,8 @@ def test_importing_and_predicting_never_imports_torch_or_mlflow(model_file, imag
         "import sys, tlpipe.edge as e\n"
         f"m = e.EdgeModel({str(model_file)!r})\n"
         f"assert m.predict([{str(images / 'white.png')!r}])[0][0] == 'bright'\n"
-        "import tlpipe.edge.commands, tlpipe.edge.pull, tlpipe.edge.registry, tlpipe.edge.store\n"
+        "import tlpipe.edge.commands, tlpipe.edge.pull, tlpipe.edge.rest_client\n"
+        "import tlpipe.edge.store\n"
         "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlflow')]\n"
         "assert not bad, bad\n"
     )

@@ -9,8 +9,8 @@ file's metadata_props (written by the export step)::
     tlpipe-edge rollback                  # back to the model pull replaced
     tlpipe-edge bench --batch 1 --runs 200
 
-Modules: `model` (the ONNX wrapper and image loading), `registry` (MLflow REST client),
-`store` (the model directory), `pull` (verify and swap), `commands` (the CLI).
+Modules: `model` (the ONNX wrapper and image loading), `rest_client` (the MLflow registry
+over REST), `store` (the model directory), `pull` (verify and swap), `commands` (the CLI).
 
 May import: `tlpipe.errors` only.
 
@@ -23,7 +23,7 @@ Python::
 from tlpipe.edge.commands import main
 from tlpipe.edge.model import EdgeModel, bench, image_files, select_providers, softmax
 from tlpipe.edge.pull import pull
-from tlpipe.edge.registry import Registry
+from tlpipe.edge.rest_client import Registry
 from tlpipe.edge.store import ModelStore
 
 __all__ = [

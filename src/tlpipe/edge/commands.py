@@ -12,7 +12,7 @@ from typing import Any
 
 from tlpipe.edge.model import DEFAULT_MAX_PIXELS, REQUIRED_METADATA, EdgeModel, bench, image_files
 from tlpipe.edge.pull import VARIANTS, pull
-from tlpipe.edge.registry import Registry
+from tlpipe.edge.rest_client import Registry
 from tlpipe.edge.store import ModelStore
 from tlpipe.errors import TlpipeError
 

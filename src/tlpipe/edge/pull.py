@@ -17,7 +17,7 @@ import os
 import re
 
 from tlpipe.edge.model import EdgeModel
-from tlpipe.edge.registry import ModelVersion, Registry
+from tlpipe.edge.rest_client import ModelVersion, Registry
 from tlpipe.edge.store import MODEL_FILE, Installed, ModelStore
 from tlpipe.errors import TlpipeError
 
