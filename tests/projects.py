@@ -81,3 +81,15 @@ def project_env(uri: str, **extra: str) -> dict[str, str]:
         "TLPIPE_EXPERIMENT": f"run-{uuid.uuid4().hex[:8]}",
         **extra,
     }
+
+
+def start_run(work: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`tlpipe run` in project `work`, started in the background (text pipes)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlpipe.cli", "run"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

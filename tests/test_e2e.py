@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import merge
+from projects import merge, start_run
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -68,17 +68,7 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
 
     # a scheduled re-run on the same data: fetch runs (it checks the data), nothing else does;
     # two started together: one runs, the other says so in one line and exits non-zero
-    both = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tlpipe.cli", "run"],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    both = [start_run(work, env) for _ in range(2)]
     outs = [(p.wait(timeout=600), *p.communicate()) for p in both]
     assert sorted(code for code, _, _ in outs) == [0, 1], outs
     (_, again, log), (_, _, refused) = sorted(outs)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from projects import benchmark, dvc_project, merge, project_env, synthetic
+from projects import benchmark, dvc_project, merge, project_env, start_run, synthetic
 
 from tlpipe import edge
 from tlpipe.data.prepared import load_split
@@ -152,7 +152,7 @@ def test_the_retraining_loop(project, mlflow_server, tmp_path, capsys) -> None:
     assert edge.main(["rollback", "--model-dir", str(device)]) == 0 and _serving(device) == "1"
 
     # 3) a scheduled run on unchanged data, started twice at once: one no-op, one refusal
-    both = [_popen_run(work, env) for _ in range(2)]
+    both = [start_run(work, env) for _ in range(2)]
     outs = sorted(_finish(p) for p in both)
     assert [code for code, _, _ in outs] == [0, 1], outs
     (_, no_op, log), (_, _, refused) = outs
@@ -196,17 +196,6 @@ def _run(work: Path, env: dict[str, str]) -> tuple[set[str], str]:
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return _stages(res.stdout), res.stderr
-
-
-def _popen_run(work: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tlpipe.cli", "run"],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:

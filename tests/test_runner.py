@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow_server import start_server, stop_server
-from projects import dvc_project, project_env
+from projects import dvc_project, project_env, start_run
 
 from tlpipe import fsio, runner, tracking
 from tlpipe.errors import TlpipeError
@@ -117,14 +117,7 @@ def test_sigterm_to_tlpipe_run_stops_dvc_and_its_stage_and_marks_runs_killed(
 
     work = dvc_project(tmp_path)
     env = project_env(mlflow_server)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tlpipe.cli", "run"],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_run(work, env)
     _wait_for(work / "checkpoints/pretrain/pretrain.resume.pt", proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
