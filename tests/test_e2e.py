@@ -16,9 +16,10 @@ from projects import merge, start_run
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-# Big enough that transfer reliably beats scratch: over pretrain/finetune seeds 0-2 and 1 or 2
-# torch threads, lp_ft gained +10.4 to +21.4 points (with 300 source images per class and 2
-# epochs it ranged from -0.4 to +6.5: float noise from another CPU flipped the assert in CI).
+# Real training on real images, small enough for 1.5 min. Not a claim that transfer wins: with
+# 5 labelled images a class drawn by content hash, lp_ft beat scratch by +1.2 pt on test here
+# (2026-12-04; +10 to +21 before hash splits drew other images), inside one draw's noise.
+# Whether the pipeline ships the right model is benchmarks/selection.py's question.
 SMALL = {
     "prepare": {"source": {"max_per_class": 1000}, "target": {"max_test_per_class": 200}},
     "pretrain": {"train": {"epochs": 3, "batch_size": 64}},
@@ -58,12 +59,14 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     sh("git", "init", "-q")
     sh(sys.executable, "-m", "dvc", "init", "-q")
     first = sh(sys.executable, "-m", "tlpipe.cli", "run")
-    assert "selected (by val)" in first.stdout
+    # 25 validation images (< finetune.selection.min_val): every model is also cross-validated
+    assert "← selected (by CV)" in first.stdout and "extra fits" in first.stdout
 
     metrics = json.loads((work / "eval/metrics.json").read_text())
-    scratch = metrics["models"]["scratch"]["accuracy"]
-    best_tuned = max(m["accuracy"] for n, m in metrics["models"].items() if n != "scratch")
-    assert best_tuned > scratch + 0.05, metrics["gain_over_scratch"]
+    accuracy = {name: m["accuracy"] for name, m in metrics["models"].items()}
+    assert set(accuracy) == {"scratch", "lp_ft"} and min(accuracy.values()) > 0.5, accuracy
+    # a transfer model ships only when its interval over scratch excludes 0
+    assert (metrics["selected"] != "scratch") == metrics["transfer_helped"], metrics["verdict"]
     assert (work / "eval/plots/confusion_scratch.png").exists()
 
     # a scheduled re-run on the same data: fetch runs (it checks the data), nothing else does;
@@ -74,7 +77,7 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     (_, again, log), (_, _, refused) = sorted(outs)
     assert "another `tlpipe run` is running in this project" in refused
     assert refused.strip().count("\n") == 0, refused
-    assert "nothing retrained" in log and "selected (by val)" in again
+    assert "nothing retrained" in log and "← selected (by CV)" in again
     ran = {line.split("'")[1] for line in again.splitlines() if line.startswith("Running stage")}
     assert ran == {"fetch", "check"}, again  # the two that always run: nothing else
 
