@@ -162,3 +162,31 @@ def test_an_idx_header_that_declares_too_much_is_refused_before_allocation(
     else:
         with pytest.raises(TlpipeError, match="more than prepare.max_unpack_ratio"):
             read_idx(path)
+
+
+@FEW
+@given(
+    u=st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=12),
+    fractions=st.tuples(st.floats(0.01, 0.5), st.floats(0.01, 0.5)),
+    given_test=st.none() | st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_a_class_split_is_disjoint_and_moves_at_most_one_image(u, fractions, given_test) -> None:
+    """Every image in exactly one split; at most one image leaves the split its hash gives
+    (val/test promotion); a class of >= 3 images without its own test flags always has a test
+    image, and lacks a val image only when fewer than 2 images are left outside test."""
+    from tlpipe.data.splitting import class_masks
+    from tlpipe.params import TargetSplit
+
+    h = np.array(u)
+    own = None if given_test is None else np.array(given_test[: len(h)])
+    t = TargetSplit(test_fraction=fractions[0], val_fraction=fractions[1])
+    train, val, test = class_masks(h, own, t)
+    assert (train.astype(int) + val + test == 1).all()
+    natural_test = own if own is not None else h < t.test_fraction
+    lo = 0 if own is not None else t.test_fraction
+    natural_val = ~natural_test & (h >= lo) & (h < lo + t.val_fraction)
+    assert (test != natural_test).sum() <= 1 and (val != natural_val).sum() <= 2
+    if own is None and len(h) >= 3:
+        assert test.any()
+    if not val.any():
+        assert (~test).sum() < 2

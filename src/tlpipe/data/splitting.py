@@ -11,7 +11,7 @@ Images are assigned to splits by a hash of their content key (`RawDataset.keys`)
 never by their position: adding images to a dataset moves no existing image to another split,
 and the previous test set stays a subset of the new one. The one exception is a class so small
 that no hash fell in its validation or test range: its smallest-hash image is promoted there
-(`_promote`) until the class grows one of its own. Caps (`k`, `max_per_class`, …) take
+(`class_masks`) until the class grows one of its own. Caps (`k`, `max_per_class`, …) take
 the images with the smallest hash. Images are written split by split, chunk by chunk, so memory
 stays flat however large the data.
 """
@@ -234,17 +234,7 @@ def select_target(
     parts: dict[str, list[np.ndarray]] = {"target_train": [], "target_val": [], "target_test": []}
     for cid in ids:
         rows = np.flatnonzero(raw.y == cid)
-        if own_test:
-            test = raw.test[rows]
-            val = ~test & (u[rows] < t.val_fraction)
-        else:
-            test = u[rows] < t.test_fraction
-            val = ~test & (u[rows] < t.test_fraction + t.val_fraction)
-        if not own_test and not test.any() and len(rows) >= 3:
-            test = _promote(test, u[rows], ~test)
-        if not val.any() and (~test).sum() >= 2:
-            val = _promote(val, u[rows], ~test)
-        train = ~(test | val)
+        train, val, test = class_masks(u[rows], raw.test[rows] if own_test else None, t)
         masks = {"training": train, "validation": val, "test": test}
         lacking = [what for what, mask in masks.items() if not mask.any()]
         if lacking:  # a typo'd label (`sneakre`) makes such a class: it cannot be measured
@@ -264,11 +254,33 @@ def select_target(
     return {name: _selection(raw, chunks_, ids, cfg.shift != ()) for name, chunks_ in parts.items()}
 
 
+def class_masks(
+    u: np.ndarray, own_test: np.ndarray | None, t: TargetSplit
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) masks of one target class from its images' hashes `u`.
+
+    The dataset's own test flags (`own_test`) are the test split when it has them, else the
+    hashes below `test_fraction`; the next `val_fraction` of hash range is validation. A small
+    class whose hashes all missed the val (or test) range still gets one image there: the one
+    with the smallest hash (`_promote`), so the run is measurable. It stays put until the class
+    grows an image of its own in that range; then the promoted one goes back to training.
+    A split may still be empty (fewer than 3 images): the caller refuses that class."""
+    if own_test is not None:
+        test = own_test.copy()
+        val = ~test & (u < t.val_fraction)
+    else:
+        test = u < t.test_fraction
+        val = ~test & (u < t.test_fraction + t.val_fraction)
+        if not test.any() and len(u) >= 3:
+            test = _promote(test, u, ~test)
+            val &= ~test  # the smallest hash may have been a val image
+    if not val.any() and (~test).sum() >= 2:
+        val = _promote(val, u, ~test)
+    return ~(test | val), val, test
+
+
 def _promote(mask: np.ndarray, u: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """`mask` plus the row of `among` with the smallest hash: a small class whose hashes all
-    missed a split still gets one image there (a class with no val or no test image cannot be
-    measured). The choice is the same hash order as the thresholds, so it stays put until the
-    class grows an image of its own there; then the promoted one goes back to training."""
+    """`mask` plus the row of `among` with the smallest hash."""
     out = mask.copy()
     out[np.flatnonzero(among)[np.argmin(u[among])]] = True
     return out

@@ -167,7 +167,9 @@ class TargetSplit:
 
     Every image goes to train, val or test by a hash of its content and `prepare.seed`, so
     adding images never moves an existing one, and the previous test set stays inside the new
-    one. The dataset's own test set (a test/ folder, test.npz, the IDX t10k files, a manifest's
+    one (except in a class too small for its hashes to reach val or test: one image is
+    promoted there until the class has its own; `tlpipe.data.splitting.class_masks`).
+    The dataset's own test set (a test/ folder, test.npz, the IDX t10k files, a manifest's
     split column) is the test split when it has one; otherwise `test_fraction` of each class.
 
     Attributes:
