@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,3 +174,17 @@ def _tiny_config() -> prepare.PrepareConfig:
         source_shift_fraction=0.25,
         seed=0,
     )
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and header for `width` x `height` grey pixels, and one row of data:
+    Image.open reads the size, decoding would fail. A 553 KB bomb looks the same to the check."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

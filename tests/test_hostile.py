@@ -23,14 +23,20 @@ import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import fetched, make_patterns, write_idx, write_idx_dataset, write_imagefolder
+from conftest import (
+    fetched,
+    make_patterns,
+    png_header_only,
+    write_idx,
+    write_idx_dataset,
+    write_imagefolder,
+)
 
 MAX_RSS_MB = 500
 
@@ -571,19 +577,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path: Path)
 def _torch_import_mb(cwd: Path) -> float:
     """Peak RSS of a Python that only imports torch: the floor of every torch step."""
     return measured([sys.executable, "-c", "import torch"], cwd).peak_mb
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG header for `width` x `height` grey pixels and one row of data (see test_untrusted)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * (width + 1))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------------------- the big ones

@@ -8,12 +8,10 @@ import gzip
 import hashlib
 import io
 import os
-import struct
 import tarfile
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fetched, make_patterns, mine, write_idx_dataset, write_imagefolder
+from conftest import (
+    fetched,
+    make_patterns,
+    mine,
+    png_header_only,
+    write_idx_dataset,
+    write_imagefolder,
+)
 
 from tlpipe.data.manifest import load_manifest
 from tlpipe.data.prepared import load_split
@@ -133,20 +138,6 @@ def test_a_linked_dataset_folder_is_fine(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- pixels
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature and header for `width` x `height` grey pixels, and one row of data:
-    Image.open reads the size, decoding would fail. A 553 KB bomb looks the same to the check."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * (width + 1))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     ("side", "match"),
     [
@@ -157,7 +148,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side, match) -> None:
     folder = write_imagefolder(tmp_path / "folder")
     bomb = folder / "train" / "cat" / "bomb.png"
-    bomb.write_bytes(_png_header_only(side, side))
+    bomb.write_bytes(png_header_only(side, side))
     # the check reads the header only: decoding this file would fail with another message
     cfg = resolver.resolve(
         {"prepare": {"input_size": 16, "source": {"classes": [0]}, "target": {"classes": [1, 2]}}}
