@@ -51,21 +51,22 @@ RUN --mount=type=cache,target=/root/.cache/pip \
       *)    echo "VARIANT must be 'cpu' or 'cuda', got '${VARIANT}'" >&2; exit 1 ;; \
     esac
 
-# 2) the dependencies of tlpipe[pipeline] (torch is already satisfied, so it is kept), from
+# 2) the dependencies of tlpipe[pipeline,trainer] (torch is already satisfied, so it is kept), from
 #    pyproject.toml alone: a change under src/ does not re-run this step (nor invalidate the
 #    lock that the mlflow-server stage reads). boto3 lets pods use the S3 credentials of Secret
-#    tlpipe-secrets directly. CUDA: swap onnxruntime for onnxruntime-gpu of the same version
+#    tlpipe-secrets directly; [trainer] is the Kubeflow SDK with which a training task submits a
+#    TrainJob (`<step>.workers.nodes` > 1). CUDA: swap onnxruntime for onnxruntime-gpu of the same version
 #    (both provide the `onnxruntime` module, so only one may be installed); its [cuda,cudnn]
 #    extras match the CUDA 13 wheels that torch 2.14 already pulls in.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# The local project ".[pipeline]" is pinned by pyproject.toml, which hadolint cannot see.
+# The local project ".[pipeline,trainer]" is pinned by pyproject.toml, which hadolint cannot see.
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     --mount=type=secret,id=ca.crt \
     mkdir -p src/tlpipe && touch src/tlpipe/__init__.py \
-    && pip install ".[pipeline]" "boto3==${BOTO3_VERSION}" \
+    && pip install ".[pipeline,trainer]" "boto3==${BOTO3_VERSION}" \
     && if [ "${VARIANT}" = "cuda" ]; then \
          ort_version="$(pip show onnxruntime | sed -n 's/^Version: //p')" \
          && pip uninstall -y onnxruntime \
@@ -78,7 +79,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY src ./src
 # hadolint ignore=DL3013
 RUN pip install --no-deps --no-cache-dir --no-build-isolation . \
-    && python -c "import tlpipe, kfp, kfp.kubernetes, torch, torchvision, onnxruntime, mlflow" \
+    && python -c "import tlpipe, kfp, kfp.kubernetes, kubeflow.trainer, torch, torchvision, onnxruntime, mlflow" \
     && rm -rf build ./*.egg-info
 
 # ---------------------------------------------------------------------------
@@ -156,6 +157,10 @@ RUN groupadd --system --gid 10001 tlpipe \
     && chown 10001:10001 /app /gcs /minio /s3
 
 COPY --from=builder /opt/venv /opt/venv
+# Login shells too: the Kubeflow SDK's container backend starts each TrainJob node with
+# `bash -lc`, and Debian's /etc/profile resets PATH (torchrun would not be found).
+# hadolint ignore=SC2016
+RUN echo 'export PATH=/opt/venv/bin:$PATH' > /etc/profile.d/tlpipe-venv.sh
 
 WORKDIR /app
 USER 10001:10001

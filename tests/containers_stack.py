@@ -1,8 +1,12 @@
-"""The real services of tests/test_containers.py, on 127.0.0.1: Postgres, an S3 server
-(moto[server]) and the project's mlflow-server image run the way k8s/base/mlflow.yaml runs it.
+"""The real services of tests/test_containers.py: Postgres, an S3 server (moto[server]) and the
+project's mlflow-server image run the way k8s/base/mlflow.yaml runs it.
 
 The images and the engine come from `make test-containers` (containers/test.sh): DOCKER_HOST
 points at the private dockerd, TLPIPE_IMAGE / TLPIPE_MLFLOW_IMAGE name the images it built.
+containers/test.sh runs the tests, the dockerd and these services in a network namespace of
+their own, in which S3 and MLflow answer on HOST (TLPIPE_TEST_HOST): an address that
+containers on a bridge network (a TrainJob's nodes) reach too, where 127.0.0.1 would be their
+own. Without it, HOST is 127.0.0.1 and only host-network containers reach the services.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ K8S = ROOT / "k8s" / "base"
 DOCKER = "/usr/bin/docker"  # Debian's client, matching dockerd 20.10
 TLPIPE_IMAGE = os.environ.get("TLPIPE_IMAGE", "tlpipe:0.1.0-cpu")
 MLFLOW_IMAGE = os.environ.get("TLPIPE_MLFLOW_IMAGE", "tlpipe-mlflow:0.1.0")
+HOST = os.environ.get("TLPIPE_TEST_HOST", "127.0.0.1")
 
 # The Secrets' values for this test (k8s/secrets/*.env.example's keys).
 SECRETS = {
@@ -153,8 +158,8 @@ def s3_server(tmp: Path) -> Iterator[str]:
     if not exe.exists():
         exe = Path(shutil.which("moto_server") or "moto_server")
     log = (tmp / "moto.log").open("w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(exe), "-H", HOST, "-p", str(port)], stdout=log, stderr=log)
+    url = f"http://{HOST}:{port}"
     try:
         wait_http(url + "/moto-api/", 60, lambda: proc.poll() is None)
         keys = SECRETS["tlpipe-secrets"]
@@ -265,6 +270,8 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
     local = {
         "@postgres:5432/": f"@127.0.0.1:{pg_port}/",
         "http://minio.tlpipe.svc.cluster.local:9000": s3_url,
+        # its own address, in the Host headers it accepts (MLFLOW_SERVER_ALLOWED_HOSTS)
+        "mlflow.tlpipe.svc.cluster.local:5000": f"{HOST}:{port}",
     }
     env = _container_env(container, local)
     auth = k8s_volume(tmp / "mlflow-auth", pod, "auth", {"basic_auth.ini": auth_ini(pg_port)})
@@ -280,7 +287,7 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
         *container["command"],
         *args,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HOST}:{port}"  # the manifest's --host=0.0.0.0
 
     def alive() -> bool:
         state = docker("inspect", "-f", "{{.State.Running}}", name, check=False).stdout

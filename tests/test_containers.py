@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from containers_stack import (
+    HOST,
     MLFLOW_IMAGE,
     ROOT,
     SECRETS,
@@ -204,7 +205,7 @@ def run_in_containers(package: Path, scenario: dict, root: Path, env: dict) -> P
     scratch folders, securityContext and environment variables that the compiled pipeline
     (`pipeline_pod`) gives its pods, the values of those variables from `env` (Secret
     tlpipe-secrets and ConfigMap tlpipe-config with this machine's addresses) plus the run
-    key; host network (the services are on 127.0.0.1). The run's folder under `root`."""
+    key; host network (the services are on HOST). The run's folder under `root`."""
     import docker as docker_sdk
     from kfp import local
 
@@ -299,3 +300,121 @@ def test_a_failing_step_is_reported_failed(stack, package, tmp_path: Path, monke
     experiment = [client.get_experiment_by_name("tlpipe").experiment_id]
     runs = client.search_runs(experiment, "tags.`tlpipe.kind` = 'pipeline'", max_results=1)
     assert runs and runs[0].info.status == "FAILED"  # finish-run closed the parent as failed
+
+
+# ---------------------------------------------------------------------------- TrainJob
+
+
+@pytest.fixture(scope="module")
+def trainer_runtime(tmp_path_factory) -> Path:
+    """The TrainingRuntime `tlpipe` as docs/kubeflow.md has users render it (the trainer
+    component, the image set with kustomize `images:`), written where the SDK reads it."""
+    import yaml
+    from test_k8s import render
+
+    work = tmp_path_factory.mktemp("trainer-runtime")
+    name, tag = TLPIPE_IMAGE.rsplit(":", 1)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "tlpipe",
+        "components": [os.path.relpath(ROOT / "k8s/components/trainer", work)],
+        "images": [{"name": "tlpipe", "newName": name, "newTag": tag}],
+    }
+    (work / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    (runtime,) = [d for d in render(work) if d["kind"] == "TrainingRuntime"]
+    (work / "runtime.yaml").write_text(yaml.safe_dump(runtime))
+    return work / "runtime.yaml"
+
+
+def test_pretrain_trains_as_a_two_node_trainjob(
+    stack, trainer_runtime: Path, tiny_prepared: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The KFP pretrain task with `pretrain.workers.nodes=2` submits a Kubeflow Trainer TrainJob
+    through the Kubeflow SDK's container backend: two containers of the tlpipe image on a
+    bridge network of their own, torchrun on each, data and outputs through the stack's S3,
+    rank 0 tracking into its MLflow. The same job on one node gives the same model."""
+    import boto3
+    import mlflow
+    import torch
+    from kfp import dsl
+
+    from tlpipe.data.manifest import load_manifest
+    from tlpipe.kfp import runtime, trainjob
+    from tlpipe.params.fields import to_dict
+    from tlpipe.params.learning import Workers
+    from tlpipe.params.resolver import resolve
+    from tlpipe.runner import FLOAT64_ENV
+    from tlpipe.tracking import EXPERIMENT_ENV, RUN_KEY_ENV
+
+    if HOST.startswith("127."):
+        pytest.fail(
+            "a TrainJob's nodes (bridge network) cannot reach services on 127.0.0.1: run "
+            "`make test-containers`, which gives them a network namespace and TLPIPE_TEST_HOST"
+        )
+    for key, value in stack.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(trainjob.BACKEND_ENV, "container")
+    monkeypatch.setenv(trainjob.RUNTIMES_ENV, str(trainer_runtime))
+    monkeypatch.setenv(EXPERIMENT_ENV, "tlpipe-trainjob")  # apart from the DAG's runs
+    monkeypatch.setenv(RUN_KEY_ENV, "trainjob-test")
+    monkeypatch.setenv(FLOAT64_ENV, "1")  # parity to 1e-9 (tests/test_distributed.py says why)
+    overrides = ["pretrain.train.epochs=2", "pretrain.train.batch_size=32"]
+    cfg = resolve({}, [*overrides, "pretrain.workers.nodes=2"])["pretrain"]
+    params = json.dumps(to_dict(cfg))
+    sha = load_manifest(tiny_prepared).dataset_sha256
+    c = trainjob.client()
+    jobs = []
+    try:
+        parent = runtime.start_run("trainjob", "kfp-run-trainjob")
+        metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
+        runtime.pretrain(tiny_prepared, sha, params, tmp_path / "model.pt", metrics)
+        (job,) = [j.name for j in c.list_jobs() if j.name.startswith("tlpipe-pretrain-")]
+        jobs.append(job)
+        assert metrics.metadata["workers.world_size"] == 2.0
+        # the reference: the same step, the same global batch, one process (a 1-node job)
+        monkeypatch.setenv(RUN_KEY_ENV, "trainjob-test-reference")  # not a child of `parent`
+        one = trainjob.submit(
+            "pretrain",
+            params,
+            Workers(nodes=1),
+            prepared_dir=tiny_prepared,
+            out_model=tmp_path / "one.pt",
+        )
+        jobs.append(one["job"])
+        assert one["world_size"] == 1
+
+        # both ranks trained their shards; rank 1 wrote and uploaded nothing
+        logs = "".join(c.get_job_logs(job))
+        assert "rank 0/2 trains its shard" in logs and "rank 1/2 trains its shard" in logs
+        assert "tlpipe node: rank 1/2 done, wrote nothing" in logs
+        assert logs.count(" uploaded s3://") == 1
+        s3 = boto3.client("s3", endpoint_url=stack["MLFLOW_S3_ENDPOINT_URL"])
+        listed = s3.list_objects_v2(Bucket="mlflow", Prefix=f"tlpipe-trainjobs/{job}/out/")
+        assert sorted(o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]) == [
+            "model.pt",
+            "result.json",
+        ]
+
+        # rank 0 alone tracked: one child run of the pipeline's run, marked world size 2
+        client = mlflow.MlflowClient()
+        experiment = [client.get_experiment_by_name("tlpipe-trainjob").experiment_id]
+        (child,) = client.search_runs(experiment, f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert child.data.tags["tlpipe.step"] == "pretrain"
+        assert child.data.tags["tlpipe.world_size"] == "2"
+        assert child.info.status == "FINISHED"
+        assert "source_val_accuracy" in child.data.metrics
+
+        # two nodes train what one process trains, to float64 rounding
+        two = torch.load(tmp_path / "model.pt", weights_only=True)
+        ref = torch.load(tmp_path / "one.pt", weights_only=True)
+        assert two["state_dict"].keys() == ref["state_dict"].keys()
+        for key, value in ref["state_dict"].items():
+            assert value.dtype in (torch.float64, torch.int64), key
+            torch.testing.assert_close(two["state_dict"][key], value, rtol=0, atol=1e-9)
+        losses = [[h["train_loss"] for h in m["meta"]["history"]] for m in (two, ref)]
+        assert len(losses[0]) == 2
+        torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-9)
+    finally:
+        for job in jobs:
+            c.delete_job(job)

@@ -17,6 +17,9 @@ import pytest
 import yaml
 from test_k8s import render
 
+from tlpipe.errors import TlpipeError
+from tlpipe.kfp import trainjob
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = Path(__file__).parent / "data/trainer.kubeflow.org_trainingruntimes.v1alpha1.schema.json"
 
@@ -111,3 +114,18 @@ def test_pipeline_pods_may_submit_and_watch_trainjobs(rendered) -> None:
     (binding,) = [d for d in bindings if d["roleRef"]["name"] == role["metadata"]["name"]]
     base = [d for d in bindings if d is not binding]
     assert binding["subjects"] == base[0]["subjects"]  # the same pipeline identities
+
+
+def test_the_container_backend_passes_what_the_runtime_takes_from_the_cluster(rendered) -> None:
+    """No Secrets in the SDK's container backend: the nodes get the task's own values of exactly
+    the variables that the runtime's pods take from Secret / ConfigMap on a cluster."""
+    pod = _runtime(rendered)["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+    (node,) = pod["spec"]["template"]["spec"]["containers"]
+    assert {e["name"] for e in node["env"] if "valueFrom" in e} == set(trainjob.SECRET_ENV)
+
+
+def test_the_container_backend_needs_the_runtime_file(monkeypatch) -> None:
+    monkeypatch.setenv(trainjob.BACKEND_ENV, "container")
+    monkeypatch.delenv(trainjob.RUNTIMES_ENV, raising=False)
+    with pytest.raises(TlpipeError, match=trainjob.RUNTIMES_ENV):
+        trainjob.client()

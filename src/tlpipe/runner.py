@@ -32,6 +32,8 @@ from tlpipe.signals import sigterm_raises
 from tlpipe.steps import StepResult
 
 NO_TRACK_ENV = "TLPIPE_NO_TRACK"  # `tlpipe run --no-track` passes it to the stages
+# =1: train in float64, to check that a data-parallel run reproduces one process (docs/training.md)
+FLOAT64_ENV = "TLPIPE_FLOAT64"
 
 
 def run_step(
@@ -56,6 +58,10 @@ def run_step(
     from tlpipe.tracking import disable_mlflow_telemetry
 
     disable_mlflow_telemetry()  # before any step imports mlflow (tlpipe.tracking says why)
+    if os.environ.get(FLOAT64_ENV) == "1":
+        import torch
+
+        torch.set_default_dtype(torch.float64)
     cfg, picked = step_config(step, params, strategy)
     inputs = {**picked, **inputs}
     run = importlib.import_module(f"tlpipe.steps.{step}").run
@@ -66,7 +72,8 @@ def run_step(
         if not track or os.environ.get(NO_TRACK_ENV):
             result = run(**inputs, cfg=cfg)
         else:
-            result = _tracked(run, name, cfg, {**_lineage(inputs), **(tags or {})}, inputs)
+            lineage = {**_lineage(inputs), **_world(), **(tags or {})}
+            result = _tracked(run, name, cfg, lineage, inputs)
     for path in result.resume_files:
         Path(path).unlink(missing_ok=True)
     return result
@@ -110,6 +117,12 @@ def _replica(run: Any, cfg: Any, inputs: dict[str, Any]) -> StepResult:
         if "checkpoint_dir" in mine:
             mine["checkpoint_dir"] = None
         return run(**mine, cfg=cfg)
+
+
+def _world() -> dict[str, str]:
+    """`tlpipe.world_size` of a data-parallel run (rank 0 tracks it for all ranks)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return {"tlpipe.world_size": str(size)} if size > 1 else {}
 
 
 def _tracked(run: Any, name: str, cfg: Any, tags: dict[str, str], inputs: dict) -> StepResult:

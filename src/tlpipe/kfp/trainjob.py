@@ -19,7 +19,10 @@ pipeline's MLflow run, found by the run key passed in the job's environment) and
 
 The SDK is `kubeflow` (extra `trainer`); `client()` picks its Kubernetes backend, or with
 ``TLPIPE_TRAINER_BACKEND=container`` its container backend (Docker / Podman on one machine,
-what `make test-containers` runs).
+what `make test-containers` runs). That backend reads the runtime from a file
+(``TLPIPE_TRAINER_RUNTIMES``: the rendered TrainingRuntime `tlpipe`) and has no Secrets, so the
+nodes get the task's own values of the variables the runtime takes from Secret tlpipe-secrets
+(`SECRET_ENV`); it starts them with a per-job bridge network, which must reach S3 and MLflow.
 """
 
 from __future__ import annotations
@@ -35,10 +38,23 @@ from tlpipe.errors import TlpipeError
 
 STAGING_ENV = "TLPIPE_TRAINJOB_STAGING"
 BACKEND_ENV = "TLPIPE_TRAINER_BACKEND"
+RUNTIMES_ENV = "TLPIPE_TRAINER_RUNTIMES"
 DEFAULT_STAGING = "s3://mlflow/tlpipe-trainjobs"
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # what the nodes need from the task's environment besides the runtime's secrets
-_PASSED_ENV = ("TLPIPE_KFP_RUN", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL")
+# tlpipe.tracking's run key and experiment, tlpipe.runner's float64 switch, S3's endpoint
+_PASSED_ENV = ("TLPIPE_KFP_RUN", "TLPIPE_EXPERIMENT", "TLPIPE_FLOAT64", "AWS_ENDPOINT_URL")
+# what the runtime (k8s/components/trainer) sets from Secret tlpipe-secrets / ConfigMap
+# tlpipe-config on a cluster; the container backend passes the task's values instead
+SECRET_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def tlpipe_node(spec: str) -> None:
@@ -50,18 +66,29 @@ def tlpipe_node(spec: str) -> None:
 
 def client(backend: Any = None) -> Any:
     """A `TrainerClient`: `backend` (an SDK backend config), else from the environment."""
-    from kubeflow.trainer import TrainerClient
+    if backend is None and _container_backend():
+        sources = [s for s in os.environ.get(RUNTIMES_ENV, "").split(",") if s.strip()]
+        if not sources:  # the SDK would look on GitHub, and find no runtime `tlpipe` there
+            raise TlpipeError(
+                f"{BACKEND_ENV}=container needs {RUNTIMES_ENV}: the file of the TrainingRuntime "
+                "`tlpipe` with your image in it (k8s/components/trainer/training-runtime.yaml "
+                "rendered with your overlay's `images:`; docs/kubeflow.md)"
+            )
+        from kubeflow.trainer import ContainerBackendConfig, TrainingRuntimeSource
 
-    if backend is None and os.environ.get(BACKEND_ENV) == "container":
-        from kubeflow.trainer import ContainerBackendConfig
-
-        backend = ContainerBackendConfig()
+        backend = ContainerBackendConfig(runtime_source=TrainingRuntimeSource(sources=sources))
     if backend is None:
         from kubeflow.trainer import KubernetesBackendConfig
 
         namespace = _SA_NAMESPACE.read_text().strip() if _SA_NAMESPACE.exists() else None
         backend = KubernetesBackendConfig(**({"namespace": namespace} if namespace else {}))
+    from kubeflow.trainer import TrainerClient
+
     return TrainerClient(backend_config=backend)
+
+
+def _container_backend() -> bool:
+    return os.environ.get(BACKEND_ENV) == "container"
 
 
 def submit(
@@ -83,6 +110,7 @@ def submit(
         image: the nodes' image (default: the runtime's).
     """
     from kubeflow.trainer import CustomTrainer
+    from kubeflow.trainer.options import Name
 
     from tlpipe.data import s3
 
@@ -102,7 +130,8 @@ def submit(
         "staging": staging,
         "inputs": staged,
     }
-    env = {k: os.environ[k] for k in _PASSED_ENV if os.environ.get(k)}
+    passed = _PASSED_ENV + (SECRET_ENV if _container_backend() else ())
+    env = {k: os.environ[k] for k in passed if os.environ.get(k)}
     c = trainer_client or client()
     trainer = CustomTrainer(
         func=tlpipe_node,
@@ -116,7 +145,8 @@ def submit(
             else {}
         ),
     )
-    name = c.train(runtime=c.get_runtime(workers.runtime), trainer=trainer)
+    # the job is named as its staging folder: one name to find both by
+    name = c.train(runtime=c.get_runtime(workers.runtime), trainer=trainer, options=[Name(job_id)])
     try:
         job = c.wait_for_job_status(name, {"Complete", "Failed"}, timeout=workers.timeout_s)
         status = job.status
