@@ -381,7 +381,7 @@ def test_dockerfile_follows_the_image_rules() -> None:
     assert ("WORKDIR", "/app") in stages["runtime"]
     assert ("ARG", "VARIANT=cpu") in stages["builder"]
     build = " ".join(args for op, args in stages["builder"] if op in ("ARG", "RUN"))
-    needles = 'cpu) cuda) pytorch.org/whl/cpu torch==${TORCH_VERSION} onnxruntime-gpu'
+    needles = "cpu) cuda) pytorch.org/whl/cpu torch==${TORCH_VERSION} onnxruntime-gpu"
     for needle in [*needles.split(), '".[pipeline,trainer]"', "import tlpipe, kfp"]:
         assert needle in build
     assert ("ARG", "TORCH_VERSION=2.14.1") in stages["builder"]
