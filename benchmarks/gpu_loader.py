@@ -1,19 +1,23 @@
 """Fine-tune images/s through tlpipe's streaming loader vs synthetic tensors already on the device.
 
     python benchmarks/gpu_loader.py [--images 4096] [--steps 40] [--batch 128] [--workers 4]
+                                    [--repeats 3]
     python benchmarks/gpu_loader.py --quick      # tiny, runs on a CPU (the test does this)
 
 Both sides train resnet18 at 224 px (3 channels) with the same optimizer through the same
 `tlpipe.train.loop.fit` step (bf16 autocast and channels_last on CUDA). tlpipe's side reads a
-prepared split from disk (memory-mapped, streamed by DataLoader workers: `max_in_memory_mb=0`)
-with augmentation on; the ceiling's batches are uint8 tensors already on the device (no loader
-at all), augmented and normalised there. The ratio tlpipe / ceiling says how much the loader
-costs; goal ≥ 0.8 on a GPU. On a CPU the model dominates and the ratio says little.
+prepared split from disk (memory-mapped, streamed: `max_in_memory_mb=0`; on CUDA `--workers`
+reader threads, on a CPU worker processes) with augmentation on; the ceiling's batches are
+uint8 tensors already on the device (no loader at all), augmented and normalised there. The two
+are measured alternately `--repeats` times and the medians compared: the ratio tlpipe / ceiling
+says how much the loader costs; goal ≥ 0.8 on a GPU. On a CPU the model dominates and the
+ratio says little.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -83,11 +87,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="alternate measurements of each")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a test on a CPU")
     args = ap.parse_args()
     if args.quick:
         args.images, args.size, args.steps, args.batch, args.workers = 48, 32, 3, 8, 2
+        args.repeats = 1
     device = resolve_device(args.device)
     common = dict(
         epochs=1,
@@ -105,15 +111,21 @@ def main() -> None:
         warm = OnDevice(args.images, args.size, args.batch, 2, device)
         images_per_s(warm, TrainConfig(**common | {"steps_per_epoch": 2}), args.size)
         ceiling_batches = OnDevice(args.images, args.size, args.batch, args.steps, device)
-        ceiling = images_per_s(ceiling_batches, TrainConfig(**common), args.size)
-        tlpipe = images_per_s(streamed, TrainConfig(**common, max_in_memory_mb=0), args.size)
+        ceilings, tlpipes = [], []
+        for _ in range(args.repeats):
+            ceilings.append(images_per_s(ceiling_batches, TrainConfig(**common), args.size))
+            stream_cfg = TrainConfig(**common, max_in_memory_mb=0)
+            tlpipes.append(images_per_s(streamed, stream_cfg, args.size))
+    ceiling, tlpipe = statistics.median(ceilings), statistics.median(tlpipes)
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})"
         f", resnet18 {args.size} px, batch {args.batch}, {args.steps} steps, "
         f"{args.workers} workers"
     )
-    print(f"tlpipe streaming loader: {tlpipe:.1f} images/s")
-    print(f"synthetic on device:     {ceiling:.1f} images/s")
+    each = ", ".join(f"{v:.0f}" for v in tlpipes)
+    print(f"tlpipe streaming loader: {tlpipe:.1f} images/s (median of {each})")
+    each = ", ".join(f"{v:.0f}" for v in ceilings)
+    print(f"synthetic on device:     {ceiling:.1f} images/s (median of {each})")
     print(f"loader throughput tlpipe/on-device = {tlpipe / ceiling:.2f}")
 
 

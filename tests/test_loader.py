@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -95,17 +98,27 @@ def test_prepared_splits_are_memory_mapped(tiny_prepared: Path) -> None:
 # ---------------------------------------------------------------------------- same batches
 
 
-def _feed(batches, streaming: bool, workers: int = 0, augment: Augment = AUGMENT) -> Feed:
+def _feed(batches, streaming: bool, workers: int = 0, augment: Augment = AUGMENT, **kw) -> Feed:
     t = Transform(augment, seed=3, mean=(0.5,), std=(0.25,))
-    return Feed(batches, t, CPU, max_in_memory_mb=0 if streaming else 1e9, num_workers=workers)
+    limit = 0 if streaming else 1e9
+    return Feed(batches, t, CPU, max_in_memory_mb=limit, num_workers=workers, **kw)
 
 
+# the streaming readers: worker processes (a CPU's), threads (CUDA's; no pinning on a CPU)
+READERS = ["processes", "threads"]
+
+
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("augment", [AUGMENT, FULL], ids=["default", "v2"])
-def test_streamed_batches_equal_in_memory_batches(tmp_path: Path, augment: Augment) -> None:
+def test_streamed_batches_equal_in_memory_batches(
+    tmp_path: Path, augment: Augment, reader: str
+) -> None:
     x = _on_disk(tmp_path, 70).x
     y = np.arange(70) % 5
     memory = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), False, augment=augment)
-    stream = _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), True, 2, augment)
+    stream = _feed(
+        ArrayBatches(x, y, 16, seed=1, steps_per_epoch=6), True, 2, augment, reader=reader
+    )
     assert stream.streaming and not memory.streaming
     for epoch in (0, 1):
         got = list(stream.epoch(epoch))
@@ -113,6 +126,46 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path: Path, augment: Augme
         assert len(got) == len(want) == 6
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g["input"], w["input"]) and torch.equal(g["y"], w["y"])
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_threaded_reader_shards_like_the_other_routes(tmp_path: Path, workers: int) -> None:
+    """A rank's shard of each global batch (distributed.shard), in step order, from 0 or 3
+    reader threads, equals the in-memory route's and the worker processes' shard."""
+    from tlpipe.train.distributed import World, shard
+
+    x, y = _on_disk(tmp_path, 70).x, np.arange(70) % 5
+    mine = functools.partial(shard, w=World(rank=1, size=2))
+    feeds = [
+        _feed(ArrayBatches(x, y, 16, seed=1, steps_per_epoch=5), streaming, n, shard=mine, **kw)
+        for streaming, n, kw in [
+            (False, 0, {}),
+            (True, 2, {"reader": "processes"}),
+            (True, workers, {"reader": "threads"}),
+        ]
+    ]
+    want, *others = ([b for e in (0, 1) for b in f.epoch(e)] for f in feeds)
+    assert len(want) == 10 and all(len(b["y"]) == 8 for b in want)
+    for got in others:
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g["input"], w["input"]) and torch.equal(g["y"], w["y"])
+
+
+def test_threaded_reader_raises_a_readers_error_and_leaves_no_thread(tmp_path: Path) -> None:
+    x, y = _on_disk(tmp_path, 64).x, np.arange(64) % 5
+    feed = _feed(ArrayBatches(x, y, 8, seed=0), True, 3, reader="threads")
+    batches = feed.epoch(0)
+    next(batches)
+    batches.close()  # stopped early (an error in training): the readers finish and go
+    assert not [t for t in threading.enumerate() if t.name.startswith("tlpipe-reader")]
+    # the split's file loses its last row under the reader: a reader thread (not step 0,
+    # which is read in the caller's thread) meets it, and its error reaches the training loop
+    path = tmp_path / "source.x.npy"
+    os.truncate(path, path.stat().st_size - x[:1].nbytes)
+    assert 63 not in feed.train.order(2)[:8].tolist()
+    with pytest.raises(TlpipeError, match="short read"):
+        list(feed.epoch(2))
+    assert not [t for t in threading.enumerate() if t.name.startswith("tlpipe-reader")]
 
 
 def test_streamed_joint_batches_equal_in_memory_ones(tmp_path: Path) -> None:
@@ -124,11 +177,12 @@ def test_streamed_joint_batches_equal_in_memory_ones(tmp_path: Path) -> None:
         target = ArrayBatches(np.asarray(src.x[:10]), np.arange(10) % 5, 4, steps_per_epoch=3)
         return joint.JointBatches(target, stream, joint.JointConfig(source_batch_size=6), seed=2)
 
-    got = list(_feed(batches(), streaming=True, workers=1).epoch(1))
     want = list(_feed(batches(), streaming=False).epoch(1))
-    for g, w_ in zip(got, want, strict=True):
-        for key in ("input", "y", "w", "domain"):
-            assert torch.equal(g[key], w_[key]), key
+    for reader in READERS:
+        got = list(_feed(batches(), streaming=True, workers=1, reader=reader).epoch(1))
+        for g, w_ in zip(got, want, strict=True):
+            for key in ("input", "y", "w", "domain"):
+                assert torch.equal(g[key], w_[key]), key
 
 
 def test_a_row_subset_gives_the_batches_of_its_copy(tmp_path: Path) -> None:

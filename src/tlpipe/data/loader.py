@@ -7,23 +7,32 @@ routes, chosen by size (`TrainConfig.max_in_memory_mb`):
 
 - **in memory** (small data, the fast path): the whole uint8 dataset moves to the device once;
   each batch is gathered, augmented and normalised there. No workers to tune.
-- **streaming** (large data): a `torch.utils.data.DataLoader` whose items are whole batches
-  `(epoch, step)`: worker processes read the rows from disk (pread, see `tlpipe.data.prepared`),
-  augment and (on a CPU device) normalise them; batches come back through pinned memory.
-  Memory stays flat in the dataset's size: rows are read per batch, nothing holds the split.
+- **streaming** (large data), rows read from disk per batch (pread, see `tlpipe.data.prepared`),
+  so memory stays flat in the dataset's size; nothing holds the split:
+  - on a CPU device, a `torch.utils.data.DataLoader` whose items are whole batches
+    `(epoch, step)`: worker processes read, augment and normalise them (CPU-bound Python
+    work, which wants processes);
+  - on CUDA, `num_workers` threads read the uint8 rows of the next batches into pinned memory
+    (pread releases the GIL), and each batch is copied `non_blocking` to the device, then
+    augmented and normalised there as on the in-memory route. Worker processes would hand
+    every batch over through a fresh shared-memory segment and one pin-memory thread: on an
+    H200 that capped resnet18 at 224 px near 6 500 images/s whatever the number of workers
+    (0.70–0.86 of data already on the GPU; benchmarks/gpu_loader.py).
 
-Both routes compute the same batches: the order comes from (seed, epoch) and the augmentation
+All routes compute the same batches: the order comes from (seed, epoch) and the augmentation
 of batch `step` (`augment`) from its own seed, (seed, epoch, step), so a streamed run is
 bit-identical to an in-memory one on a CPU, and a resumed run to an uninterrupted one. (On a
-GPU the in-memory route resizes and colour-jitters on the device, whose rounding may differ
-from the workers' CPU in the last bit; the draws are the same.)
+GPU, resizing and colour jitter run on the device, whose rounding may differ from a CPU's in
+the last bit; the draws are the same.)
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -305,9 +314,12 @@ class Feed:
 
     Args:
         max_in_memory_mb: data up to this size (uint8 images) takes the in-memory fast path.
-        num_workers: DataLoader worker processes on the streaming path (0: read in-process).
+        num_workers: reader threads (CUDA) or DataLoader worker processes (CPU) on the
+            streaming path (0: read in-process).
         shard: this rank's rows of an augmented global batch (`tlpipe.train.distributed.shard`);
             default all of them (one process).
+        reader: the streaming reader: ``auto`` (threads on CUDA, processes elsewhere),
+            ``threads`` or ``processes``.
     """
 
     def __init__(
@@ -318,12 +330,18 @@ class Feed:
         max_in_memory_mb: float,
         num_workers: int = 2,
         shard: Shard | None = None,
+        reader: str = "auto",
     ):
         self.train, self.transform, self.device = train, transform, device
         self.shard = shard or _whole
         self.streaming = train.nbytes > max_in_memory_mb * (1 << 20)
         if not self.streaming:
             train.to(device)
+            return
+        if reader == "auto":
+            reader = "threads" if device.type == "cuda" else "processes"
+        self.threads = num_workers if reader == "threads" else None
+        if self.threads is not None:
             return
         self.sampler = _EpochSteps(len(train))
         self.loader = torch.utils.data.DataLoader(
@@ -343,15 +361,56 @@ class Feed:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if not self.streaming:
             for step in range(len(self.train)):
-                batch = self.train.batch(epoch, step)
-                batch["x"] = self.transform.augmented(batch["x"], epoch, step)
-                batch = self.shard(batch)
-                batch["input"] = self.transform.normalised(batch["x"])
-                yield batch
+                yield self._on_device(self.train.batch(epoch, step), epoch, step)
+            return
+        if self.threads is not None:
+            yield from self._threaded(epoch)
             return
         self.sampler.epoch = epoch
         for batch in self.loader:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = self._to_device(batch)
             if "input" not in batch:
                 batch["input"] = self.transform.normalised(batch["x"])
             yield batch
+
+    def _on_device(self, batch: Batch, epoch: int, step: int) -> Batch:
+        """Augment, shard and normalise a uint8 global batch that is on the device already."""
+        batch["x"] = self.transform.augmented(batch["x"], epoch, step)
+        batch = self.shard(batch)
+        batch["input"] = self.transform.normalised(batch["x"])
+        return batch
+
+    def _threaded(self, epoch: int) -> Iterator[Batch]:
+        """This epoch's batches, read ahead by `self.threads` threads (into pinned memory on
+        CUDA) and yielded in step order; a reader's error is raised here, at its batch."""
+        pin = self.device.type == "cuda"
+
+        def read(step: int) -> Batch:
+            batch = self.train.batch(epoch, step)
+            return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+        steps = iter(range(len(self.train)))
+        for step in steps:  # step 0 here: it also draws the epoch's order before the threads
+            yield self._on_device(self._to_device(read(step)), epoch, step)
+            if self.threads:
+                break
+        if not self.threads:  # 0: all read in-process, as DataLoader's num_workers=0
+            return
+        ahead: collections.deque = collections.deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="tlpipe-reader") as pool:
+            try:
+                for step in steps:
+                    ahead.append((step, pool.submit(read, step)))
+                    if len(ahead) < 2 * self.threads:
+                        continue
+                    done, future = ahead.popleft()
+                    yield self._on_device(self._to_device(future.result()), epoch, done)
+                while ahead:
+                    done, future = ahead.popleft()
+                    yield self._on_device(self._to_device(future.result()), epoch, done)
+            finally:  # closed early or failed: drop what was not started, wait for the rest
+                for _, future in ahead:
+                    future.cancel()
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
