@@ -128,7 +128,8 @@ class TrainConfig:
     device: str = "auto"
     # up to this much uint8 image data trains from the device
     max_in_memory_mb: Annotated[float, at_least(0)] = 256.0
-    # DataLoader workers when the data streams from disk (above the limit)
+    # readers when the data streams from disk (above the limit): DataLoader worker processes
+    # on a CPU, threads reading into pinned memory on CUDA
     num_workers: Annotated[int, at_least(0)] = 2
     # Validation scored each epoch (to keep the best epoch) on at most this many images: a
     # fixed random subset (seeded by `seed`, the same every epoch); 0 = all. A large target_val
