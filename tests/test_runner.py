@@ -203,3 +203,18 @@ def test_temporary_outputs_of_a_killed_step_are_removed_by_the_next_run(tmp_path
         tmp.mkdir()
     assert not orphan.exists() and (tmp_path / "export").is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_float64_switch_trains_the_step_in_float64_and_restores_the_default(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLPIPE_FLOAT64=1 (parity checks of data-parallel runs) holds for the step only."""
+    import torch
+
+    monkeypatch.setenv(runner.FLOAT64_ENV, "1")
+    params = resolver.resolve({}, ["pretrain.train.epochs=1"])
+    out = tmp_path / "source.pt"
+    runner.run_step("pretrain", params, track=False, prepared_dir=tiny_prepared, out_model=out)
+    state = torch.load(out, weights_only=True)["state_dict"]
+    assert state["head.weight"].dtype == torch.float64
+    assert torch.get_default_dtype() == torch.float32

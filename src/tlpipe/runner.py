@@ -21,9 +21,10 @@ and owns the failures around the step, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +59,19 @@ def run_step(
     from tlpipe.tracking import disable_mlflow_telemetry
 
     disable_mlflow_telemetry()  # before any step imports mlflow (tlpipe.tracking says why)
-    if os.environ.get(FLOAT64_ENV) == "1":
-        import torch
-
-        torch.set_default_dtype(torch.float64)
     cfg, picked = step_config(step, params, strategy)
     inputs = {**picked, **inputs}
     run = importlib.import_module(f"tlpipe.steps.{step}").run
     name = f"{step}:{cfg.strategy}" if step == "finetune" else step
-    if not is_main():
-        return _replica(run, cfg, inputs)
-    with sigterm_raises():
-        if not track or os.environ.get(NO_TRACK_ENV):
-            result = run(**inputs, cfg=cfg)
-        else:
-            lineage = {**_lineage(inputs), **_world(), **(tags or {})}
-            result = _tracked(run, name, cfg, lineage, inputs)
+    with _float64_if_asked():
+        if not is_main():
+            return _replica(run, cfg, inputs)
+        with sigterm_raises():
+            if not track or os.environ.get(NO_TRACK_ENV):
+                result = run(**inputs, cfg=cfg)
+            else:
+                lineage = {**_lineage(inputs), **_world(), **(tags or {})}
+                result = _tracked(run, name, cfg, lineage, inputs)
     for path in result.resume_files:
         Path(path).unlink(missing_ok=True)
     return result
@@ -117,6 +115,22 @@ def _replica(run: Any, cfg: Any, inputs: dict[str, Any]) -> StepResult:
         if "checkpoint_dir" in mine:
             mine["checkpoint_dir"] = None
         return run(**mine, cfg=cfg)
+
+
+@contextlib.contextmanager
+def _float64_if_asked() -> Iterator[None]:
+    """torch's default dtype float64 for the step when TLPIPE_FLOAT64=1, then as it was."""
+    if os.environ.get(FLOAT64_ENV) != "1":
+        yield
+        return
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _world() -> dict[str, str]:
