@@ -327,6 +327,31 @@ def trainer_runtime(tmp_path_factory) -> Path:
     return work / "runtime.yaml"
 
 
+def _trainjob_env(stack: dict[str, str], trainer_runtime: Path, monkeypatch) -> None:
+    """A KFP task's environment with the stack's settings, submitting to the container backend."""
+    from tlpipe.kfp import trainjob
+    from tlpipe.tracking import EXPERIMENT_ENV, RUN_KEY_ENV
+
+    if HOST.startswith("127."):
+        pytest.fail(
+            "a TrainJob's nodes (bridge network) cannot reach services on 127.0.0.1: run "
+            "`make test-containers`, which gives them a network namespace and TLPIPE_TEST_HOST"
+        )
+    for key, value in stack.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(trainjob.BACKEND_ENV, "container")
+    monkeypatch.setenv(trainjob.RUNTIMES_ENV, str(trainer_runtime))
+    monkeypatch.setenv(EXPERIMENT_ENV, "tlpipe-trainjob")  # apart from the DAG's runs
+    monkeypatch.setenv(RUN_KEY_ENV, "trainjob-test")
+
+
+def _two_node_pretrain():
+    from tlpipe.params.resolver import resolve
+
+    overrides = ["pretrain.train.epochs=2", "pretrain.train.batch_size=32"]
+    return resolve({}, [*overrides, "pretrain.workers.nodes=2"])["pretrain"]
+
+
 def test_pretrain_trains_as_a_two_node_trainjob(
     stack, trainer_runtime: Path, tiny_prepared: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -343,25 +368,12 @@ def test_pretrain_trains_as_a_two_node_trainjob(
     from tlpipe.kfp import runtime, trainjob
     from tlpipe.params.fields import to_dict
     from tlpipe.params.learning import Workers
-    from tlpipe.params.resolver import resolve
     from tlpipe.runner import FLOAT64_ENV
-    from tlpipe.tracking import EXPERIMENT_ENV, RUN_KEY_ENV
+    from tlpipe.tracking import RUN_KEY_ENV
 
-    if HOST.startswith("127."):
-        pytest.fail(
-            "a TrainJob's nodes (bridge network) cannot reach services on 127.0.0.1: run "
-            "`make test-containers`, which gives them a network namespace and TLPIPE_TEST_HOST"
-        )
-    for key, value in stack.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(trainjob.BACKEND_ENV, "container")
-    monkeypatch.setenv(trainjob.RUNTIMES_ENV, str(trainer_runtime))
-    monkeypatch.setenv(EXPERIMENT_ENV, "tlpipe-trainjob")  # apart from the DAG's runs
-    monkeypatch.setenv(RUN_KEY_ENV, "trainjob-test")
+    _trainjob_env(stack, trainer_runtime, monkeypatch)
     monkeypatch.setenv(FLOAT64_ENV, "1")  # parity to 1e-9 (tests/test_distributed.py says why)
-    overrides = ["pretrain.train.epochs=2", "pretrain.train.batch_size=32"]
-    cfg = resolve({}, [*overrides, "pretrain.workers.nodes=2"])["pretrain"]
-    params = json.dumps(to_dict(cfg))
+    params = json.dumps(to_dict(_two_node_pretrain()))
     sha = load_manifest(tiny_prepared).dataset_sha256
     c = trainjob.client()
     jobs = []
@@ -418,3 +430,34 @@ def test_pretrain_trains_as_a_two_node_trainjob(
     finally:
         for job in jobs:
             c.delete_job(job)
+
+
+def test_a_failed_trainjob_fails_the_task_with_the_nodes_reason(
+    stack, trainer_runtime: Path, tiny_prepared: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Prepared data whose image file lost its tail: both nodes fail reading it, the job ends
+    Failed, and the KFP task fails with node 0's last log lines (this backend has no events)."""
+    import shutil
+
+    from tlpipe.kfp import runtime, trainjob
+    from tlpipe.params.fields import to_dict
+
+    _trainjob_env(stack, trainer_runtime, monkeypatch)
+    broken = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, broken)
+    images = broken / "source.x.npy"
+    os.truncate(images, images.stat().st_size // 2)
+    params = json.dumps(to_dict(_two_node_pretrain()))
+    c = trainjob.client()
+    try:
+        with pytest.raises(
+            TlpipeError, match=r"TrainJob tlpipe-pretrain-\w+ \(pretrain\) Failed"
+        ) as e:
+            runtime.pretrain(broken, "", params, tmp_path / "model.pt", None)
+        # the nodes' own error, not torchrun's summary after it
+        assert "Failed: tlpipe.errors.TlpipeError: " in str(e.value)
+        assert "is damaged" in str(e.value) and "run `tlpipe prepare` again" in str(e.value)
+        assert not (tmp_path / "model.pt").exists()
+    finally:
+        for job in c.list_jobs():
+            c.delete_job(job.name)

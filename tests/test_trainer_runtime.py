@@ -129,3 +129,37 @@ def test_the_container_backend_needs_the_runtime_file(monkeypatch) -> None:
     monkeypatch.delenv(trainjob.RUNTIMES_ENV, raising=False)
     with pytest.raises(TlpipeError, match=trainjob.RUNTIMES_ENV):
         trainjob.client()
+
+
+def test_a_failed_jobs_reason_is_its_first_exception_then_its_events() -> None:
+    """`trainjob._reason` on what the SDK's clients return: the container backend's logs come
+    as one chunk per node and it has no events; Kubernetes' come as lines, with events."""
+    from types import SimpleNamespace
+
+    node0 = (  # a chained exception (raised from another), then a second traceback
+        'Waiting\nTraceback (most recent call last):\n  File "x.py"\nOSError: short\n\n'
+        "The above exception was the direct cause of the following exception:\n\n"
+        'Traceback (most recent call last):\n  File "y.py"\nValueError: bad data\n'
+        'Traceback (most recent call last):\n  File "z.py"\nRuntimeError: gloo: peer gone\n'
+    )
+    node1 = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  exitcode: 1\n"
+
+    class Client:
+        def __init__(self, logs, events=None):
+            self.logs, self.events = logs, events
+
+        def get_job_logs(self, name):
+            return iter(self.logs)
+
+        def get_job_events(self, name):
+            if self.events is None:
+                raise NotImplementedError
+            return self.events
+
+    assert trainjob._reason(Client([node0, node1]), "j") == "ValueError: bad data"
+    pulled = SimpleNamespace(involved_object_name="p", reason="Pulled", message="ok")
+    backoff = SimpleNamespace(involved_object_name="j-node-0", reason="Failed", message="exit 1")
+    got = trainjob._reason(Client(node0.splitlines(keepends=True), [pulled, backoff]), "j")
+    assert got == "ValueError: bad data; j-node-0: Failed: exit 1"
+    assert trainjob._reason(Client(["a\n", "b\n"]), "j") == "a | b"
+    assert trainjob._reason(Client([]), "j") == "no events and an empty log"

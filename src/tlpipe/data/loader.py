@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,13 @@ Images = np.ndarray | torch.Tensor  # uint8 (N, C, H, W): in memory, memory-mapp
 
 
 class Batches(Protocol):
-    """What `tlpipe.train.loop.fit` trains on."""
+    """What `tlpipe.train.loop.fit` trains on.
+
+    On the streaming route `batch` may run in reader threads (CUDA) for several steps of an
+    epoch at once, after its step 0 has returned in the caller's thread (which may cache the
+    epoch's order): past that it must not change shared state nor draw from torch's global
+    RNG (the caller's augmentation seeds a fork of it meanwhile).
+    """
 
     def __len__(self) -> int: ...
 
@@ -309,6 +316,19 @@ class _EpochSteps(torch.utils.data.Sampler):
         return ((self.epoch, step) for step in range(self.steps))
 
 
+READERS = ("auto", "threads", "processes")
+
+
+def streaming_reader(device: torch.device, reader: str = "auto") -> str:
+    """The streaming route's reader on `device`: `reader`, or for ``auto`` threads on CUDA
+    and worker processes elsewhere (see the module docstring)."""
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    if reader == "auto":
+        return "threads" if device.type == "cuda" else "processes"
+    return reader
+
+
 class Feed:
     """Batches of `train` on `device`, each with a normalised "input": in memory or streamed.
 
@@ -334,12 +354,11 @@ class Feed:
     ):
         self.train, self.transform, self.device = train, transform, device
         self.shard = shard or _whole
+        reader = streaming_reader(device, reader)
         self.streaming = train.nbytes > max_in_memory_mb * (1 << 20)
         if not self.streaming:
             train.to(device)
             return
-        if reader == "auto":
-            reader = "threads" if device.type == "cuda" else "processes"
         self.threads = num_workers if reader == "threads" else None
         if self.threads is not None:
             return
@@ -382,35 +401,45 @@ class Feed:
 
     def _threaded(self, epoch: int) -> Iterator[Batch]:
         """This epoch's batches, read ahead by `self.threads` threads (into pinned memory on
-        CUDA) and yielded in step order; a reader's error is raised here, at its batch."""
-        pin = self.device.type == "cuda"
+        CUDA), at most 2 per thread, and yielded in step order; a reader's error is raised
+        here, at its batch. Closing the generator (early stop, an error in training) cancels
+        the reads not started and waits for the running ones: no reader thread outlives it."""
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        steps = len(self.train)
 
         def read(step: int) -> Batch:
             batch = self.train.batch(epoch, step)
             return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
-        steps = iter(range(len(self.train)))
-        for step in steps:  # step 0 here: it also draws the epoch's order before the threads
-            yield self._on_device(self._to_device(read(step)), epoch, step)
-            if self.threads:
-                break
-        if not self.threads:  # 0: all read in-process, as DataLoader's num_workers=0
+        def ready(batch: Batch, step: int) -> Batch:
+            return self._on_device(self._to_device(batch), epoch, step)
+
+        if steps == 0:
             return
+        if not self.threads:  # 0: all read in-process, as DataLoader's num_workers=0
+            for step in range(steps):
+                yield ready(read(step), step)
+            return
+        first = read(0)  # in this thread: the epoch's order is drawn before any reader runs
+        todo = iter(range(1, steps))
         ahead: collections.deque = collections.deque()
         with ThreadPoolExecutor(self.threads, thread_name_prefix="tlpipe-reader") as pool:
             try:
-                for step in steps:
+                for step in itertools.islice(todo, 2 * self.threads):
                     ahead.append((step, pool.submit(read, step)))
-                    if len(ahead) < 2 * self.threads:
-                        continue
-                    done, future = ahead.popleft()
-                    yield self._on_device(self._to_device(future.result()), epoch, done)
+                batch = ready(first, 0)  # step 0 goes while the readers read what follows
+                del first
+                yield batch
                 while ahead:
-                    done, future = ahead.popleft()
-                    yield self._on_device(self._to_device(future.result()), epoch, done)
+                    step, future = ahead.popleft()
+                    if (more := next(todo, None)) is not None:  # keep 2 a thread in flight
+                        ahead.append((more, pool.submit(read, more)))
+                    batch = ready(future.result(), step)
+                    del future
+                    yield batch
             finally:  # closed early or failed: drop what was not started, wait for the rest
-                for _, future in ahead:
-                    future.cancel()
+                for _, pending in ahead:
+                    pending.cancel()
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

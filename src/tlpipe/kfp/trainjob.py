@@ -9,8 +9,8 @@ The KFP task (`tlpipe.kfp.runtime`) does not train itself. It
    Kubeflow SDK (`TrainerClient`): a `CustomTrainer` whose function, `tlpipe_node`, torchrun
    starts on every node; the runtime gives the nodes the task's own GPU node selector,
    toleration, /dev/shm, secrets and securityContext;
-3. waits for it; a failed job fails the task with the job's reason (its events, else the last
-   lines of node 0's log);
+3. waits for it; a failed job fails the task with the job's reason (the first exception in
+   its nodes' log and its warning events, else the end of the log);
 4. takes back what rank 0 uploaded (the model and the step's result) as the task's outputs.
 
 On each node `node()` downloads the inputs and runs the step through the one runner, which
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -164,20 +165,43 @@ def submit(
 
 
 def _reason(c: Any, name: str) -> str:
-    """Why the job failed: its warning events, else the end of node 0's log."""
+    """Why the job failed: the first exception in its nodes' log (torchrun's own summary comes
+    after it), its warning events (scheduling, image pulls), else the end of the log."""
+    parts, lines = [], []
+    try:  # chunks per container (container backend) or lines (Kubernetes): lines here
+        lines = [x.rstrip() for x in "".join(c.get_job_logs(name)).splitlines() if x.strip()]
+    except (RuntimeError, TimeoutError) as e:
+        parts.append(f"its logs cannot be read ({e})")
+    error = _first_error(lines)
+    if error:
+        parts.append(error)
     try:
         events = [e for e in c.get_job_events(name) if e.reason not in ("Scheduled", "Pulled")]
-        if events:
-            return "; ".join(
-                f"{e.involved_object_name}: {e.reason}: {e.message}" for e in events[-3:]
-            )
+        parts += [f"{e.involved_object_name}: {e.reason}: {e.message}" for e in events[-3:]]
     except (NotImplementedError, RuntimeError, TimeoutError):
         pass  # the container backend has no events
-    try:
-        lines = [line.rstrip() for line in c.get_job_logs(name) if line.strip()]
-    except (RuntimeError, TimeoutError) as e:
-        return f"no events, and its logs cannot be read ({e})"
-    return " | ".join(lines[-5:]) or "no events and an empty log"
+    if not error and lines:
+        parts.append(" | ".join(lines[-5:]))
+    return "; ".join(parts) or "no events and an empty log"
+
+
+def _first_error(lines: list[str]) -> str | None:
+    """The exception that ended the log's first traceback (of a chain, the last one raised);
+    torchrun's ChildFailedError, its summary of a process that failed, is not one."""
+    error, chained = None, False
+    for line in lines:
+        if line.startswith(_CHAINED):
+            chained = True
+        elif _EXCEPTION.match(line) and not line.startswith("torch.distributed.elastic."):
+            if error is not None and not chained:
+                return error  # a second traceback begins: the first one is complete
+            error, chained = line, False
+    return error
+
+
+# the last line of a Python traceback: `tlpipe.errors.TlpipeError: …`, `ValueError: …`
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:? ")
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
 def node(spec_json: str) -> None:

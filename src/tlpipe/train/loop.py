@@ -4,7 +4,8 @@ Strategies differ only in what they pass in: which parameters train with which l
 (`param_groups`), an optional `penalty` (L2-SP), and an optional `loss_fn` (joint training).
 Batches come through `tlpipe.data.loader.Feed`: small data lives on the device as uint8 and is
 augmented (`TrainConfig.augment`, `tlpipe.data.loader.augment`) and normalised there; larger data
-streams from the memory-mapped split through a DataLoader whose workers augment it. Either way
+streams from the memory-mapped split: on CUDA read ahead by threads into pinned memory and
+augmented on the device, on a CPU through a DataLoader whose worker processes augment it. Either way
 batch order and augmentation depend only on (seed, epoch, step), which makes a resumed run see
 exactly the batches the killed one would have, and a streamed run the same batches as an
 in-memory one.
@@ -12,6 +13,7 @@ in-memory one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import sys
@@ -219,27 +221,29 @@ def _train_one_epoch(model, step_loss, feed, epoch, optimizer, scheduler, desc) 
     _freeze_frozen_batchnorm(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=_on_cuda(model))
     total = torch.zeros((), device=next(model.parameters()).device)
-    bar = tqdm(
-        feed.epoch(epoch),
-        total=len(feed),
-        desc=desc,
-        leave=False,
-        disable=not sys.stderr.isatty(),
-        unit="batch",
-    )
-    for step, batch in enumerate(bar):  # batch["input"]: augmented and normalised (Feed)
-        if _on_cuda(model):
-            batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss = step_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.detach()
-        # 1) NaN/inf check every 50 steps and at the end: a per-step .item() would sync the GPU
-        if (step + 1) % 50 == 0 or step + 1 == len(feed):
-            _check_finite(total, epoch, step)
+    # closed on the way out: an error in a step stops the streaming readers at once
+    with contextlib.closing(feed.epoch(epoch)) as batches:
+        bar = tqdm(
+            batches,
+            total=len(feed),
+            desc=desc,
+            leave=False,
+            disable=not sys.stderr.isatty(),
+            unit="batch",
+        )
+        for step, batch in enumerate(bar):  # batch["input"]: augmented and normalised (Feed)
+            if _on_cuda(model):
+                batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = step_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.detach()
+            # 1) NaN/inf check every 50 steps and at the end: a per-step .item() would sync the GPU
+            if (step + 1) % 50 == 0 or step + 1 == len(feed):
+                _check_finite(total, epoch, step)
     # 2) distributed: each rank's loss is scaled to its share, so the mean over ranks is the
     # one-process loss of the global batch
     world_size = distributed.world().size
