@@ -7,9 +7,10 @@
 Both sides train resnet18 at 224 px (3 channels) with the same optimizer through the same
 `tlpipe.train.loop.fit` step (bf16 autocast and channels_last on CUDA). tlpipe's side reads a
 prepared split from disk (memory-mapped, streamed: `max_in_memory_mb=0`; on CUDA `--workers`
-reader threads, on a CPU worker processes) with augmentation on; the ceiling's batches are
-uint8 tensors already on the device (no loader at all), augmented and normalised there. The two
-are measured alternately `--repeats` times and the medians compared: the ratio tlpipe / ceiling
+reader threads, on a CPU worker processes, as `Feed` picks them) with augmentation on; the
+ceiling's batches are uint8 tensors already on the device (no loader at all), augmented and
+normalised there. After a warm-up the two are
+measured alternately `--repeats` times and the medians compared: the ratio tlpipe / ceiling
 says how much the loader costs; goal ≥ 0.8 on a GPU. On a CPU the model dominates and the
 ratio says little.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlpipe.data.loader import ArrayBatches
+from tlpipe.data.loader import ArrayBatches, streaming_reader
 from tlpipe.data.prepared import Split, load_split, save_split
 from tlpipe.train.loop import TrainConfig, fit, resolve_device
 from tlpipe.train.models import build_model
@@ -87,14 +88,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help="alternate measurements of each")
+    ap.add_argument(
+        "--repeats", type=int, help="alternate measurements of each (default 3; --quick 1)"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a test on a CPU")
     args = ap.parse_args()
     if args.quick:
         args.images, args.size, args.steps, args.batch, args.workers = 48, 32, 3, 8, 2
-        args.repeats = 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     device = resolve_device(args.device)
+    reader = streaming_reader(device)  # what `fit`'s Feed streams with on this device
     common = dict(
         epochs=1,
         batch_size=args.batch,
@@ -107,9 +112,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tlpipe-gpu-loader-") as tmp:
         split = load_split(write_split(Path(tmp), args.images, args.size), "source")
         streamed = ArrayBatches(split.x, split.y, args.batch, steps_per_epoch=args.steps)
-        # warm-up (cuDNN autotune, allocator) on the ceiling, then each side once
+        # warm-up, not measured: cuDNN autotune, the allocators (the pinned one too) and the
+        # page cache, so that the first of the alternate measurements is not the slow one
         warm = OnDevice(args.images, args.size, args.batch, 2, device)
         images_per_s(warm, TrainConfig(**common | {"steps_per_epoch": 2}), args.size)
+        n = min(args.steps, 2 * args.workers + 4)  # enough batches to fill the read-ahead
+        warm_cfg = TrainConfig(**common | {"steps_per_epoch": n, "max_in_memory_mb": 0})
+        warm = ArrayBatches(split.x, split.y, args.batch, steps_per_epoch=n)
+        images_per_s(warm, warm_cfg, args.size)
         ceiling_batches = OnDevice(args.images, args.size, args.batch, args.steps, device)
         ceilings, tlpipes = [], []
         for _ in range(args.repeats):
@@ -120,7 +130,7 @@ def main() -> None:
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})"
         f", resnet18 {args.size} px, batch {args.batch}, {args.steps} steps, "
-        f"{args.workers} workers"
+        f"{args.workers} workers, reader {reader}"
     )
     each = ", ".join(f"{v:.0f}" for v in tlpipes)
     print(f"tlpipe streaming loader: {tlpipe:.1f} images/s (median of {each})")

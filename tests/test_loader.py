@@ -351,11 +351,10 @@ def _bench(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("reader", ["auto", "threads"])
-def test_gpu_loader_benchmark_runs_on_a_cpu_at_a_tiny_size(reader: str) -> None:
-    out = _bench("gpu_loader.py", "--device", "cpu", "--reader", reader)
-    assert f"reader {'processes' if reader == 'auto' else reader}" in out.splitlines()[0]
-    assert "(median of " in out  # ceiling and tlpipe measured alternately, twice each
+def test_gpu_loader_benchmark_runs_on_a_cpu_at_a_tiny_size() -> None:
+    out = _bench("gpu_loader.py", "--device", "cpu")
+    assert "reader processes" in out.splitlines()[0]  # a CPU's (threads on CUDA)
+    assert "(median of " in out  # ceiling and tlpipe measured alternately (once: --quick)
     assert "loader throughput tlpipe/on-device = " in out.splitlines()[-1]
 
 
