@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test-containers`: the real stack in containers, on this machine.
-#   1. Debian packages: dockerd + runc, debootstrap, PostgreSQL, Fashion-MNIST
+#   1. Debian packages: dockerd + runc, debootstrap, PostgreSQL, Fashion-MNIST, iproute2 (ip netns)
 #   2. a private dockerd (containers/dockerd.sh; stopped at the end, its data root kept as
 #      the layer cache: $TLPIPE_DOCKER_DIR, default /var/lib/tlpipe-docker)
 #   3. the base image (official, or debootstrap), the tlpipe and mlflow-server images
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
-  for pkg in docker.io runc debootstrap postgresql dataset-fashion-mnist; do
+  for pkg in docker.io runc debootstrap postgresql dataset-fashion-mnist iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
   done
   if [ -n "$need" ]; then
