@@ -24,7 +24,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 # The [containers] extra only when something is missing: never reinstall (a shared venv's
 # editable install may point at another checkout; this one's sources come first on PYTHONPATH).
-if ! "$BIN/python" -c "import tlpipe, docker, boto3, moto, kfp" 2>/dev/null; then
+if ! "$BIN/python" -c "import tlpipe, docker, boto3, moto, kfp, kubeflow.trainer" 2>/dev/null; then
   "$BIN/python" -m pip install -q -e '.[containers]' 2>&1 | grep -v "is ignored" || true
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
