@@ -218,12 +218,14 @@ def k8s_volume(folder: Path, pod: dict, name: str, files: dict[str, str]) -> Pat
     return folder
 
 
-def _run_args(pod: dict, container: dict, env: dict[str, str], mounts: dict[str, Path]) -> list:
+def pod_run_args(
+    pod: dict, container: dict, env: dict[str, str], mounts: dict[str, Path], network="host"
+) -> list:
     """`docker run` options for what the pod spec asks: user, fsGroup as a supplementary
     group, read-only root, tmpfs for its emptyDirs, read-only mounts for its Secret/ConfigMap
-    volumes (folders made by `k8s_volume`)."""
+    volumes (folders made by `k8s_volume`); host network unless `network` names another."""
     pod_sc = pod["securityContext"]
-    args = ["--network", "host", "--user", f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}"]
+    args = ["--network", network, "--user", f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}"]
     for group in [pod_sc.get("fsGroup"), *pod_sc.get("supplementalGroups", [])]:
         if group is not None:
             args += ["--group-add", str(group)]
@@ -282,7 +284,7 @@ def mlflow_server(tmp: Path, pg_port: int, s3_url: str) -> Iterator[str]:
         "-d",
         "--name",
         name,
-        *_run_args(pod, container, env, {"auth": auth}),
+        *pod_run_args(pod, container, env, {"auth": auth}),
         MLFLOW_IMAGE,
         *container["command"],
         *args,
@@ -317,7 +319,7 @@ def create_users(tmp: Path, url: str) -> str:
     files = manifest("mlflow-users", "ConfigMap", "mlflow-users.yaml")["data"]
     config = k8s_volume(tmp / "mlflow-users-config", pod, "config", files)
     env = _container_env(container, {"http://mlflow.tlpipe.svc.cluster.local:5000": url})
-    args = [*_run_args(pod, container, env, {"config": config}), MLFLOW_IMAGE]
+    args = [*pod_run_args(pod, container, env, {"config": config}), MLFLOW_IMAGE]
     failures = []
     for _ in range(1 + job["spec"]["backoffLimit"]):
         proc = docker("run", "--rm", *args, *container["command"], check=False)

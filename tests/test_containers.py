@@ -35,6 +35,7 @@ from containers_stack import (
     mlflow_server,
     pipeline_docker_settings,
     pipeline_pod,
+    pod_run_args,
     postgres,
     s3_server,
 )
@@ -461,3 +462,79 @@ def test_a_failed_trainjob_fails_the_task_with_the_nodes_reason(
     finally:
         for job in c.list_jobs():
             c.delete_job(job.name)
+
+
+def test_trainjob_pods_run_as_the_runtime_says_under_the_trainers_command(
+    stack, trainer_runtime: Path, tiny_prepared: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """What the container backend leaves out and a cluster does: two node pods of the rendered
+    runtime with its user, securityContext (no capabilities, no privilege escalation), emptyDirs
+    (/tmp, /dev/shm) and env from Secret tlpipe-secrets; the command the SDK's Kubernetes
+    backend builds for tlpipe's node function (the script written to the working directory,
+    then torchrun); torchrun's PET_* variables as the Trainer sets them for 2 nodes; one
+    network with names for the pods, as a headless Service gives them."""
+    import uuid
+
+    import boto3
+    import yaml
+    from kubeflow.trainer.backends.container.runtime_loader import (
+        get_training_runtime_from_sources,
+    )
+    from kubeflow.trainer.backends.kubernetes.utils import get_command_using_train_func
+    from kubeflow.trainer.constants import constants
+
+    from tlpipe.data import s3
+    from tlpipe.kfp import trainjob
+    from tlpipe.params.fields import to_dict
+
+    _trainjob_env(stack, trainer_runtime, monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stack["MLFLOW_S3_ENDPOINT_URL"])  # for the staging
+    job = f"tlpipe-k8s-{uuid.uuid4().hex[:8]}"
+    staging = f"s3://mlflow/tlpipe-trainjobs/{job}"
+    s3.upload(tiny_prepared, f"{staging}/in/prepared_dir")
+    spec = {
+        "step": "pretrain",
+        "params_json": json.dumps(to_dict(_two_node_pretrain())),
+        "strategy": None,
+        "staging": staging,
+        "inputs": {"prepared_dir": True},
+    }
+    runtime = get_training_runtime_from_sources("tlpipe", [str(trainer_runtime)])
+    runtime.trainer.set_command(constants.TORCH_COMMAND)  # the backend's, for mlPolicy.torch
+    command = get_command_using_train_func(
+        runtime, trainjob.tlpipe_node, {"spec": trainjob.encode_spec(spec)}, [], None
+    )
+    doc = yaml.safe_load(trainer_runtime.read_text())
+    pod = doc["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    pod = pod["spec"]
+    (node,) = pod["containers"]
+    env = {e["name"]: stack[next(iter(e["valueFrom"].values()))["key"]] for e in node["env"]}
+    network = f"{job}-net"
+    docker("network", "create", network)
+    names = [f"{job}-node-{rank}" for rank in (0, 1)]
+    try:
+        for rank, name in enumerate(names):
+            pet = {  # what the Trainer's torch plugin gives each node of a 2-node job
+                "PET_NNODES": "2",
+                "PET_NPROC_PER_NODE": "1",
+                "PET_NODE_RANK": str(rank),
+                "PET_MASTER_ADDR": names[0],
+                "PET_MASTER_PORT": "29400",
+            }
+            args = pod_run_args(pod, node, env | pet, {}, network=network)
+            docker("run", "-d", "--name", name, *args, node["image"], *command)
+        codes = [docker("wait", name, timeout=600).stdout.strip() for name in names]
+        logs = [docker("logs", name).stdout + docker("logs", name).stderr for name in names]
+        assert codes == ["0", "0"], "\n".join(log[-2000:] for log in logs)
+    finally:
+        docker("rm", "-f", *names, check=False)
+        docker("network", "rm", network, check=False)
+    assert "rank 0/2 trains its shard" in logs[0] and "rank 1/2 trains its shard" in logs[1]
+    assert "uploaded" in logs[0] and "rank 1/2 done, wrote nothing" in logs[1]
+    listed = boto3.client("s3", endpoint_url=stack["MLFLOW_S3_ENDPOINT_URL"]).list_objects_v2(
+        Bucket="mlflow", Prefix=f"tlpipe-trainjobs/{job}/out/"
+    )
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]) == [
+        "model.pt",
+        "result.json",
+    ]

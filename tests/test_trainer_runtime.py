@@ -163,3 +163,11 @@ def test_a_failed_jobs_reason_is_its_first_exception_then_its_events() -> None:
     assert got == "ValueError: bad data; j-node-0: Failed: exit 1"
     assert trainjob._reason(Client(["a\n", "b\n"]), "j") == "a | b"
     assert trainjob._reason(Client([]), "j") == "no events and an empty log"
+
+
+def test_runtime_pods_are_restricted(rendered) -> None:
+    """The TrainJob's pods run where the pipeline's pods run: Pod Security `restricted`."""
+    from test_k8s import restricted_problems
+
+    pod = _runtime(rendered)["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+    assert restricted_problems("runtime tlpipe", pod["spec"]["template"]["spec"]) == []

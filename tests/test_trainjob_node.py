@@ -62,7 +62,7 @@ def test_two_nodes_train_from_s3_and_rank_0_alone_uploads(
         "inputs": {"prepared_dir": True},
     }
     # what the SDK's CustomTrainer ships: the function's source, then the call
-    call = f"tlpipe_node(**{ {'spec': json.dumps(spec)}!r})"
+    call = f"tlpipe_node(**{ {'spec': trainjob.encode_spec(spec)}!r})"
     script = f"{inspect.getsource(trainjob.tlpipe_node)}\n{call}\n"
     (tmp_path / "trainjob.py").write_text(script)
     with socket.socket() as s:

@@ -27,6 +27,7 @@ nodes get the task's own values of the variables the runtime takes from Secret t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -136,7 +137,7 @@ def submit(
     c = trainer_client or client()
     trainer = CustomTrainer(
         func=tlpipe_node,
-        func_args={"spec": json.dumps(spec)},
+        func_args={"spec": encode_spec(spec)},
         num_nodes=workers.nodes,
         env=env,
         **({"image": image} if image else {}),
@@ -204,7 +205,14 @@ _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:? ")
 _CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
-def node(spec_json: str) -> None:
+def encode_spec(spec: dict[str, Any]) -> str:
+    """The node's argument: JSON in base64. The SDK's Kubernetes backend pastes the function's
+    call into an unquoted shell here-document, where the backslashes of nested JSON (the
+    params) would be eaten; base64 has no character a shell changes."""
+    return base64.b64encode(json.dumps(spec).encode()).decode("ascii")
+
+
+def node(spec_b64: str) -> None:
     """One process of the TrainJob: download the inputs, run the step, rank 0 uploads."""
     from tlpipe import runner
     from tlpipe.data import s3
@@ -213,7 +221,7 @@ def node(spec_json: str) -> None:
     from tlpipe.train import distributed
 
     _endpoint_from_mlflow()
-    spec = json.loads(spec_json)
+    spec = json.loads(base64.b64decode(spec_b64))
     cfg = build(SECTIONS[spec["step"]], json.loads(spec["params_json"]), where=f"{spec['step']}.")
     with tempfile.TemporaryDirectory(prefix="tlpipe-node-") as tmp:
         inputs: dict[str, Any] = {}
