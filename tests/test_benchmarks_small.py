@@ -67,6 +67,7 @@ def test_command_line(tmp_path: Path, capsys) -> None:
     assert e.value.code == 0 and "(255 * v + 8) // 16" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
     cmd = [

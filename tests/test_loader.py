@@ -351,6 +351,7 @@ def _bench(script: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # ~12 s; the loader itself is tested above
 def test_gpu_loader_benchmark_runs_on_a_cpu_at_a_tiny_size() -> None:
     out = _bench("gpu_loader.py", "--device", "cpu")
     assert "reader processes" in out.splitlines()[0]  # a CPU's (threads on CUDA)
