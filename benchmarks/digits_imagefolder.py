@@ -3,6 +3,7 @@
     python benchmarks/digits_imagefolder.py data/digits             # all 1 797 images
     python benchmarks/digits_imagefolder.py data/digits --first 1000   # the first 1 000 ...
     python benchmarks/digits_imagefolder.py data/digits                # ... then the rest arrive
+    python benchmarks/digits_imagefolder.py data/digits-rgb --tint     # colour: RGB PNGs
 
 `sklearn.datasets.load_digits` holds 1 797 real handwritten digits (UCI "optdigits", 43
 writers), 8x8 pixels with values 0-16 (16 = most ink). Each is written once as
@@ -50,6 +51,17 @@ def load() -> tuple[np.ndarray, np.ndarray]:
     return ((255 * levels + 8) // 16).astype(np.uint8), digits.target.astype(np.int64)
 
 
+def tints() -> np.ndarray:
+    """One colour per digit image, (1797, 3) float32 in [0.4, 1): the channel factors of
+    `--tint` (and of `benchmarks/inference.py --arch`), the same for every run."""
+    return np.random.default_rng(0).uniform(0.4, 1.0, (N_IMAGES, 3)).astype(np.float32)
+
+
+def tinted(images: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W) with each one's ink in its colour: (N, H, W, 3) uint8."""
+    return (images[..., None] * colours[:, None, None, :]).clip(0, 255).astype(np.uint8)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """The PNG file of one uint8 image (PIL writes no timestamp: same pixels, same bytes)."""
     from PIL import Image
@@ -64,12 +76,15 @@ def relative_path(index: int, label: int) -> Path:
     return Path(str(label)) / f"{index:04d}.png"
 
 
-def write_digits(out: Path, indices: Iterable[int] | None = None) -> list[Path]:
-    """Write digits `indices` (positions in `load_digits`; None = all) under `out`.
+def write_digits(out: Path, indices: Iterable[int] | None = None, tint: bool = False) -> list[Path]:
+    """Write digits `indices` (positions in `load_digits`; None = all) under `out`, grey or,
+    with `tint`, in colour (see `tints`).
 
     Returns the files that were written (empty when all were there already).
     """
     images, labels = load()
+    if tint:
+        images = tinted(images, tints())
     wanted = sorted(set(range(N_IMAGES) if indices is None else (int(i) for i in indices)))
     if wanted and not 0 <= wanted[0] <= wanted[-1] < N_IMAGES:
         raise TlpipeError(f"digit indices must be in 0..{N_IMAGES - 1}")
@@ -108,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write only images 0..N-1 (default: all {N_IMAGES}); run again with a "
         "larger N, or none, to add the next ones",
     )
+    ap.add_argument("--tint", action="store_true", help="RGB PNGs, each digit in a colour")
     args = ap.parse_args(argv)
     if not 0 < args.first <= N_IMAGES:
         ap.error(f"--first must be in 1..{N_IMAGES}")
     try:
-        written = write_digits(args.out, range(args.first))
+        written = write_digits(args.out, range(args.first), tint=args.tint)
     except TlpipeError as e:
         print(f"digits_imagefolder: error: {e}", file=sys.stderr)
         return 1

@@ -76,13 +76,13 @@ def quick_model(arch: str, size: int, steps: int):
 
     sys.path.insert(0, str(Path(__file__).parent))
     from digits_imagefolder import load as load_digits
+    from digits_imagefolder import tints
 
     x8, y = load_digits()  # (N, 8, 8) uint8 ink on black
     up = torch.nn.functional.interpolate(
         torch.from_numpy(x8[:, None]).float(), size=size, mode="bilinear", align_corners=False
     )
-    rng = np.random.default_rng(0)
-    tint = rng.uniform(0.4, 1.0, (len(y), 3, 1, 1)).astype(np.float32)  # a colour per image
+    tint = tints()[:, :, None, None]  # a colour per image, as `digits_imagefolder.py --tint`
     x = (up.numpy() * tint).clip(0, 255).astype(np.uint8)
     y = y.astype(np.int64)
     mean = [float(x[:1000, c].mean() / 255) for c in range(3)]

@@ -37,8 +37,11 @@ def benchmark(name: str):
     """A script of benchmarks/ as a module (the folder is not a package)."""
     import importlib.util
 
+    if name in sys.modules:  # loaded already (its dataclasses need it registered)
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -1,5 +1,5 @@
-"""benchmarks/digits_imagefolder.py (the digits ImageFolder: exact, deterministic, growing) and
-a smoke run of benchmarks/two_datasets.py."""
+"""benchmarks/digits_imagefolder.py (the digits ImageFolder: exact, deterministic, growing),
+benchmarks/selection.py's scenarios and summaries, and smoke runs of both benchmarks."""
 
 from __future__ import annotations
 
@@ -65,6 +65,80 @@ def test_command_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         digits.main(["--help"])
     assert e.value.code == 0 and "(255 * v + 8) // 16" in capsys.readouterr().out
+
+
+def test_tinted_digits_are_the_grey_ones_in_a_fixed_colour(tmp_path: Path) -> None:
+    images, labels = digits.load()
+    colours = digits.tints()
+    assert colours.shape == (1797, 3) and colours.min() >= 0.4 and colours.max() < 1.0
+    assert np.array_equal(colours, digits.tints())  # the same colours every run
+    digits.write_digits(tmp_path / "rgb", [3, 9], tint=True)
+    png = Image.open(tmp_path / "rgb" / str(labels[9]) / "0009.png")
+    assert png.mode == "RGB"
+    want = np.clip(images[9][..., None] * colours[9], 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(png), want)
+    assert (np.asarray(png)[images[9] == 0] == 0).all()  # the background stays black
+
+
+selection = benchmark("selection")
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_every_selection_scenario_resolves_on_the_data_it_writes(tmp_path: Path) -> None:
+    from tlpipe.data.readers import read_idx
+    from tlpipe.params.resolver import resolve
+
+    for name in selection.SCENARIOS:
+        for budget in ("reduced", "full"):
+            resolved = resolve(selection.scenario_params(name, budget, tmp_path))
+            for side in ("source", "target"):
+                for src in resolved["fetch"].__getattribute__(side).sources:
+                    if not src.startswith("/usr/share"):
+                        assert Path(src).is_absolute() and Path(src).is_dir(), (name, src)
+    tinted = resolve(selection.scenario_params("tinted-digits-resnet18", "reduced", tmp_path))
+    assert tinted["pretrain"].model == "resnet18" and tinted["prepare"].input_size == 64
+    assert tinted["prepare"].source.max_per_class == 300  # the scenario's own reduction
+    full = resolve(selection.scenario_params("tinted-digits-resnet18", "full", tmp_path))
+    assert full["prepare"].source.max_per_class == 3000  # ... only under the reduced budget
+    pngs = tmp_path / "fashion-pngs"
+    assert len(list(pngs.glob("train/*/*.png"))) == 3000
+    assert len(list(pngs.glob("test/*/*.png"))) == 5000
+    x = read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")
+    first = sorted((pngs / "test" / "Ankle boot").iterdir())[0]
+    assert np.array_equal(np.asarray(Image.open(first)), x[int(first.stem)])
+
+
+def _metrics(logme: dict[str, float], acc: dict[str, float], selected: str) -> dict:
+    models = {n: {"logme": logme[n], "accuracy": acc[n], "arch": "small_cnn"} for n in logme}
+    seconds = {n: 10.0 for n in logme}
+    return {
+        "models": models,
+        "baseline": "scratch",
+        "selected": selected,
+        "extra_fits": 9,
+        "seconds": seconds,
+    }
+
+
+def test_selection_summaries_of_a_run() -> None:
+    m = _metrics(
+        {"scratch": -0.5, "linear_probe": -0.6, "full": -0.6},
+        {"scratch": 0.80, "linear_probe": 0.70, "full": 0.84},
+        "scratch",
+    )
+    assert selection.transfer_gaps(m) == pytest.approx((-0.1, 0.04))
+    fits, secs, lost = selection.skip_savings(m)  # both transfer models: 1 + 3 CV fits each
+    assert (fits, secs) == (8, 20.0) and lost == pytest.approx(4.0)
+    assert selection.run_tau(m) == pytest.approx(0.0)  # one pair agrees, one does not
+    assert selection.outcome(m) == pytest.approx((4.0, 0.0))  # full was 4 pt better on test
+    m2 = m | {"selected": "linear_probe"}
+    assert selection.outcome(m2) == pytest.approx((14.0, -10.0))
+    rows = [{"baseline": selection.outcome(m), "best": selection.outcome(m2)}]
+    assert selection.last_line(rows, "best") == (
+        "selection regret mean = 14.00 pt; shipped below scratch by > 1 pt in 1 of 1 runs"
+    )
+    m["models"]["full"]["logme"] = m["models"]["linear_probe"]["logme"] = -0.4
+    assert selection.skip_savings(m)[:2] == (0, 0.0)
 
 
 @pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores

@@ -15,10 +15,18 @@ class EvaluateConfig:
     Attributes:
         baseline: The strategy every other one is compared with.
         plots: Write the confusion-matrix PNGs.
+        on_tie: What ships when the best strategy's paired interval over the baseline includes
+            0 (the verdict says "tie" either way): ``best`` (the higher estimate, the verdict
+            saying it is NOT shown to beat the baseline) or ``baseline`` (a transfer ships only
+            when it demonstrably helps, at the price of shipping scratch when a transfer model
+            was better but the evidence too small to show it). `best` had the lower regret and
+            shipped no more models below scratch on 40 benchmark runs: benchmarks/README.md,
+            "Selection regret".
     """
 
     baseline: str = "scratch"
     plots: bool = True
+    on_tie: Literal["best", "baseline"] = "best"
 
 
 Calibration = Literal["minmax", "entropy", "percentile"]

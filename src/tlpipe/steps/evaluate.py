@@ -64,7 +64,7 @@ def run(
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = list(manifest.target_classes)
     report, preds, histories, evidence = _score(models, test, val, classes)
-    choice = select(report, cfg.baseline, evidence)
+    choice = select(report, cfg.baseline, evidence, cfg.on_tie)
     selected, verdict = choice.selected, choice.verdict
     base = report[cfg.baseline]["accuracy"]
     gain = {
@@ -130,17 +130,22 @@ class Choice:
     extra_fits: int
 
 
-def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str, Any]) -> Choice:
+def select(
+    report: dict[str, dict[str, Any]],
+    baseline: str,
+    evidence: dict[str, Any],
+    on_tie: str = "best",
+) -> Choice:
     """The model to ship, and a sentence saying whether transfer helped.
 
     Evidence: every model's per-image correctness on the same labelled target images: the
     out-of-fold predictions of k-fold CV when finetune cross-validated (small validation), else
-    target validation. The highest accuracy on it ships; a tie goes to the lower validation
-    loss, never to a name. The baseline is a candidate like any strategy. "Transfer helped" is
-    said only when the paired 95 % bootstrap interval of (best strategy − baseline) excludes 0;
-    when it includes 0 the verdict is "tie" and the baseline ships: a transfer ships only when
-    it demonstrably helps. (Shipping the higher point estimate on a tie was measured to ship
-    more models below scratch: benchmarks/README.md, "Selection regret".)
+    target validation. The highest accuracy on it ships; equal accuracies go to the lower
+    validation loss, never to a name. The baseline is a candidate like any strategy. "Transfer
+    helped" is said only when the paired 95 % bootstrap interval of (best strategy − baseline)
+    excludes 0; when it includes 0 the verdict is "tie", and `on_tie` says what ships: the
+    higher estimate (`best`), or the baseline (a transfer ships only when it demonstrably
+    helps). What each rule costs: benchmarks/README.md, "Selection regret".
     """
     correct = evidence["correct"]
     score = {
@@ -171,14 +176,19 @@ def select(report: dict[str, dict[str, Any]], baseline: str, evidence: dict[str,
     on, ci = evidence["on"], f"{mean:+.1f} pt, 95% CI {lo:+.1f} … {hi:+.1f}"
     helped = selected != baseline and lo > 0
     tie = selected != baseline and not helped
-    if tie:
+    if tie and on_tie == "baseline":
         selected = baseline
     if helped:
         verdict = f"transfer helped: {best} beats {baseline} ({ci}) on {on}"
-    elif tie:
+    elif tie and on_tie == "baseline":
         verdict = (
             f"tie: {best} vs {baseline} {ci} on {on}: the interval includes 0, so "
-            f"{baseline} ships (rule: transfer ships only when the interval excludes 0)"
+            f"{baseline} ships (evaluate.on_tie: baseline)"
+        )
+    elif tie:
+        verdict = (
+            f"tie: {best} vs {baseline} {ci} on {on}: the interval includes 0; {best} ships, "
+            f"the higher estimate (evaluate.on_tie: best), NOT shown to beat {baseline}"
         )
     else:
         verdict = (
