@@ -19,9 +19,8 @@ class EvaluateConfig:
             0 (the verdict says "tie" either way): ``best`` (the higher estimate, the verdict
             saying it is NOT shown to beat the baseline) or ``baseline`` (a transfer ships only
             when it demonstrably helps, at the price of shipping scratch when a transfer model
-            was better but the evidence too small to show it). `best` had the lower regret and
-            shipped no more models below scratch on 40 benchmark runs: benchmarks/README.md,
-            "Selection regret".
+            was better but the evidence too small to show it). Both measured:
+            benchmarks/README.md, "Selection regret".
     """
 
     baseline: str = "scratch"
