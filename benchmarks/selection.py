@@ -282,13 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=list(BUDGETS), default="reduced")
     ap.add_argument("--work", type=Path, default=None, help="keep intermediate files here")
     ap.add_argument("--quick", action="store_true", help="budget quick, default scenario, seed 0")
+    ap.add_argument(
+        "--cv-repeats",
+        type=int,
+        default=None,
+        metavar="R",
+        help="finetune.selection.repeats for every scenario (repeated k-fold CV)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.budget, args.scenarios, args.seeds = "quick", ["default"], [0]
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-selection-"))
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    print(f"budget: {args.budget} {BUDGETS[args.budget]}", flush=True)
+    print(f"budget: {args.budget} {BUDGETS[args.budget]}; CV repeats {args.cv_repeats or 1}")
     print(
         "| scenario | seed | shipped | shipped acc | best (hindsight) | best acc | scratch acc "
         "| regret pt | vs scratch pt | verdict | other tie rule: shipped, regret / vs scratch "
@@ -299,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         sdir = work / scenario
         sdir.mkdir(parents=True, exist_ok=True)
         params = scenario_params(scenario, args.budget, sdir)
+        if args.cv_repeats:
+            params = merge(params, {"finetune": {"selection": {"repeats": args.cv_repeats}}})
         raw, source = sdir / "raw", sdir / "source.pt"
         if not raw.exists():
             fetch.run(resolve(params)["fetch"], raw)

@@ -352,6 +352,48 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
     assert load_checkpoint(tmp_path / "big.pt")[1].selection_cv is None
 
 
+def test_repeated_cv_draws_new_folds_and_seeds_and_scores_shares(
+    tiny_prepared, source_model, tmp_path
+):
+    cv_cfg = {"min_val": 26, "folds": 3, "epoch_fraction": 0.5}
+    plain, twice = tmp_path / "plain.pt", tmp_path / "twice.pt"
+    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", selection=cv_cfg))
+    res = finetune.run(
+        tiny_prepared, source_model, twice, _cfg("scratch", selection={**cv_cfg, "repeats": 2})
+    )
+    one, two = (load_checkpoint(p)[1].selection_cv for p in (plain, twice))
+    assert set(one["correct"]) <= {0, 1} and set(two["correct"]) <= {0, 0.5, 1}
+    assert 0.5 in two["correct"]  # another draw of folds and seeds got some images otherwise
+    assert two["fits"] == 6 and two["repeats"] == 2 and res.metrics["cv_extra_fits"] == 6.0
+    assert two["accuracy"] == pytest.approx(np.mean(two["correct"]))
+    # the final model does not depend on the CV: same weights with 1 or 2 repeats
+    a, b = (load_checkpoint(p)[0].state_dict() for p in (plain, twice))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # evaluate pairs models only on the same CV: here, both repeated
+    lp = tmp_path / "lp.pt"
+    finetune.run(
+        tiny_prepared, source_model, lp, _cfg("linear_probe", selection={**cv_cfg, "repeats": 2})
+    )
+    report = evaluate.run(
+        tiny_prepared,
+        {"scratch": twice, "linear_probe": lp},
+        tmp_path / "e",
+        evaluate.EvaluateConfig(plots=False),
+    )
+    from tlpipe.fsio import read_json
+
+    m = read_json(report.metrics_path)
+    assert "2× repeated 3-fold stratified cross-validation" in m["selected_by"]
+    assert "12 extra fits (6 per model × 2 models)" in m["selected_by"]
+    mixed = evaluate.run(  # one model with plain CV: no common evidence, validation decides
+        tiny_prepared,
+        {"scratch": plain, "linear_probe": lp},
+        tmp_path / "e2",
+        evaluate.EvaluateConfig(plots=False),
+    )
+    assert "target validation" in read_json(mixed.metrics_path)["selected_by"]
+
+
 def _with_cv(src: Path, out: Path, correct: list[int]) -> Path:
     """A copy of checkpoint `src` carrying made-up out-of-fold results on 50 images."""
     model, meta = load_checkpoint(src)

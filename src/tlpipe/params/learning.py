@@ -342,11 +342,16 @@ class SelectionConfig:
     target_val (never test): fold by fold, the strategy trains on the other folds for
     `epoch_fraction` of its epochs and predicts the held-out one. `evaluate` then selects on
     these out-of-fold predictions (k × more images than validation alone) and pairs them image
-    by image against scratch for an interval. It costs `folds` extra fits per model.
+    by image against scratch for an interval. It costs `folds` × `repeats` extra fits per
+    model.
 
     Attributes:
         min_val: Cross-validate when target_val has fewer images than this; 0 = never.
         folds: k (≥ 2).
+        repeats: Repeated k-fold: each repeat draws new folds (seed + r) and trains with new
+            seeds (train/probe seed + r); an image's score is its share of correct out-of-fold
+            predictions. More repeats remove training and fold noise from the comparison (not
+            the noise of having few images); 1 = plain k-fold.
         epoch_fraction: Share of each phase's epochs a CV fit trains (at least one epoch).
             1 (the default): every CV fit gets the strategy's own budget. Shorter fits were
             measured to mis-rank (benchmarks/README.md, "Selection regret"): a linear probe
@@ -356,13 +361,20 @@ class SelectionConfig:
 
     min_val: Annotated[int, at_least(0)] = 100
     folds: Annotated[int, at_least(2)] = 3
+    repeats: Annotated[int, at_least(1)] = 1
     epoch_fraction: Annotated[float, between(0, 1, "(]")] = 1.0
     seed: Annotated[int, at_least(0)] = 0
 
     def __post_init__(self) -> None:
-        if self.min_val < 0 or self.folds < 2 or not 0 < self.epoch_fraction <= 1:
+        if (
+            self.min_val < 0
+            or self.folds < 2
+            or self.repeats < 1
+            or not 0 < self.epoch_fraction <= 1
+        ):
             raise TlpipeError(
-                "finetune.selection: min_val must be >= 0, folds >= 2, epoch_fraction in (0, 1]"
+                "finetune.selection: min_val must be >= 0, folds >= 2, repeats >= 1, "
+                "epoch_fraction in (0, 1]"
             )
 
 

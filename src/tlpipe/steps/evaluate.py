@@ -226,19 +226,21 @@ def _cv_evidence(cvs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     if not cvs or any(cv is None for cv in cvs.values()):
         return None
     first = next(iter(cvs.values()))
-    same = ("ids", "folds", "seed", "epoch_fraction")
-    if any(any(cv[k] != first[k] for k in same) for cv in cvs.values()):
+    same = ("ids", "folds", "seed", "epoch_fraction", "repeats")
+    if any(any(cv.get(k, 1) != first.get(k, 1) for k in same) for cv in cvs.values()):
         return None
     fits = sum(int(cv["fits"]) for cv in cvs.values())
-    n, k = len(first["ids"]), first["folds"]
+    n, k, r = len(first["ids"]), first["folds"], first.get("repeats", 1)
+    how = f"{k}-fold CV" if r == 1 else f"{r}× repeated {k}-fold CV"
     return {
         "correct": {name: np.asarray(cv["correct"], float) for name, cv in cvs.items()},
-        "on": f"{k}-fold CV over {n} labelled target images",
+        "on": f"{how} over {n} labelled target images",
         "selected_by": (
-            f"{k}-fold stratified cross-validation over target_train + target_val ({n} labelled "
-            f"images, never test; validation is below finetune.selection.min_val), "
-            f"{first['epoch_fraction']:.0%} of the epochs per fit; ties: validation loss; "
-            f"{fits} extra fits ({k} per model × {len(cvs)} models)"
+            f"{how.replace('CV', 'stratified cross-validation')} over target_train + "
+            f"target_val ({n} labelled images, never test; validation is below "
+            f"finetune.selection.min_val), {first['epoch_fraction']:.0%} of the epochs per "
+            f"fit; ties: validation loss; {fits} extra fits ({k * r} per model × {len(cvs)} "
+            "models)"
         ),
         "extra_fits": fits,
     }

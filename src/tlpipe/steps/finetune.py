@@ -358,34 +358,40 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any]:
-    """k-fold CV of this strategy over target_train + target_val (labels; never test).
+    """(Repeated) k-fold CV of this strategy over target_train + target_val (never test).
 
     Each fold trains from the same start (the source model, or a fresh init for scratch) on the
     other folds, for `selection.epoch_fraction` of the epochs, keeps the last epoch (no data is
-    left to choose one on) and predicts its held-out fold. Returns the per-image out-of-fold
-    correctness, which `evaluate` pairs across strategies.
+    left to choose one on) and predicts its held-out fold. Repeat r draws its folds with
+    `selection.seed + r` and trains with every phase's seed + r. Returns each image's share of
+    correct out-of-fold predictions (0/1 with one repeat), which `evaluate` pairs across
+    strategies.
     """
+    from tlpipe.train.loop import predict
+
     sel = cfg.selection
     x = np.concatenate([np.asarray(train.x), np.asarray(val.x)])
     y = np.concatenate([np.asarray(train.y), np.asarray(val.y)])
     ids = [*_ids(train, "target_train"), *_ids(val, "target_val")]
-    fold = stratified_folds(y, sel.folds, sel.seed)
-    short = shorter(cfg, sel.epoch_fraction)
-    correct = np.zeros(len(y), dtype=bool)
-    from tlpipe.train.loop import predict
-
-    for k in range(sel.folds):
-        held = fold == k
-        if not held.any() or held.all():
-            continue
-        trained = _train(short, data, (x[~held], y[~held]), None, None, "")
-        s = trained.start
-        correct[held] = predict(trained.model, x[held], s.mean, s.std).argmax(1) == y[held]
+    correct = np.zeros(len(y))
+    for r in range(sel.repeats):
+        fold = stratified_folds(y, sel.folds, sel.seed + r)
+        short = reseeded(shorter(cfg, sel.epoch_fraction), r)
+        for k in range(sel.folds):
+            held = fold == k
+            if not held.any() or held.all():
+                continue
+            trained = _train(short, data, (x[~held], y[~held]), None, None, "")
+            s = trained.start
+            hit = predict(trained.model, x[held], s.mean, s.std).argmax(1) == y[held]
+            correct[held] += hit / sel.repeats
+    plain = sel.repeats == 1  # 0/1 per image, as before repeats existed
     return {
         "ids": ids,
-        "correct": correct.astype(int).tolist(),
+        "correct": correct.astype(int).tolist() if plain else correct.round(6).tolist(),
         "folds": sel.folds,
-        "fits": sel.folds,
+        "repeats": sel.repeats,
+        "fits": sel.folds * sel.repeats,
         "epoch_fraction": sel.epoch_fraction,
         "seed": sel.seed,
         "accuracy": float(correct.mean()),
@@ -397,6 +403,19 @@ def _ids(split: Any, name: str) -> list[str]:
     if split.ids is None:
         return [f"{name}:{i}" for i in range(len(split))]
     return [str(k) for k in split.ids]
+
+
+def reseeded(cfg: FinetuneConfig, offset: int) -> FinetuneConfig:
+    """`cfg` with every phase's seed moved by `offset` (0: `cfg` itself)."""
+    if offset == 0:
+        return cfg
+
+    def move(t: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(t, seed=t.seed + offset)
+
+    return dataclasses.replace(
+        cfg, train=move(cfg.train), probe=move(cfg.probe), specialist=move(cfg.specialist)
+    )
 
 
 def shorter(cfg: FinetuneConfig, fraction: float) -> FinetuneConfig:
