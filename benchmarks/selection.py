@@ -75,28 +75,13 @@ class Scenario:
     reduced: dict[str, Any] = field(default_factory=dict)  # on top of BUDGETS["reduced"]
 
 
-def digits_target(sdir: Path, tint: bool = False) -> dict[str, Any]:
-    """scikit-learn's digits (grey or tinted RGB) as the target ImageFolder."""
+def digits(sdir: Path, side: str = "target", tint: bool = False) -> dict[str, Any]:
+    """scikit-learn's 1 797 digits (grey, or tinted RGB) as the `side` ImageFolder."""
     folder = sdir / ("digits-rgb" if tint else "digits")
     if not folder.exists():
         write_digits(folder, tint=tint)
-    return {
-        "fetch": {
-            "target": {"dataset": "digits", "format": "imagefolder", "sources": [str(folder)]}
-        }
-    }
-
-
-def digits_source(sdir: Path) -> dict[str, Any]:
-    """scikit-learn's digits, all ten, as the source ImageFolder (the target is Fashion-MNIST)."""
-    folder = sdir / "digits"
-    if not folder.exists():
-        write_digits(folder)
-    return {
-        "fetch": {
-            "source": {"dataset": "digits", "format": "imagefolder", "sources": [str(folder)]}
-        }
-    }
+    spec = {"dataset": "digits", "format": "imagefolder", "sources": [str(folder)]}
+    return {"fetch": {side: spec}}
 
 
 def fashion_pngs(sdir: Path, per_class: int = 600) -> dict[str, Any]:
@@ -129,7 +114,7 @@ SCENARIOS: dict[str, Scenario] = {
     "default": Scenario(REPO / "params.yaml"),  # Fashion-MNIST 0-4 → 5-9, k = 5
     "fashion-k20": Scenario(REPO / "params.yaml", {"prepare": {"target": {"k": 20}}}),
     "mixed-source": Scenario(REPO / "scenarios/mixed-source.yaml"),
-    "fashion-to-digits": Scenario(REPO / "scenarios/fashion-to-digits.yaml", data=digits_target),
+    "fashion-to-digits": Scenario(REPO / "scenarios/fashion-to-digits.yaml", data=digits),
     # Fashion-MNIST 5-9, 200 labelled a class, from a digits source
     "digits-to-fashion": Scenario(
         REPO / "params.yaml",
@@ -141,7 +126,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "input_size": 28,
             }
         },
-        data=digits_source,
+        data=partial(digits, side="source"),
     ),
     # tinted RGB digits at 64 px (20 labelled a class), resnet18 pretrained on Fashion-MNIST
     "tinted-digits-resnet18": Scenario(
@@ -155,7 +140,7 @@ SCENARIOS: dict[str, Scenario] = {
             },
             "pretrain": {"model": "resnet18"},
         },
-        data=partial(digits_target, tint=True),
+        data=partial(digits, tint=True),
         reduced={"prepare": {"source": {"max_per_class": 300}}},  # resnet18 on 2 CPU cores
     ),
     # Fashion-MNIST 5-9 as the user's PNGs, 60 then 100 labelled a class
