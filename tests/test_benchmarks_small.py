@@ -92,7 +92,7 @@ def test_every_selection_scenario_resolves_on_the_data_it_writes(tmp_path: Path)
         for budget in ("reduced", "full"):
             resolved = resolve(selection.scenario_params(name, budget, tmp_path))
             for side in ("source", "target"):
-                for src in resolved["fetch"].__getattribute__(side).sources:
+                for src in getattr(resolved["fetch"], side).sources:
                     if not src.startswith("/usr/share"):
                         assert Path(src).is_absolute() and Path(src).is_dir(), (name, src)
     tinted = resolve(selection.scenario_params("tinted-digits-resnet18", "reduced", tmp_path))

@@ -134,7 +134,7 @@ def select(
     report: dict[str, dict[str, Any]],
     baseline: str,
     evidence: dict[str, Any],
-    on_tie: str = "best",
+    on_tie: str,
 ) -> Choice:
     """The model to ship, and a sentence saying whether transfer helped.
 
