@@ -187,7 +187,12 @@ def run_seed(scenario: str, params: dict, seed: int, args) -> dict:
     for variant, (strategy, matcher) in VARIANTS.items():
         if variant in results or not (matcher is None or (work / f"match_{matcher}").exists()):
             continue
-        over = {"strategy": strategy, "train": {"seed": seed}, "specialist": {"seed": seed}}
+        over = {
+            "strategy": strategy,
+            "train": {"seed": seed},
+            "specialist": {"seed": seed},
+            "selection": {"min_val": 0},  # nothing is chosen here: no CV fits, no refit
+        }
         if args.finetune_epochs:
             over["train"]["epochs"] = args.finetune_epochs
         cfg = resolve(section(params, "finetune", over))["finetune"].for_strategy(strategy)

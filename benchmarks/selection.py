@@ -14,9 +14,12 @@ Their image folders are written under the work folder first.
 
 For each scenario and seed the steps run as the pipeline runs them: prepare (the seed draws
 which target images are labelled), finetune for scratch and every strategy (with the default
-selection: k-fold cross-validation over target train + val when validation is small), and
-evaluate, which picks the model to ship without looking at test. The source model is
-pretrained once per scenario (its source split does not depend on the target draw).
+selection: k-fold cross-validation over target train + val when validation is small, then
+each model refit on all of them), and evaluate, which picks the model to ship without looking
+at test. The source model is pretrained once per scenario (its source split does not depend
+on the target draw). The same models and the same per-image evidence (evidence.json) are then
+chosen from under every rule, `evaluate.on_tie` × `evaluate.select_by`, and each rule's
+regret is printed next to the params' own.
 
 Prints, per run, the shipped model's test accuracy against the hindsight-best model's (the
 best on test, which no pipeline can know) and against scratch, and the Kendall τ (tau-b)
@@ -151,7 +154,13 @@ SCENARIOS: dict[str, Scenario] = {
         REPO / "params.yaml", merge(PNG_TARGET, {"prepare": {"target": {"k": 100}}}), fashion_pngs
     ),
 }
-RULES = ("baseline", "best")  # evaluate.on_tie: what ships when the interval includes 0
+# evaluate.on_tie (what ships when the interval includes 0) × evaluate.select_by (the per-image
+# score it chooses by): every rule is applied to the same models and the same evidence
+RULES = tuple(
+    f"{tie}/{by}"
+    for by in ("accuracy", "probability", "log_likelihood")
+    for tie in ("best", "baseline")
+)
 BUDGETS: dict[str, dict[str, Any]] = {
     "full": {},
     "reduced": {
@@ -178,9 +187,10 @@ def scenario_params(name: str, budget: str, sdir: Path) -> dict[str, Any]:
 
 
 def run_once(params: dict, raw: Path, source: Path, work: Path, seed: int) -> dict[str, dict]:
-    """Prepare with `seed`, fine-tune scratch and every strategy, evaluate under each tie rule
-    (`evaluate.on_tie`): rule → metrics.json, with each model's fine-tuning wall time (CV fits
-    included) under "seconds"."""
+    """Prepare with `seed`, fine-tune scratch and every strategy, evaluate, and choose again
+    from the same evidence under every rule (`on_tie/select_by`): rule → metrics.json with
+    that rule's choice, and each model's fine-tuning wall time (CV fits included) under
+    "seconds"."""
     seeded = {"train": {"seed": seed}, "probe": {"seed": seed}}
     resolved = resolve(merge(params, {"prepare": {"seed": seed}, "finetune": seeded}))
     prep = work / f"prep-s{seed}"
@@ -197,11 +207,19 @@ def run_once(params: dict, raw: Path, source: Path, work: Path, seed: int) -> di
             finetune.run(prep, source, paths[name], resolved["finetune"].for_strategy(name))
             seconds[name] = time.perf_counter() - t0
             times_file.write_text(json.dumps(seconds, indent=1))
+    out = work / f"eval-s{seed}"
+    evaluate.run(prep, paths, out, replace(resolved["evaluate"], plots=False))
+    metrics, evidence = read_json(out / "metrics.json"), read_json(out / "evidence.json")
     results = {}
-    for rule in RULES:  # the same models chosen from under each tie rule
-        out = work / f"eval-s{seed}-{rule}"
-        evaluate.run(prep, paths, out, replace(resolved["evaluate"], plots=False, on_tie=rule))
-        results[rule] = read_json(out / "metrics.json") | {"seconds": seconds}
+    for rule in RULES:
+        on_tie, by = rule.split("/")
+        choice = evaluate.select(metrics["models"], metrics["baseline"], evidence, on_tie, by)
+        results[rule] = metrics | {
+            "selected": choice.selected,
+            "transfer_helped": choice.helped,
+            "tie": choice.tie,
+            "seconds": seconds,
+        }
     return results
 
 
@@ -213,7 +231,7 @@ def outcome(m: dict[str, Any]) -> tuple[float, float]:
 
 
 def last_line(rows: list[dict[str, Any]], rule: str) -> str:
-    """The summary line of the issue, for the runs chosen from under tie rule `rule`."""
+    """The summary line of the issue, for the runs chosen under `rule` (on_tie/select_by)."""
     below = sum(r[rule][1] < -1 for r in rows)
     regret = statistics.mean(r[rule][0] for r in rows)
     return (
@@ -283,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"budget: {args.budget} {BUDGETS[args.budget]}; CV repeats {args.cv_repeats or 1}")
     print(
         "| scenario | seed | shipped | shipped acc | best (hindsight) | best acc | scratch acc "
-        "| regret pt | vs scratch pt | verdict | other tie rule: shipped, regret / vs scratch "
+        "| regret pt | vs scratch pt | verdict | regret per rule pt (" + ", ".join(RULES) + ") "
         "| LogME τ |"
     )
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---|---|---:|")
@@ -301,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             pretrain.run(sdir / "prep-source", source, resolve(params)["pretrain"])
         for seed in args.seeds:
             runs = run_once(params, raw, source, sdir, seed)
-            rule = resolve(params)["evaluate"].on_tie  # what this scenario's params ship by
-            alt = next(r for r in RULES if r != rule)
+            ev = resolve(params)["evaluate"]
+            rule = f"{ev.on_tie}/{ev.select_by}"  # what this scenario's params ship by
             m = runs[rule]
             acc = {n: v["accuracy"] for n, v in m["models"].items()}
             best = max(acc, key=acc.get)
@@ -321,39 +339,37 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {scenario} | {seed} | {m['selected']} | {100 * acc[m['selected']]:.1f} "
                 f"| {best} | {100 * acc[best]:.1f} | {100 * acc[m['baseline']]:.1f} "
-                f"| {regret:.1f} | {vs:+.1f} | {verdict} | {runs[alt]['selected']} "
-                f"{row[alt][0]:.1f} / {row[alt][1]:+.1f} "
-                f"| {row['tau']:+.2f} |",
+                f"| {regret:.1f} | {vs:+.1f} | {verdict} "
+                f"| {' '.join(f'{row[r][0]:.1f}' for r in RULES)} | {row['tau']:+.2f} |",
                 flush=True,
             )
     report(rows, rule)
     print(f"total {time.perf_counter() - t0:.0f} s; files in {work}")
     for r in RULES:
         if r != rule:
-            print(f"with evaluate.on_tie: {r}: {last_line(rows, r)}")
+            tie, by = r.split("/")
+            print(f"with evaluate.on_tie: {tie}, select_by: {by}: {last_line(rows, r)}")
     print(last_line(rows, rule))
     return 0
 
 
 def report(rows: list[dict[str, Any]], rule: str) -> None:
-    """Per scenario: mean regret (under tie rule `rule`, and the other), and what LogME said
-    before fine-tuning; then over all runs:
-    the τ of the models within a run, the τ of "does transfer pay" across runs, and what the
-    skip rule would have saved."""
-    other = next(r for r in RULES if r != rule)
+    """Per scenario: mean regret (under the params' rule `rule`, and under every rule), and
+    what LogME said before fine-tuning; then over all runs: the τ of the models within a run,
+    the τ of "does transfer pay" across runs, and what the skip rule would have saved."""
     print()
     print(
-        "| scenario | runs | mean regret pt | mean vs scratch pt | regret, other tie rule "
-        "| ΔLogME source − random "
-        "| Δacc best transfer − scratch pt | skip rule fires |"
+        "| scenario | runs | mean regret pt | mean vs scratch pt | mean regret per rule pt ("
+        + ", ".join(RULES)
+        + ") | ΔLogME source − random | Δacc best transfer − scratch pt | skip rule fires |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         rs = [r for r in rows if r["scenario"] == scenario]
         print(
             f"| {scenario} | {len(rs)} | {statistics.mean(r[rule][0] for r in rs):.2f} "
             f"| {statistics.mean(r[rule][1] for r in rs):+.2f} "
-            f"| {statistics.mean(r[other][0] for r in rs):.2f} "
+            f"| {' '.join(f'{statistics.mean(r[x][0] for r in rs):.2f}' for x in RULES)} "
             f"| {statistics.mean(r['gaps'][0] for r in rs):+.3f} "
             f"| {100 * statistics.mean(r['gaps'][1] for r in rs):+.1f} "
             f"| {sum(r['skip'][0] > 0 for r in rs)} of {len(rs)} |"

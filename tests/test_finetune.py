@@ -206,7 +206,8 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
     for s in ("scratch", "linear_probe", "full"):
         models[s] = tmp_path / f"{s}.pt"
         finetune.run(tiny_prepared, source_model, models[s], _cfg(s))
-    res = evaluate.run(tiny_prepared, models, tmp_path / "eval", evaluate.EvaluateConfig())
+    cfg = evaluate.EvaluateConfig(on_tie="best")  # the highest estimate ships, tie or not
+    res = evaluate.run(tiny_prepared, models, tmp_path / "eval", cfg)
     from tlpipe.fsio import read_json
 
     report = read_json(res.metrics_path)
@@ -214,7 +215,7 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
         n: (report["models"][n]["val_accuracy"], -report["models"][n]["val_loss"], n == "scratch")
         for n in ("scratch", "linear_probe", "full")
     }
-    # the highest validation accuracy ships (scratch too; a tie of its interval included)
+    # the highest validation accuracy ships (scratch is a candidate like the others)
     assert report["selected"] == max(scores, key=scores.get)
     assert report["paired"]["model"] == max(("linear_probe", "full"), key=scores.get)
     assert set(report["gain_over_scratch"]) == {"linear_probe", "full"}
@@ -342,6 +343,10 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
     assert cv["folds"] == cv["fits"] == 3 and cv["accuracy"] == pytest.approx(
         np.mean(cv["correct"])
     )
+    # the probability of the true class, out of fold: the argmax when right, < 1/2 when wrong
+    k = len(load_manifest(tiny_prepared).target_classes)
+    right, p = np.asarray(cv["correct"], bool), np.asarray(cv["p_true"])
+    assert len(p) == 50 and (p[right] >= 1 / k).all() and (p[~right] < 0.5).all()
     assert res.metrics["cv_extra_fits"] == 3.0 and "3-fold CV accuracy" in res.summary
     finetune.run(
         tiny_prepared,
@@ -350,6 +355,47 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
         _cfg("linear_probe", selection={**cv_cfg, "min_val": 25}),
     )
     assert load_checkpoint(tmp_path / "big.pt")[1].selection_cv is None
+
+
+def test_after_cv_the_shipped_model_is_refit_on_train_and_val(
+    tiny_prepared, source_model, tmp_path
+) -> None:
+    from tlpipe.fsio import read_json
+
+    cv_cfg = {"min_val": 26, "folds": 2, "epoch_fraction": 0.5}
+    paths = {name: tmp_path / f"{name}.pt" for name in ("scratch", "full", "kept")}
+    res = {
+        name: finetune.run(
+            tiny_prepared,
+            source_model,
+            path,
+            _cfg(
+                "full" if name == "kept" else name,
+                selection={**cv_cfg, "refit": name != "kept"},
+            ),
+        )
+        for name, path in paths.items()
+    }
+    # refit: all 50 labelled images, the last epoch, no held-out validation to report
+    assert "trained on target train + val (50 images, the last epoch" in res["full"].summary
+    assert "target_val_accuracy" not in res["full"].metrics
+    assert "target_val_accuracy" in res["kept"].metrics  # refit: false picks its epoch on val
+    refit, kept = (load_checkpoint(paths[n]) for n in ("full", "kept"))
+    assert refit[1].selection_cv["refit"] and not kept[1].selection_cv["refit"]
+    assert all("val_accuracy" not in row for row in refit[1].history)
+    assert any("val_accuracy" in row for row in kept[1].history)
+    assert refit[1].selection_cv["correct"] == kept[1].selection_cv["correct"]  # same CV
+    a, b = refit[0].state_dict(), kept[0].state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    # evaluate chooses on the CV and shows no validation accuracy for the refit models
+    out = tmp_path / "e"
+    models = {"scratch": paths["scratch"], "full": paths["full"]}
+    report = read_json(
+        evaluate.run(tiny_prepared, models, out, evaluate.EvaluateConfig()).metrics_path
+    )
+    assert "cross-validation" in report["selected_by"]
+    assert all(m["val_accuracy"] != m["val_accuracy"] for m in report["models"].values())
+    assert "   refit" in evaluate.format_table(report)
 
 
 def test_repeated_cv_draws_new_folds_and_seeds_and_scores_shares(
@@ -385,21 +431,25 @@ def test_repeated_cv_draws_new_folds_and_seeds_and_scores_shares(
     m = read_json(report.metrics_path)
     assert "2× repeated 3-fold stratified cross-validation" in m["selected_by"]
     assert "12 extra fits (6 per model × 2 models)" in m["selected_by"]
-    mixed = evaluate.run(  # one model with plain CV: no common evidence, validation decides
-        tiny_prepared,
-        {"scratch": plain, "linear_probe": lp},
-        tmp_path / "e2",
-        evaluate.EvaluateConfig(plots=False),
-    )
-    assert "target validation" in read_json(mixed.metrics_path)["selected_by"]
+    # one model with plain CV: no common evidence, and validation can't decide either: the
+    # models trained on it (finetune.selection.refit)
+    with pytest.raises(TlpipeError, match="trained on target_val .* do not pair"):
+        evaluate.run(
+            tiny_prepared,
+            {"scratch": plain, "linear_probe": lp},
+            tmp_path / "e2",
+            evaluate.EvaluateConfig(plots=False),
+        )
 
 
-def _with_cv(src: Path, out: Path, correct: list[int]) -> Path:
-    """A copy of checkpoint `src` carrying made-up out-of-fold results on 50 images."""
+def _with_cv(src: Path, out: Path, correct: list[int], p_true: list[float] | None = None) -> Path:
+    """A copy of checkpoint `src` carrying made-up out-of-fold results on 50 images (the
+    probability of the true class: 0.8 where right, 0.2 where wrong, unless given)."""
     model, meta = load_checkpoint(src)
     cv = {
         "ids": [str(i) for i in range(50)],
         "correct": correct,
+        "p_true": p_true or [0.2 + 0.6 * c for c in correct],
         "folds": 3,
         "fits": 3,
         "epoch_fraction": 0.34,
@@ -433,12 +483,14 @@ def test_cross_validated_selection_says_helped_only_when_the_interval_excludes_0
     res = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
     report = read_json(res.metrics_path)
     assert report["verdict"].startswith(verdict), report["verdict"]
-    # on a tie the higher estimate ships (evaluate.on_tie: best, the default), not said to help
-    assert report["selected"] == ("scratch" if verdict.startswith("transfer did NOT") else "full")
+    # on a tie scratch ships (evaluate.on_tie: baseline, the default): full is not shown to help
+    assert report["selected"] == ("full" if verdict.startswith("transfer helped") else "scratch")
     assert report["transfer_helped"] is (verdict.startswith("transfer helped"))
     assert report["tie"] is verdict.startswith("tie")
-    lo, hi = report["paired"]["ci95_points"]
-    assert lo <= report["paired"]["diff_points"] == 2 * (full_right - scratch_right) <= hi
+    paired = report["paired"]
+    lo, hi = paired["ci95"]
+    assert lo <= paired["diff"] == 2 * (full_right - scratch_right) <= hi
+    assert paired["unit"] == "pt" and paired["score"] == "accuracy"
     assert (
         report["extra_fits"] == 6 and "3-fold stratified cross-validation" in report["selected_by"]
     )
@@ -466,6 +518,47 @@ def test_on_a_tie_the_rule_in_params_says_what_ships(
     assert f"evaluate.on_tie: {on_tie}" in report["verdict"]
     if on_tie == "best":
         assert "NOT shown to beat scratch" in report["verdict"]
+
+
+@pytest.mark.parametrize("select_by", ["accuracy", "probability", "log_likelihood"])
+def test_select_by_says_which_per_image_score_chooses(
+    select_by, tiny_prepared, source_model, tmp_path
+) -> None:
+    from tlpipe.fsio import read_json
+
+    plain = tmp_path / "plain.pt"
+    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", model="small_cnn"))
+    # scratch: 30 of 50 right, barely (0.4 on the true class of 5), and confidently wrong
+    # (0.01) where wrong; full: 28 right, confidently (0.95), unsure (0.3) where wrong
+    scratch = [1] * 30 + [0] * 20
+    full = [1] * 28 + [0] * 22
+    models = {
+        "scratch": _with_cv(
+            plain, tmp_path / "scratch.pt", scratch, [0.4 if c else 0.01 for c in scratch]
+        ),
+        "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
+    }
+    cfg = evaluate.EvaluateConfig(plots=False, select_by=select_by)
+    out = tmp_path / "e"
+    report = read_json(evaluate.run(tiny_prepared, models, out, cfg).metrics_path)
+    assert report["selected"] == ("scratch" if select_by == "accuracy" else "full")
+    paired = report["paired"]
+    assert paired["score"] == select_by and paired["unit"] == (
+        "nats" if "log" in select_by else "pt"
+    )
+    expected = {
+        "accuracy": 100 * (28 - 30) / 50,
+        "probability": 100 * ((28 * 0.95 + 22 * 0.3) - (30 * 0.4 + 20 * 0.01)) / 50,
+        "log_likelihood": (
+            28 * np.log(0.95) + 22 * np.log(0.3) - 30 * np.log(0.4) - 20 * np.log(0.01)
+        )
+        / 50,
+    }[select_by]
+    assert paired["diff"] == pytest.approx(expected, abs=1e-3)
+    assert select_by.replace("_", " ") in report["verdict"]
+    evidence = read_json(out / "evidence.json")  # what it chose from, image by image
+    assert evidence["ids"] == [str(i) for i in range(50)]
+    assert evidence["correct"]["full"] == full and evidence["p_true"]["scratch"][-1] == 0.01
 
 
 def test_paired_interval_of_identical_models_is_zero() -> None:

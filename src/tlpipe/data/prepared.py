@@ -117,6 +117,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def keys(self, name: str) -> list[str]:
+        """The images' content keys as text (`name:position` where the split has none): what
+        pairs one model's per-image evidence with another's."""
+        if self.ids is None:
+            return [f"{name}:{i}" for i in range(len(self))]
+        return [str(k) for k in self.ids]
+
 
 # ---------------------------------------------------------------------------- prepared splits
 #

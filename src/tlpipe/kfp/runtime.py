@@ -22,6 +22,7 @@ No torch, kfp or mlflow at import time: this module is imported by the DAG at co
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -406,9 +407,10 @@ def finish_run(state: str) -> None:
 
 
 def log_metrics(artifact: Any, values: dict[str, Any]) -> None:
-    """Numeric `values` onto a KFP Metrics artifact (the UI's scalar table), then save it."""
+    """Finite numeric `values` onto a KFP Metrics artifact (the UI's scalar table), then save
+    it (NaN, e.g. the validation accuracy of a model refit on validation, is not valid JSON)."""
     for key, value in values.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             artifact.log_metric(key, float(value))
     save_metadata(artifact)
 

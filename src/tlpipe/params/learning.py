@@ -357,6 +357,12 @@ class SelectionConfig:
             measured to mis-rank (benchmarks/README.md, "Selection regret"): a linear probe
             converges in a few epochs, scratch does not, so short CV favours the probe.
         seed: Fold assignment; the same for every strategy, so comparisons are paired.
+        refit: When cross-validating, train the model that ships on every labelled image
+            (target_train + target_val) for the full epochs and keep the last epoch, as each
+            CV fit does: CV then estimates the recipe the shipped model follows, on the same
+            kind of data, and the model learns from all of it (few-shot: twice the images).
+            Its validation metrics are then not held out, and evaluate shows none. False: the
+            shipped model trains on target_train and picks its epoch on target_val.
     """
 
     min_val: Annotated[int, at_least(0)] = 100
@@ -364,6 +370,7 @@ class SelectionConfig:
     repeats: Annotated[int, at_least(1)] = 1
     epoch_fraction: Annotated[float, between(0, 1, "(]")] = 1.0
     seed: Annotated[int, at_least(0)] = 0
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if (

@@ -21,11 +21,18 @@ class EvaluateConfig:
             when it demonstrably helps, at the price of shipping scratch when a transfer model
             was better but the evidence too small to show it). Both measured:
             benchmarks/README.md, "Selection regret".
+        select_by: The per-image score the selection and the paired interval use, on the
+            out-of-fold predictions (or validation): ``accuracy`` (0/1 correct),
+            ``probability`` (the probability the model gives the true class: a smoother,
+            less noisy estimate on few images) or ``log_likelihood`` (its log, a proper scoring
+            rule that punishes confident mistakes). Measured side by side: benchmarks/README.md,
+            "Selection regret".
     """
 
     baseline: str = "scratch"
     plots: bool = True
-    on_tie: Literal["best", "baseline"] = "best"
+    on_tie: Literal["best", "baseline"] = "baseline"
+    select_by: Literal["accuracy", "probability", "log_likelihood"] = "accuracy"
 
 
 Calibration = Literal["minmax", "entropy", "percentile"]

@@ -64,7 +64,7 @@ def run(
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = list(manifest.target_classes)
     report, preds, histories, evidence = _score(models, test, val, classes)
-    choice = select(report, cfg.baseline, evidence, cfg.on_tie)
+    choice = select(report, cfg.baseline, evidence, cfg.on_tie, cfg.select_by)
     selected, verdict = choice.selected, choice.verdict
     base = report[cfg.baseline]["accuracy"]
     gain = {
@@ -88,6 +88,7 @@ def run(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "metrics.json", out)
+        write_json(tmp / "evidence.json", _jsonable(evidence))
         (tmp / "selected.txt").write_text(selected + "\n")
         (tmp / "plots").mkdir()
         _write_curves(tmp / "plots" / "curves.csv", histories)
@@ -130,30 +131,49 @@ class Choice:
     extra_fits: int
 
 
+SCORES = {  # evaluate.select_by → (per-image score from (correct, p_true), unit, scale)
+    "accuracy": (lambda correct, p: correct, "pt", 100.0),
+    "probability": (lambda correct, p: p, "pt", 100.0),
+    "log_likelihood": (lambda correct, p: np.log(np.clip(p, 1e-6, 1.0)), "nats", 1.0),
+}
+
+
+def per_image(evidence: dict[str, Any], by: str) -> dict[str, np.ndarray]:
+    """Each model's per-image score `by` (a key of SCORES) on the evidence's images."""
+    fn = SCORES[by][0]
+    p_true = evidence["p_true"]
+    return {n: np.asarray(fn(c, p_true[n]), float) for n, c in evidence["correct"].items()}
+
+
 def select(
     report: dict[str, dict[str, Any]],
     baseline: str,
     evidence: dict[str, Any],
     on_tie: str,
+    by: str,
 ) -> Choice:
     """The model to ship, and a sentence saying whether transfer helped.
 
-    Evidence: every model's per-image correctness on the same labelled target images: the
-    out-of-fold predictions of k-fold CV when finetune cross-validated (small validation), else
-    target validation. The highest accuracy on it ships; equal accuracies go to the lower
-    validation loss, never to a name. The baseline is a candidate like any strategy. "Transfer
-    helped" is said only when the paired 95 % bootstrap interval of (best strategy − baseline)
-    excludes 0; when it includes 0 the verdict is "tie", and `on_tie` says what ships: the
-    higher estimate (`best`), or the baseline (a transfer ships only when it demonstrably
-    helps). What each rule costs: benchmarks/README.md, "Selection regret".
+    Evidence: every model's per-image correctness and probability of the true class on the
+    same labelled target images: the out-of-fold predictions of k-fold CV when finetune
+    cross-validated (small validation), else target validation. The highest mean score `by`
+    ships (`accuracy`: 0/1 correct; `probability`: the probability given to the true class;
+    `log_likelihood`: its log); equal scores go to the higher log-likelihood on the same
+    images (the lower loss), never to a name.
+    The baseline is a candidate like any strategy. "Transfer helped" is said only when the
+    paired 95 % bootstrap interval of (best strategy − baseline) in that score excludes 0; when
+    it includes 0 the verdict is "tie", and `on_tie` says what ships: the higher estimate
+    (`best`), or the baseline (a transfer ships only when it demonstrably helps). What each
+    rule costs: benchmarks/README.md, "Selection regret".
     """
-    correct = evidence["correct"]
-    score = {
-        n: float(np.mean(correct[n])) if len(correct.get(n, [])) else float("nan") for n in report
-    }
+    values = per_image(evidence, by)
+    nan = float("nan")
+    score = {n: float(np.mean(values[n])) if n in values else nan for n in report}
+    ll = per_image(evidence, "log_likelihood")
+    tiebreak = {n: float(np.mean(ll[n])) if n in ll else nan for n in report}
 
     def key(name: str) -> tuple[float, float, bool]:
-        return score[name], -report[name]["val_loss"], name == baseline
+        return score[name], tiebreak[name], name == baseline
 
     candidates = [n for n in report if n == baseline or not report[n].get("skipped")]
     selected = max(candidates, key=key)
@@ -163,17 +183,20 @@ def select(
             selected, verdict, evidence["selected_by"], False, False, {}, evidence["extra_fits"]
         )
     best = max((n for n in candidates if n != baseline), key=key)
-    d = np.asarray(evidence["correct"][best], float) - evidence["correct"][baseline]
-    mean, lo, hi = (100 * v for v in paired_interval(d))
+    _, unit, scale = SCORES[by]
+    mean, lo, hi = (scale * v for v in paired_interval(values[best] - values[baseline]))
     paired = {
         "model": best,
         "vs": baseline,
-        "diff_points": round(mean, 2),
-        "ci95_points": [round(lo, 2), round(hi, 2)],
-        "images": len(d),
+        "score": by,
+        "diff": round(mean, 3),
+        "ci95": [round(lo, 3), round(hi, 3)],
+        "unit": unit,
+        "images": len(values[best]),
         "on": evidence["on"],
     }
-    on, ci = evidence["on"], f"{mean:+.1f} pt, 95% CI {lo:+.1f} … {hi:+.1f}"
+    on, f = evidence["on"], 1 if unit == "pt" else 3  # decimals
+    ci = f"{mean:+.{f}f} {unit} of {by.replace('_', ' ')}, 95% CI {lo:+.{f}f} … {hi:+.{f}f}"
     helped = selected != baseline and lo > 0
     tie = selected != baseline and not helped
     if tie and on_tie == "baseline":
@@ -210,12 +233,16 @@ def paired_interval(d: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[f
     return float(d.mean()), float(lo), float(hi)
 
 
-def _val_evidence(correct: dict[str, np.ndarray]) -> dict[str, Any]:
-    n = len(next(iter(correct.values())))
+def _val_evidence(
+    ids: list[str], correct: dict[str, np.ndarray], p_true: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    n = len(ids)
     return {
+        "ids": ids,
         "correct": {name: np.asarray(c, float) for name, c in correct.items()},
+        "p_true": {name: np.asarray(p, float) for name, p in p_true.items()},
         "on": f"target validation ({n} images)",
-        "selected_by": f"target validation accuracy ({n} images; ties: validation loss); "
+        "selected_by": f"target validation ({n} images; ties: log-likelihood); "
         "the baseline too; no extra fits",
         "extra_fits": 0,
     }
@@ -223,24 +250,26 @@ def _val_evidence(correct: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _cv_evidence(cvs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Cross-validation evidence when every model has it on the same images and folds."""
-    if not cvs or any(cv is None for cv in cvs.values()):
-        return None
+    if not cvs or any(cv is None or "p_true" not in cv for cv in cvs.values()):
+        return None  # (a checkpoint from before CV kept p_true is scored on validation)
     first = next(iter(cvs.values()))
-    same = ("ids", "folds", "seed", "epoch_fraction", "repeats")
+    same = ("ids", "folds", "seed", "epoch_fraction", "repeats", "refit")
     if any(any(cv.get(k, 1) != first.get(k, 1) for k in same) for cv in cvs.values()):
         return None
     fits = sum(int(cv["fits"]) for cv in cvs.values())
     n, k, r = len(first["ids"]), first["folds"], first.get("repeats", 1)
     how = f"{k}-fold CV" if r == 1 else f"{r}× repeated {k}-fold CV"
     return {
+        "ids": first["ids"],
         "correct": {name: np.asarray(cv["correct"], float) for name, cv in cvs.items()},
+        "p_true": {name: np.asarray(cv["p_true"], float) for name, cv in cvs.items()},
         "on": f"{how} over {n} labelled target images",
         "selected_by": (
             f"{how.replace('CV', 'stratified cross-validation')} over target_train + "
             f"target_val ({n} labelled images, never test; validation is below "
             f"finetune.selection.min_val), {first['epoch_fraction']:.0%} of the epochs per "
-            f"fit; ties: validation loss; {fits} extra fits ({k * r} per model × {len(cvs)} "
-            "models)"
+            f"fit; ties: log-likelihood; {fits} extra fits ({k * r} per model × {len(cvs)} "
+            "models)" + ("; then each model refit on all of them" if first.get("refit") else "")
         ),
         "extra_fits": fits,
     }
@@ -268,7 +297,7 @@ def _score(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list], dict[str, Any]]:
     """Test metrics + validation accuracy and loss of every model; test predictions; histories;
     the selection evidence (cross-validation if every model has it, else validation)."""
-    from tlpipe.train.loop import predict
+    from tlpipe.train.loop import predict, true_class_log_probability
     from tlpipe.train.models import load_checkpoint
 
     report: dict[str, Any] = {}
@@ -276,6 +305,7 @@ def _score(
     histories: dict[str, list] = {}
     cvs: dict[str, Any] = {}
     val_correct: dict[str, np.ndarray] = {}
+    val_p_true: dict[str, np.ndarray] = {}
     nan = float("nan")
     for name, path in sorted(models.items()):
         model, meta = load_checkpoint(path)
@@ -284,28 +314,42 @@ def _score(
         preds[name] = predict(model, test.x, meta.mean, meta.std).argmax(1)
         val_logits = predict(model, val.x, meta.mean, meta.std)
         m = classification_metrics(test.y, preds[name], classes)
-        m["val_accuracy"] = float((val_logits.argmax(1) == val.y).mean()) if len(val) else nan
-        m["val_loss"] = _cross_entropy(val_logits, val.y) if len(val) else nan
+        val_correct[name] = val_logits.argmax(1) == val.y
+        val_log_p = true_class_log_probability(val_logits, val.y)
+        val_p_true[name] = np.exp(val_log_p)
+        held_out = len(val) and not (meta.selection_cv or {}).get("refit")
+        m["val_accuracy"] = float(val_correct[name].mean()) if held_out else nan
+        m["val_loss"] = float(-val_log_p.mean()) if held_out else nan
         m["arch"] = meta.arch
         m["logme"] = meta.logme
         if meta.skipped:
             m["skipped"] = meta.skipped
-        val_correct[name] = val_logits.argmax(1) == val.y
         cvs[name] = meta.selection_cv
         if cvs[name] is not None:
             m["cv_accuracy"] = float(cvs[name]["accuracy"])
         report[name] = m
         histories[name] = list(meta.history)
     trained = {n: cv for n, cv in cvs.items() if not report[n].get("skipped")}
-    evidence = _cv_evidence(trained) or _val_evidence(val_correct)
+    evidence = _cv_evidence(trained)
+    if evidence is None:
+        refit = sorted(n for n, cv in trained.items() if (cv or {}).get("refit"))
+        if refit:  # validation is in their training data: it can't choose between them
+            raise TlpipeError(
+                f"{', '.join(refit)} trained on target_val (finetune.selection.refit) but the "
+                "models' cross-validations do not pair (other folds, seeds or settings): "
+                "fine-tune every model with the same finetune.selection"
+            )
+        evidence = _val_evidence(val.keys("target_val"), val_correct, val_p_true)
     return report, preds, histories, evidence
 
 
-def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy of `logits` (N, K) for labels `y`."""
-    z = logits - logits.max(1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-log_p[np.arange(len(y)), y].mean())
+def _jsonable(evidence: dict[str, Any]) -> dict[str, Any]:
+    """The selection evidence as JSON (evidence.json): per model, per image (`ids`), whether
+    it was right and the probability it gave the true class; what `select` chose from."""
+    per_model = ("correct", "p_true")
+    out = {k: v for k, v in evidence.items() if k not in per_model}
+    rows = {k: {n: np.round(v, 6).tolist() for n, v in evidence[k].items()} for k in per_model}
+    return out | rows
 
 
 def _write_curves(path: Path, histories: dict[str, list]) -> None:
@@ -373,7 +417,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, m in sorted(metrics["models"].items(), key=lambda kv: -kv[1]["accuracy"]):
         gain = "" if name == base_name else f"{100 * (m['accuracy'] - base['accuracy']):+.1f} pt"
         mark = f" ← selected ({by})" if name == metrics["selected"] else ""
-        row = f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['val_accuracy']:>8.3f}"
+        val = m["val_accuracy"]  # nan: trained on target_val too (finetune.selection.refit)
+        val_text = f"{val:>8.3f}" if val == val else f"{'refit':>8}"
+        row = f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {val_text}"
         row += f" {m.get('cv_accuracy', float('nan')):>7.3f}" if cv else ""
         row += f" {m['logme']:>7.3f}" if logme else ""
         mark += f" ({m['skipped']})" if m.get("skipped") else ""

@@ -192,11 +192,12 @@ def run(
     score = transferability(cfg, data, labelled)
     if score.get("skip"):  # opt-in: the score rules this strategy out; nothing trains
         return _skipped(cfg, data, out_model, score)
-    trained = _train(cfg, data, (train.x, train.y), (val.x, val.y), checkpoint_dir, key)
+    cross = 0 < len(val) < cfg.selection.min_val  # too few to choose by: k-fold, train + val
+    refit = cross and cfg.selection.refit  # then the shipped model learns from all of them
+    fit_on, val_on = (labelled, None) if refit else ((train.x, train.y), (val.x, val.y))
+    trained = _train(cfg, data, fit_on, val_on, checkpoint_dir, key)
     model, result, start = trained.model, trained.result, trained.start
-    cv = None
-    if 0 < len(val) < cfg.selection.min_val:  # too few to choose by: k-fold over train + val
-        cv = cross_validate(cfg, data, train, val)
+    cv = cross_validate(cfg, data, train, val) | {"refit": refit} if cross else None
     meta = CheckpointMeta.for_data(
         manifest,
         start.arch,
@@ -207,12 +208,15 @@ def run(
         pretrained=start.pretrained,
     ).replace(history=tuple(trained.history), selection_cv=cv, logme=score["logme"])
     save_checkpoint(out_model, model, meta)
-    metrics = {
-        "target_val_accuracy": result.best_val_accuracy,
-        "train_seconds": trained.seconds,
-        "logme": score["logme"],
-    }
+    metrics = {"train_seconds": trained.seconds, "logme": score["logme"]}
+    if not refit:  # (a refit model trained on target_val: it has no held-out accuracy)
+        metrics["target_val_accuracy"] = result.best_val_accuracy
     summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
+    if refit:
+        summary = (
+            f"wrote {out_model}: trained on target train + val ({len(labelled[1])} images, "
+            "the last epoch; finetune.selection.refit)"
+        )
     if cv is not None:
         metrics |= {"cv_accuracy": cv["accuracy"], "cv_extra_fits": float(cv["fits"])}
         summary += (
@@ -364,16 +368,16 @@ def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any
     other folds, for `selection.epoch_fraction` of the epochs, keeps the last epoch (no data is
     left to choose one on) and predicts its held-out fold. Repeat r draws its folds with
     `selection.seed + r` and trains with every phase's seed + r. Returns each image's share of
-    correct out-of-fold predictions (0/1 with one repeat), which `evaluate` pairs across
-    strategies.
+    correct out-of-fold predictions (0/1 with one repeat) and its mean out-of-fold probability
+    of the true class, which `evaluate` pairs across strategies.
     """
-    from tlpipe.train.loop import predict
+    from tlpipe.train.loop import predict, true_class_log_probability
 
     sel = cfg.selection
     x = np.concatenate([np.asarray(train.x), np.asarray(val.x)])
     y = np.concatenate([np.asarray(train.y), np.asarray(val.y)])
-    ids = [*_ids(train, "target_train"), *_ids(val, "target_val")]
-    correct = np.zeros(len(y))
+    ids = [*train.keys("target_train"), *val.keys("target_val")]
+    correct, p_true = np.zeros(len(y)), np.zeros(len(y))
     for r in range(sel.repeats):
         fold = stratified_folds(y, sel.folds, sel.seed + r)
         short = reseeded(shorter(cfg, sel.epoch_fraction), r)
@@ -383,12 +387,14 @@ def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any
                 continue
             trained = _train(short, data, (x[~held], y[~held]), None, None, "")
             s = trained.start
-            hit = predict(trained.model, x[held], s.mean, s.std).argmax(1) == y[held]
-            correct[held] += hit / sel.repeats
+            logits = predict(trained.model, x[held], s.mean, s.std)
+            correct[held] += (logits.argmax(1) == y[held]) / sel.repeats
+            p_true[held] += np.exp(true_class_log_probability(logits, y[held])) / sel.repeats
     plain = sel.repeats == 1  # 0/1 per image, as before repeats existed
     return {
         "ids": ids,
         "correct": correct.astype(int).tolist() if plain else correct.round(6).tolist(),
+        "p_true": p_true.round(6).tolist(),
         "folds": sel.folds,
         "repeats": sel.repeats,
         "fits": sel.folds * sel.repeats,
@@ -396,13 +402,6 @@ def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any
         "seed": sel.seed,
         "accuracy": float(correct.mean()),
     }
-
-
-def _ids(split: Any, name: str) -> list[str]:
-    """The images' content keys (positions where a split has none): what pairs the strategies."""
-    if split.ids is None:
-        return [f"{name}:{i}" for i in range(len(split))]
-    return [str(k) for k in split.ids]
 
 
 def reseeded(cfg: FinetuneConfig, offset: int) -> FinetuneConfig:

@@ -308,6 +308,13 @@ def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, total_steps: int)
     return opt, sched
 
 
+def true_class_log_probability(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per image, the log softmax probability that `logits` (N, K) give label `y` (N,)."""
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return log_p[np.arange(len(y)), y]
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
