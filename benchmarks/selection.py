@@ -263,14 +263,37 @@ def transfer_gaps(metrics: dict[str, Any]) -> tuple[float, float]:
     return source_logme - models[base]["logme"], best - models[base]["accuracy"]
 
 
-def skip_savings(metrics: dict[str, Any]) -> tuple[int, float, float]:
-    """What `finetune.skip: logme` would have saved in this run, from its scores: (fits
-    skipped, fine-tuning seconds skipped, the best skipped model's test accuracy − the
-    shipped one's, in pt; nan when nothing is skipped). The rule skips every transfer strategy
-    when the source features score no higher than scratch's random init (which is the random
-    init the rule compares with: same architecture, same seed)."""
+SKIP_RULES = {
+    "logme": "finetune.skip: logme",
+    "probe": "not built: the linear probe's estimate below scratch's skips the other transfers",
+}
+
+
+def skipped_by(metrics: dict[str, Any], rule: str) -> list[str]:
+    """The strategies a skip rule would have skipped in this run, from its scores. `logme`
+    (`finetune.skip: logme`): every transfer strategy when the source features score no higher
+    than scratch's random init (same architecture, same seed). `probe` (a counterfactual, not
+    in the pipeline): every transfer strategy but the probe itself when the linear probe's
+    selection estimate (CV accuracy, else validation accuracy) is below scratch's."""
     models, base = metrics["models"], metrics["baseline"]
-    skipped = [n for n, m in models.items() if n != base and m["logme"] <= models[base]["logme"]]
+    if rule == "logme":
+        return [n for n, m in models.items() if n != base and m["logme"] <= models[base]["logme"]]
+    probe = models.get("linear_probe")
+
+    def estimate(m: dict[str, Any]) -> float:
+        return m["cv_accuracy"] if "cv_accuracy" in m else m["val_accuracy"]
+
+    if probe is None or estimate(probe) >= estimate(models[base]):
+        return []
+    return [n for n in models if n not in (base, "linear_probe")]
+
+
+def skip_savings(metrics: dict[str, Any], rule: str = "logme") -> tuple[int, float, float]:
+    """What skip rule `rule` (`skipped_by`) would have saved in this run: (fits skipped,
+    fine-tuning seconds skipped, the best skipped model's test accuracy − the shipped one's, in
+    pt; nan when nothing is skipped)."""
+    models = metrics["models"]
+    skipped = skipped_by(metrics, rule)
     fits = len(skipped) * (1 + metrics["extra_fits"] // len(models))
     secs = sum(metrics["seconds"].get(n, 0.0) for n in skipped)
     shipped = models[metrics["selected"]]["accuracy"]
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 **{r: outcome(runs[r]) for r in RULES},
                 "tau": run_tau(m),
                 "gaps": transfer_gaps(m),
-                "skip": skip_savings(m),
+                "skip": {rule: skip_savings(m, rule) for rule in SKIP_RULES},
                 "seconds": sum(m["seconds"].get(n, 0.0) for n in acc),
                 "arch": m["models"][best]["arch"],
             }
@@ -356,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[dict[str, Any]], rule: str) -> None:
     """Per scenario: mean regret (under the params' rule `rule`, and under every rule), and
     what LogME said before fine-tuning; then over all runs: the τ of the models within a run,
-    the τ of "does transfer pay" across runs, and what the skip rule would have saved."""
+    the τ of "does transfer pay" across runs, and what each skip rule would have saved."""
     print()
     print(
         "| scenario | runs | mean regret pt | mean vs scratch pt | mean regret per rule pt ("
         + ", ".join(RULES)
-        + ") | ΔLogME source − random | Δacc best transfer − scratch pt | skip rule fires |"
+        + ") | ΔLogME source − random | Δacc best transfer − scratch pt "
+        + "| skip rule fires (logme / probe) |"
     )
     print("|---|---:|---:|---:|---|---:|---:|---:|")
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
@@ -372,7 +396,8 @@ def report(rows: list[dict[str, Any]], rule: str) -> None:
             f"| {' '.join(f'{statistics.mean(r[x][0] for r in rs):.2f}' for x in RULES)} "
             f"| {statistics.mean(r['gaps'][0] for r in rs):+.3f} "
             f"| {100 * statistics.mean(r['gaps'][1] for r in rs):+.1f} "
-            f"| {sum(r['skip'][0] > 0 for r in rs)} of {len(rs)} |"
+            f"| {' / '.join(str(sum(r['skip'][k][0] > 0 for r in rs)) for k in SKIP_RULES)} "
+            f"of {len(rs)} |"
         )
     finite = [r["tau"] for r in rows if r["tau"] == r["tau"]]
     if finite:
@@ -390,15 +415,17 @@ def report(rows: list[dict[str, Any]], rule: str) -> None:
             f"(goal ≥ 0.6); the sign of "
             f"ΔLogME matches whether transfer beat scratch on test in {agree} of {len(rows)}"
         )
-    fits = sum(r["skip"][0] for r in rows)
-    secs = sum(r["skip"][1] for r in rows)
     total = sum(r["seconds"] for r in rows)
-    lost = [r["skip"][2] for r in rows if r["skip"][0]]
-    print(
-        f"skip rule (finetune.skip: logme) from these runs' scores: fires in {len(lost)} of "
-        f"{len(rows)} runs, {fits} fits skipped, {secs:.0f} of {total:.0f} s of fine-tuning "
-        f"saved" + (f"; best skipped model vs shipped: max {max(lost):+.1f} pt" if lost else "")
-    )
+    for rule, what in SKIP_RULES.items():
+        fits = sum(r["skip"][rule][0] for r in rows)
+        secs = sum(r["skip"][rule][1] for r in rows)
+        lost = [r["skip"][rule][2] for r in rows if r["skip"][rule][0]]
+        worst = f"; best skipped model vs shipped: max {max(lost):+.1f} pt" if lost else ""
+        print(
+            f"skip rule {rule} ({what}) from these runs' scores: fires in {len(lost)} of "
+            f"{len(rows)} runs, {fits} fits skipped, {secs:.0f} of {total:.0f} s of fine-tuning "
+            f"saved{worst}"
+        )
 
 
 if __name__ == "__main__":

@@ -139,6 +139,15 @@ def test_selection_summaries_of_a_run() -> None:
     )
     m["models"]["full"]["logme"] = m["models"]["linear_probe"]["logme"] = -0.4
     assert selection.skip_savings(m)[:2] == (0, 0.0)
+    # the probe counterfactual: the probe's estimate (CV, else validation) below scratch's
+    # skips the other transfer strategies (full), never the probe itself
+    for n, cv in {"scratch": 0.8, "linear_probe": 0.6, "full": 0.9}.items():
+        m["models"][n]["cv_accuracy"] = cv
+    assert selection.skipped_by(m, "probe") == ["full"]
+    fits, secs, lost = selection.skip_savings(m, "probe")
+    assert (fits, secs) == (4, 10.0) and lost == pytest.approx(4.0)  # full: 4 pt over scratch
+    m["models"]["linear_probe"]["cv_accuracy"] = 0.8
+    assert selection.skipped_by(m, "probe") == []
 
 
 @pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores

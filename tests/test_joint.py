@@ -33,13 +33,27 @@ def source_and_match(tiny_prepared: Path, tmp_path_factory) -> tuple[Path, Path]
     return root / "source.pt", root / "matching"
 
 
+NO_CV = {"min_val": 0}  # these tests train the strategies; selection has its own tests
+
+
 def _cfg(**joint_values) -> finetune.FinetuneConfig:
-    values = {"strategy": "joint", "train": TINY, "probe": TINY, "joint": joint_values}
+    values = {
+        "strategy": "joint",
+        "train": TINY,
+        "probe": TINY,
+        "joint": joint_values,
+        "selection": NO_CV,
+    }
     return build(finetune.FinetuneConfig, values)
 
 
 def _specialist_cfg() -> finetune.FinetuneConfig:
-    values = {"strategy": "specialist", "train": TINY, "specialist": {**TINY, "epochs": 2}}
+    values = {
+        "strategy": "specialist",
+        "train": TINY,
+        "specialist": {**TINY, "epochs": 2},
+        "selection": NO_CV,
+    }
     return build(finetune.FinetuneConfig, values)
 
 
