@@ -320,6 +320,8 @@ def _score(
         held_out = len(val) and not (meta.selection_cv or {}).get("refit")
         m["val_accuracy"] = float(val_correct[name].mean()) if held_out else nan
         m["val_loss"] = float(-val_log_p.mean()) if held_out else nan
+        if (meta.selection_cv or {}).get("refit"):
+            m["refit"] = True  # trained on train + val: its validation scores are not held out
         m["arch"] = meta.arch
         m["logme"] = meta.logme
         if meta.skipped:
@@ -417,8 +419,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, m in sorted(metrics["models"].items(), key=lambda kv: -kv[1]["accuracy"]):
         gain = "" if name == base_name else f"{100 * (m['accuracy'] - base['accuracy']):+.1f} pt"
         mark = f" ← selected ({by})" if name == metrics["selected"] else ""
-        val = m["val_accuracy"]  # nan: trained on target_val too (finetune.selection.refit)
-        val_text = f"{val:>8.3f}" if val == val else f"{'refit':>8}"
+        val = m["val_accuracy"]  # nan: no validation, or trained on it (refit)
+        val_text = f"{val:>8.3f}" if val == val else f"{'refit' if m.get('refit') else '–':>8}"
         row = f"{name:<14} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {val_text}"
         row += f" {m.get('cv_accuracy', float('nan')):>7.3f}" if cv else ""
         row += f" {m['logme']:>7.3f}" if logme else ""
