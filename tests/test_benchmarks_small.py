@@ -192,3 +192,22 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
     assert len(rows) == 1 and "Kendall τ(LogME" in done.stdout
     last = done.stdout.splitlines()[-1]
     assert last.startswith("selection regret mean = ") and last.endswith(" of 1 runs"), last
+
+
+@pytest.mark.slow  # about 15 s of real training
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_transferability_benchmark_quick(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks/transferability.py"),
+        "--quick",
+        "--work",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| default | 0 |")]
+    assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "random-init"]
+    assert " | – | " in rows[1] and " | – | " not in rows[0]  # random init has no probe
+    assert "default, full: Kendall τ(LogME, test accuracy) across starting points" in done.stdout
