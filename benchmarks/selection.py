@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 **{r: outcome(runs[r]) for r in RULES},
                 "tau": run_tau(m),
                 "gaps": transfer_gaps(m),
-                "skip": {rule: skip_savings(m, rule) for rule in SKIP_RULES},
+                "skip": {k: skip_savings(m, k) for k in SKIP_RULES},
                 "seconds": sum(m["seconds"].get(n, 0.0) for n in acc),
                 "arch": m["models"][best]["arch"],
             }
@@ -416,13 +416,13 @@ def report(rows: list[dict[str, Any]], rule: str) -> None:
             f"ΔLogME matches whether transfer beat scratch on test in {agree} of {len(rows)}"
         )
     total = sum(r["seconds"] for r in rows)
-    for rule, what in SKIP_RULES.items():
-        fits = sum(r["skip"][rule][0] for r in rows)
-        secs = sum(r["skip"][rule][1] for r in rows)
-        lost = [r["skip"][rule][2] for r in rows if r["skip"][rule][0]]
+    for skip, what in SKIP_RULES.items():
+        fits = sum(r["skip"][skip][0] for r in rows)
+        secs = sum(r["skip"][skip][1] for r in rows)
+        lost = [r["skip"][skip][2] for r in rows if r["skip"][skip][0]]
         worst = f"; best skipped model vs shipped: max {max(lost):+.1f} pt" if lost else ""
         print(
-            f"skip rule {rule} ({what}) from these runs' scores: fires in {len(lost)} of "
+            f"skip rule {skip} ({what}) from these runs' scores: fires in {len(lost)} of "
             f"{len(rows)} runs, {fits} fits skipped, {secs:.0f} of {total:.0f} s of fine-tuning "
             f"saved{worst}"
         )
