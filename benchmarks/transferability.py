@@ -27,15 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tlpipe.data.prepared import load_split
 from tlpipe.fsio import read_json, write_json
 from tlpipe.params.fields import merge
 from tlpipe.params.resolver import resolve
 from tlpipe.steps import fetch, finetune, prepare, pretrain
+from tlpipe.train.loop import accuracy
+from tlpipe.train.models import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from selection import BUDGETS, kendall_tau, scenario_params  # noqa: E402
-
-from matching import test_accuracy  # noqa: E402
 
 TARGETS = ("default", "fashion-k20")
 # start → (scenario whose source model it is, pretrain overrides); None: random init
@@ -81,6 +82,13 @@ def target_draw(work: Path, target: str, seed: int, budget: str) -> tuple[Path, 
     if not prep.exists():
         prepare.run(raw, prep, resolved["prepare"])
     return prep, resolved["finetune"]
+
+
+def test_accuracy(prepared: Path, model_path: Path) -> float:
+    """The checkpoint's accuracy on the draw's target test split."""
+    model, meta = load_checkpoint(model_path)
+    test = load_split(prepared, "target_test")
+    return accuracy(model, test.x, test.y, mean=meta.mean, std=meta.std)
 
 
 def run_draw(work: Path, target: str, seed: int, starts: list[str], budget: str) -> dict:
