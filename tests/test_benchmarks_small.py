@@ -150,19 +150,19 @@ def test_selection_summaries_of_a_run() -> None:
     assert selection.skipped_by(m, "probe") == []
 
 
-@pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
-def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks/two_datasets.py"),
-        "--quick",
-        "--work",
-        str(tmp_path),
-    ]
+def run_quick(script: str, work: Path) -> subprocess.CompletedProcess:
+    """`benchmarks/<script>.py --quick` in a subprocess, as a user runs it; it must succeed."""
+    cmd = [sys.executable, str(REPO / f"benchmarks/{script}.py"), "--quick", "--work", str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on two shared cores crawl
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
+    done = run_quick("two_datasets", tmp_path)
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in table[1:]] == [
         "| scratch",
@@ -178,16 +178,7 @@ def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.slow  # about 30 s of real training; the selection logic has fast tests
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_selection_benchmark_quick(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks/selection.py"),
-        "--quick",
-        "--work",
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_quick("selection", tmp_path)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| default | 0 |")]
     assert len(rows) == 1 and "Kendall τ(LogME" in done.stdout
     last = done.stdout.splitlines()[-1]
@@ -197,16 +188,7 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.slow  # about 15 s of real training
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_transferability_benchmark_quick(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks/transferability.py"),
-        "--quick",
-        "--work",
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_quick("transferability", tmp_path)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| default | 0 |")]
     assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "random-init"]
     assert " | – | " in rows[1] and " | – | " not in rows[0]  # random init has no probe
