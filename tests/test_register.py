@@ -186,6 +186,51 @@ def test_gate_replays_a_register_still_in_flight(server):
     assert _champion(client, cfg.model_name) == good
 
 
+def _keep_champion_at_once(name: str, versions: list[str]) -> list[Exception]:
+    """`registry.keep_champion` for each version, in threads released at the same moment;
+    the exceptions they raised."""
+    import threading
+
+    start, errors = threading.Barrier(len(versions)), []
+
+    def write(version: str) -> None:
+        start.wait()
+        try:
+            registry.keep_champion(name, version, "racing")
+        except Exception as e:  # noqa: BLE001 - the caller asserts there are none
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_simultaneous_first_writes_of_an_alias_both_succeed(server):
+    """MLflow writes an alias select-then-insert: when two registers set a model's first
+    `challenger` (or `champion`) at the same moment, both insert and the server answers
+    BAD_REQUEST (UNIQUE constraint) to one. Measured with a bare client: 8 of 30 such pairs
+    failed on this server, 19 of 20 on Postgres. The registry's writes retry the loser."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server)
+    run = client.create_run(client.create_experiment(f"e-{uuid.uuid4().hex[:8]}")).info
+    for _ in range(20):  # 20 fresh models: a bare client fails one of them nearly always
+        name = f"m-{uuid.uuid4().hex[:8]}"
+        client.create_registered_model(name)
+        versions = [
+            client.create_model_version(name, run.artifact_uri + "/model", run.run_id).version
+            for _ in range(2)
+        ]
+        errors = _keep_champion_at_once(name, versions)
+        assert errors == []
+        assert client.get_model_version_by_alias(name, "challenger").version in versions
+        for v in versions:
+            assert client.get_model_version(name, v).tags["gate_reason"] == "racing"
+
+
 RACER = textwrap.dedent(
     """
     import sys
@@ -217,8 +262,9 @@ def test_racing_registers_leave_the_better_model_champion(server, tmp_path, chec
         )
         for e in exports
     ]
-    outs = [_result_line(p.communicate(timeout=300)[0]) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
+    stdouts = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]  # (their tracebacks: captured stderr)
+    outs = [_result_line(out) for out in stdouts]
     (worse_version, worse_alias), (better_version, better_alias) = outs
     client = mlflow.MlflowClient(tracking_uri=server)
     assert better_alias == "champion"

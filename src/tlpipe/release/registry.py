@@ -147,7 +147,7 @@ def promote(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
         current = champion(client, model_name)
         if target is None or (current is not None and current.version == target.version):
             break
-        client.set_registered_model_alias(model_name, CHAMPION, target.version)
+        _set_alias(client, model_name, CHAMPION, target.version)
         time.sleep(random.uniform(0.05, 0.25))  # let a racing writer finish, then re-check
         versions = _versions(client, model_name)
     else:
@@ -166,7 +166,7 @@ def promote(model_name: str, version: str, cfg: RegisterConfig) -> Decision:
             reason = f"{late.reason} (gated by v{version}'s register)"
             _set_tag(client, model_name, other, "gate_reason", reason)
     if not decision.promoted:
-        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        _set_alias(client, model_name, CHALLENGER, version)
     return decision
 
 
@@ -232,7 +232,7 @@ def keep_champion(model_name: str, version: str, reason: str) -> Decision:
     decision = Decision(CHALLENGER, reason)
     _set_tag(client, model_name, version, "gate_decision", decision.alias)
     _set_tag(client, model_name, version, "gate_reason", reason)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    _set_alias(client, model_name, CHALLENGER, version)
     return decision
 
 
@@ -290,16 +290,35 @@ def champion_manifest(model_name: str) -> tuple[Manifest | None, str | None]:
 
 
 def _set_tag(client: Any, model_name: str, version: str, key: str, value: str) -> None:
-    """Set a version tag; retried once when a racing register set the same tag at the same
-    moment (MLflow's SQL store inserts a new tag row, and the second insert fails with a
-    UNIQUE constraint; on the retry the row exists and is updated)."""
+    _write(client.set_model_version_tag, model_name, version, key, value)
+
+
+def _set_alias(client: Any, model_name: str, alias: str, version: str) -> None:
+    _write(client.set_registered_model_alias, model_name, alias, version)
+
+
+_RACE_MARKS = ("unique constraint", "uniqueviolation", "integrityerror", "duplicate entry")
+
+
+def _write(call: Any, *args: str) -> None:
+    """Run a registry write (a tag, an alias); retried when a racing register wrote the same
+    row at the same moment.
+
+    MLflow's SQL store writes tags and aliases select-then-insert (`session.merge`): when two
+    writers find no row, both insert and the second gets BAD_REQUEST for the unique key
+    (sqlite "UNIQUE constraint failed", Postgres "duplicate key value violates unique
+    constraint"). On the retry the row exists and is updated.
+    """
     from mlflow.exceptions import MlflowException
 
     for attempt in range(3):
         try:
-            return client.set_model_version_tag(model_name, version, key, value)
+            call(*args)
+            return
         except MlflowException as e:
-            racing = "UNIQUE constraint" in str(e) or "IntegrityError" in str(e)
+            racing = e.error_code == "BAD_REQUEST" and any(
+                mark in str(e).lower() for mark in _RACE_MARKS
+            )
             if not racing or attempt == 2:
                 raise
             time.sleep(random.uniform(0.05, 0.2))
