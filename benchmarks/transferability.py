@@ -1,4 +1,4 @@
-"""Does LogME rank pretrained starting points? Kendall τ across a small model zoo, per target.
+"""Do LogME and five other transferability estimators rank starting points? Kendall τ.
 
     python benchmarks/transferability.py --work W     # W may be selection.py's work folder
     python benchmarks/transferability.py --quick      # a smoke run: 1 draw, 2 starts, tiny
@@ -12,9 +12,20 @@ the source models of the scenarios `default` (Fashion-MNIST 0-4, 4 epochs), `mix
 pretrained for 1 epoch only, and random init. For each draw and start: LogME of the starting
 features on the labelled images (what the finetune step logs), and the test accuracy after
 `linear_probe` and after `full` fine-tuning (the reduced budget of selection.py, trained on
-target train, no CV; random init's `full` is scratch; it has no probe). Prints per draw
-τ(LogME, test accuracy) across the starts, per strategy, and the mean over draws. Sources are
-pretrained (or reused) under W as selection.py does. Results: benchmarks/README.md.
+target train, no CV; random init's `full` is scratch; it has no probe). Prints τ(score, test
+accuracy) across the starts, per strategy, as the mean over draws. Sources are pretrained (or
+reused) under W as selection.py does.
+
+Besides LogME (what the pipeline logs), five other estimators score the same features, so the
+question is not LogME's alone: LEEP (Nguyen et al., 2020; the start's own head as the "source
+labels"), NLEEP (Li et al., 2021; a Gaussian mixture on PCA'd features instead of the head),
+H-score with shrinkage (Bao et al., 2019; Ibrahim et al., 2022), and two plain baselines:
+leave-one-out 1-nearest-neighbour and nearest-class-mean accuracy (cosine). Each gets its τ.
+
+Across runs (the issue's reading): where W also holds benchmarks/selection.py's runs
+(`<scenario>/eval-s<seed>/metrics.json`), each estimator's Δ (source − the scratch model's
+random init, on the run's labelled images) is set against Δaccuracy (best transfer − scratch on
+test): Kendall τ over the runs and how often the signs agree. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -27,16 +38,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tlpipe.data.manifest import load_manifest
 from tlpipe.data.prepared import load_split
 from tlpipe.fsio import read_json, write_json
 from tlpipe.params.fields import merge
 from tlpipe.params.resolver import resolve
 from tlpipe.steps import fetch, finetune, prepare, pretrain
-from tlpipe.train.loop import accuracy
-from tlpipe.train.models import load_checkpoint
+from tlpipe.train.logme import logme
+from tlpipe.train.loop import accuracy, embed, predict
+from tlpipe.train.models import build_model, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection import BUDGETS, kendall_tau, scenario_params  # noqa: E402
+from selection import BUDGETS, kendall_tau, scenario_params, transfer_gaps  # noqa: E402
 
 TARGETS = ("default", "fashion-k20")
 # start → (scenario whose source model it is, pretrain overrides); None: random init
@@ -48,6 +63,109 @@ STARTS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "random-init": None,
 }
 STRATEGIES = ("linear_probe", "full")
+ARCH = "small_cnn"  # every start of the zoo
+
+
+# ------------------------------------------------------------------ the estimators
+
+
+def leep(probs: np.ndarray, y: np.ndarray) -> float:
+    """LEEP: mean log p(y | x) through the empirical p(target label | "source label") of the
+    soft labels `probs` (N, Z)."""
+    classes = np.unique(y)
+    joint = np.stack([probs[y == c].sum(0) for c in classes], 1)  # (Z, C)
+    conditional = joint / np.maximum(joint.sum(1, keepdims=True), 1e-12)
+    p = probs @ conditional
+    return float(np.mean(np.log(p[np.arange(len(y)), np.searchsorted(classes, y)] + 1e-12)))
+
+
+def nleep(f: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """NLEEP: LEEP with a diagonal Gaussian mixture (5 components a class) on the features'
+    PCA (80 % of the variance, whitened) in place of the source head. Whitened: a random
+    init's features are ~1e-4 in scale, where the mixture's regularisation swamps them."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    reduced = PCA(n_components=0.8, whiten=True, random_state=seed).fit_transform(f)
+    k = min(5 * len(np.unique(y)), len(y) // 2)
+    gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3, random_state=seed)
+    return leep(gmm.fit(reduced).predict_proba(reduced), y)
+
+
+def h_score(f: np.ndarray, y: np.ndarray) -> float:
+    """H-score tr(cov(f)⁻¹ cov(E[f | y])), the covariance shrunk (Ledoit-Wolf): few images."""
+    from sklearn.covariance import LedoitWolf
+
+    f = f - f.mean(0)
+    class_means = np.zeros_like(f)
+    for c in np.unique(y):
+        class_means[y == c] = f[y == c].mean(0)
+    between = class_means.T @ class_means / len(f)
+    return float(np.trace(np.linalg.pinv(LedoitWolf().fit(f).covariance_) @ between))
+
+
+def _unit(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def loo_knn(f: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out 1-nearest-neighbour accuracy (cosine)."""
+    sim = _unit(f) @ _unit(f).T
+    np.fill_diagonal(sim, -np.inf)
+    return float((y[sim.argmax(1)] == y).mean())
+
+
+def loo_ncm(f: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out nearest-class-mean accuracy (cosine features, each image left out of
+    its own class's mean)."""
+    u, classes = _unit(f), np.unique(y)
+    sums = np.stack([u[y == c].sum(0) for c in classes])
+    counts = np.array([(y == c).sum() for c in classes], float)
+    own = np.searchsorted(classes, y)
+    means = np.repeat(sums[None], len(y), 0)  # (N, C, D): the class means each image sees
+    means[np.arange(len(y)), own] -= u
+    sizes = np.repeat(counts[None], len(y), 0)
+    sizes[np.arange(len(y)), own] -= 1
+    scores = np.einsum("nd,ncd->nc", u, means) / np.maximum(sizes, 1)
+    scores[sizes == 0] = -np.inf
+    return float((classes[scores.argmax(1)] == y).mean())
+
+
+def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> dict:
+    """Every estimator of `model` (the starting point, its own head kept) on images `x`."""
+    f = embed(model, x, mean, std).astype(np.float64)
+    logits = predict(model, x, mean, std)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return {
+        "LogME": logme(f, y),
+        "LEEP": leep(probs, y),
+        "NLEEP": nleep(f, y),
+        "H-score": h_score(f, y),
+        "kNN": loo_knn(f, y),
+        "NCM": loo_ncm(f, y),
+    }
+
+
+ESTIMATORS = ("LogME", "LEEP", "NLEEP", "H-score", "kNN", "NCM")
+
+
+def labelled(prepared: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The draw's labelled target images, train + val (what finetune's LogME scores)."""
+    train, val = load_split(prepared, "target_train"), load_split(prepared, "target_val")
+    return np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y])
+
+
+def start_estimates(prepared: Path, source: Path | None, arch: str, seed: int) -> dict:
+    """Estimators of a start on a draw: the source checkpoint, or `arch` at random init as
+    scratch starts (seed `seed`, the draw's normalisation)."""
+    x, y = labelled(prepared)
+    if source is not None:
+        model, meta = load_checkpoint(source)
+        return estimates(model, meta.mean, meta.std, x, y)
+    m = load_manifest(prepared)
+    model = build_model(arch, len(m.target_classes), m.in_chans, m.input_size, seed=seed)
+    return estimates(model, m.mean, m.std, x, y)
 
 
 def source_model(work: Path, start: str, budget: str) -> Path | None:
@@ -92,7 +210,7 @@ def test_accuracy(prepared: Path, model_path: Path) -> float:
 
 
 def run_draw(work: Path, target: str, seed: int, starts: list[str], budget: str) -> dict:
-    """{start: {"logme": …, strategy: test accuracy}} for one target draw (cached)."""
+    """{start: {"scores": {estimator: …}, strategy: test accuracy}} for one draw (cached)."""
     prep, cfg = target_draw(work, target, seed, budget)
     out_dir = work / "zoo" / f"{target}-s{seed}"
     cache = out_dir / "results.json"
@@ -105,11 +223,30 @@ def run_draw(work: Path, target: str, seed: int, starts: list[str], budget: str)
                 continue
             name = "scratch" if source is None else strategy
             out = out_dir / f"{start}-{strategy}.pt"
-            res = finetune.run(prep, source, out, cfg.for_strategy(name))
-            row["logme"] = res.metrics["logme"]
+            finetune.run(prep, source, out, cfg.for_strategy(name))
             row[strategy] = test_accuracy(prep, out)
             write_json(cache, results)
+        if "scores" not in row:
+            row["scores"] = start_estimates(prep, source, ARCH, seed)
+            write_json(cache, results)
     return results
+
+
+def across_runs(work: Path) -> list[tuple[str, int, dict[str, float], float]]:
+    """(scenario, seed, {estimator: source − random init}, Δaccuracy pt) for every run of
+    benchmarks/selection.py under `work` (cached in each run's eval folder)."""
+    runs = []
+    for metrics_path in sorted(work.glob("*/eval-s*/metrics.json")):
+        scenario, seed = metrics_path.parts[-3], int(metrics_path.parts[-2].removeprefix("eval-s"))
+        cache = metrics_path.parent / "estimators.json"
+        metrics = read_json(metrics_path)
+        if not cache.exists():
+            prep, arch = work / scenario / f"prep-s{seed}", metrics["models"]["scratch"]["arch"]
+            source = start_estimates(prep, work / scenario / "source.pt", arch, seed)
+            random_init = start_estimates(prep, None, arch, seed)
+            write_json(cache, {k: source[k] - random_init[k] for k in ESTIMATORS})
+        runs.append((scenario, seed, read_json(cache), 100 * transfer_gaps(metrics)[1]))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,33 +264,46 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-transferability-"))
     t0 = time.perf_counter()
     print(f"budget: {args.budget}; starts: {', '.join(args.starts)}")
-    print("| target | seed | start | LogME | " + " | ".join(STRATEGIES) + " |")
-    print("|---|---:|---|---:|" + "---:|" * len(STRATEGIES))
-    taus: dict[str, dict[str, list[float]]] = {t: {s: [] for s in STRATEGIES} for t in args.targets}
+    print("| target | seed | start | " + " | ".join((*ESTIMATORS, *STRATEGIES)) + " |")
+    print("|---|---:|---|" + "---:|" * (len(ESTIMATORS) + len(STRATEGIES)))
+    taus: dict[tuple[str, str, str], list[float]] = {}
     for target in args.targets:
         for seed in args.seeds:
             rows = run_draw(work, target, seed, args.starts, args.budget)
             for start in args.starts:
                 r = rows[start]
-                accs = " | ".join(f"{100 * r[s]:.1f}" if s in r else "–" for s in STRATEGIES)
-                print(f"| {target} | {seed} | {start} | {r['logme']:+.3f} | {accs} |", flush=True)
+                cells = [f"{r['scores'][e]:+.3f}" for e in ESTIMATORS]
+                cells += [f"{100 * r[s]:.1f}" if s in r else "–" for s in STRATEGIES]
+                print(f"| {target} | {seed} | {start} | " + " | ".join(cells) + " |", flush=True)
             for strategy in STRATEGIES:
                 have = [rows[s] for s in args.starts if strategy in rows[s]]
-                if len(have) > 1:
-                    tau = kendall_tau([r["logme"] for r in have], [r[strategy] for r in have])
-                    taus[target][strategy].append(tau)
-    print()
-    for target, per in taus.items():
-        for strategy, ts in per.items():
-            finite = [t for t in ts if t == t]
-            if finite:
-                print(
-                    f"{target}, {strategy}: Kendall τ(LogME, test accuracy) across starting "
-                    f"points, mean {statistics.mean(finite):+.2f} over {len(finite)} draws "
-                    f"(per draw: {' '.join(f'{t:+.2f}' for t in ts)})"
-                )
+                for e in ESTIMATORS if len(have) > 1 else ():
+                    tau = kendall_tau([r["scores"][e] for r in have], [r[strategy] for r in have])
+                    taus.setdefault((target, strategy, e), []).append(tau)
+    print("\nKendall τ(estimator, test accuracy) across starting points, mean over draws:\n")
+    print("| target | strategy | " + " | ".join(ESTIMATORS) + " |")
+    print("|---|---|" + "---:|" * len(ESTIMATORS))
+    for target in args.targets:
+        for strategy in STRATEGIES:
+            cells = [_mean(taus.get((target, strategy, e), [])) for e in ESTIMATORS]
+            print(f"| {target} | {strategy} | " + " | ".join(cells) + " |")
+    runs = across_runs(work)
+    if runs:
+        gains = [r[3] for r in runs]
+        print(f"\nAcross the {len(runs)} runs of benchmarks/selection.py under {work}:")
+        print("Kendall τ(Δestimator source − random init, Δaccuracy best transfer − scratch):\n")
+        print("| estimator | τ | sign agrees |\n|---|---:|---:|")
+        for e in ESTIMATORS:
+            deltas = [r[2][e] for r in runs]
+            agree = sum((d > 0) == (g > 0) for d, g in zip(deltas, gains, strict=True))
+            print(f"| {e} | {kendall_tau(deltas, gains):+.2f} | {agree} of {len(runs)} |")
     print(f"total {time.perf_counter() - t0:.0f} s; files in {work}")
     return 0
+
+
+def _mean(ts: list[float]) -> str:
+    finite = [t for t in ts if t == t]  # a draw whose accuracies all tie has no τ
+    return f"{statistics.mean(finite):+.2f}" if finite else "–"
 
 
 if __name__ == "__main__":

@@ -189,7 +189,11 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     done = run_quick("transferability", tmp_path)
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| default | 0 |")]
+    lines = done.stdout.splitlines()
+    assert "| target | seed | start | LogME | LEEP | NLEEP | H-score | kNN | NCM | " in lines[1]
+    rows = [line for line in lines if line.startswith("| default | 0 |")]
     assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "random-init"]
-    assert " | – | " in rows[1] and " | – | " not in rows[0]  # random init has no probe
-    assert "default, full: Kendall τ(LogME, test accuracy) across starting points" in done.stdout
+    assert rows[1].endswith(" | – | " + rows[1].split(" | ")[-1])  # random init has no probe
+    assert all(len(row.split(" | ")) == 11 for row in rows)  # 6 scores + 2 accuracies
+    taus = [line for line in lines if line.startswith("| default | full | ")]
+    assert len(taus) == 1 and len(taus[0].split(" | ")) == 8  # one τ per estimator
