@@ -64,6 +64,7 @@ STARTS: dict[str, tuple[str, dict[str, Any]] | None] = {
 }
 STRATEGIES = ("linear_probe", "full")
 ARCH = "small_cnn"  # every start of the zoo
+ESTIMATORS = ("LogME", "LEEP", "NLEEP", "H-score", "kNN", "NCM")  # `estimates`' keys
 
 
 # ------------------------------------------------------------------ the estimators
@@ -145,9 +146,6 @@ def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> 
         "kNN": loo_knn(f, y),
         "NCM": loo_ncm(f, y),
     }
-
-
-ESTIMATORS = ("LogME", "LEEP", "NLEEP", "H-score", "kNN", "NCM")
 
 
 def labelled(prepared: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +239,8 @@ def across_runs(work: Path) -> list[tuple[str, int, dict[str, float], float]]:
         cache = metrics_path.parent / "estimators.json"
         metrics = read_json(metrics_path)
         if not cache.exists():
-            prep, arch = work / scenario / f"prep-s{seed}", metrics["models"]["scratch"]["arch"]
+            prep = work / scenario / f"prep-s{seed}"
+            arch = metrics["models"][metrics["baseline"]]["arch"]
             source = start_estimates(prep, work / scenario / "source.pt", arch, seed)
             random_init = start_estimates(prep, None, arch, seed)
             write_json(cache, {k: source[k] - random_init[k] for k in ESTIMATORS})

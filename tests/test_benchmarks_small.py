@@ -1,5 +1,6 @@
 """benchmarks/digits_imagefolder.py (the digits ImageFolder: exact, deterministic, growing),
-benchmarks/selection.py's scenarios and summaries, and smoke runs of both benchmarks."""
+benchmarks/selection.py's scenarios and summaries, benchmarks/transferability.py's estimators,
+and smoke runs of three benchmarks."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def test_tinted_digits_are_the_grey_ones_in_a_fixed_colour(tmp_path: Path) -> No
 
 
 selection = benchmark("selection")
+transferability = benchmark("transferability")
 
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
@@ -159,6 +161,31 @@ def run_quick(script: str, work: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def test_transferability_estimators_on_features_of_known_quality() -> None:
+    """benchmarks/transferability.py's estimators: clustered features beat noise of the same
+    scale; LEEP of perfect soft labels is log 1, of uniform ones log 1/C; NLEEP does not
+    depend on the features' scale (a random init's are ~1e-4); the vectorised leave-one-out
+    nearest class mean is the plain loop."""
+    t = transferability
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 10)
+    clustered = rng.normal(size=(5, 16))[y] + 0.5 * rng.normal(size=(50, 16))
+    noise = rng.normal(size=(50, 16)) * clustered.std()
+    for score in (t.logme, t.nleep, t.h_score, t.loo_knn, t.loo_ncm):
+        assert score(clustered, y) > score(noise, y) + 0.05, score.__name__
+    assert t.leep(np.eye(5)[y], y) == pytest.approx(0.0, abs=1e-9)
+    assert t.leep(np.full((50, 5), 0.2), y) == pytest.approx(np.log(0.2))
+    assert t.nleep(clustered * 1e-4, y) == pytest.approx(t.nleep(clustered, y), abs=0.02)
+
+    u = clustered / np.linalg.norm(clustered, axis=1, keepdims=True)
+    right = 0
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        means = np.stack([u[rest & (y == c)].mean(0) for c in range(5)])
+        right += int((means @ u[i]).argmax() == y[i])
+    assert t.loo_ncm(clustered, y) == right / len(y)
+
+
 @pytest.mark.slow  # ~40 s: the default suite keeps under 10 min on 2 cores
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_two_datasets_benchmark_quick(tmp_path: Path) -> None:
@@ -185,9 +212,10 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
     assert last.startswith("selection regret mean = ") and last.endswith(" of 1 runs"), last
 
 
-@pytest.mark.slow  # about 15 s of real training
+@pytest.mark.slow  # about 45 s of real training
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_transferability_benchmark_quick(tmp_path: Path) -> None:
+    run_quick("selection", tmp_path)  # a selection run in the folder: the across-runs reading
     done = run_quick("transferability", tmp_path)
     lines = done.stdout.splitlines()
     assert "| target | seed | start | LogME | LEEP | NLEEP | H-score | kNN | NCM | " in lines[1]
@@ -197,3 +225,7 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     assert all(len(row.split(" | ")) == 11 for row in rows)  # 6 scores + 2 accuracies
     taus = [line for line in lines if line.startswith("| default | full | ")]
     assert len(taus) == 1 and len(taus[0].split(" | ")) == 8  # one τ per estimator
+    assert f"Across the 1 runs of benchmarks/selection.py under {tmp_path}:" in lines
+    across = [line for line in lines if line.endswith(" of 1 |")]
+    assert [row.split(" | ")[0] for row in across] == [f"| {e}" for e in transferability.ESTIMATORS]
+    assert (tmp_path / "default/eval-s0/estimators.json").is_file()
