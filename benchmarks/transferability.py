@@ -134,10 +134,10 @@ def loo_ncm(f: np.ndarray, y: np.ndarray) -> float:
 
 def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> dict:
     """Every estimator of `model` (the starting point, its own head kept) on images `x`."""
+    from scipy.special import softmax
+
     f = embed(model, x, mean, std).astype(np.float64)
-    logits = predict(model, x, mean, std)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    probs = softmax(predict(model, x, mean, std).astype(np.float64), axis=1)
     return {
         "LogME": logme(f, y),
         "LEEP": leep(probs, y),

@@ -317,11 +317,12 @@ def _score(
         val_correct[name] = val_logits.argmax(1) == val.y
         val_log_p = true_class_log_probability(val_logits, val.y)
         val_p_true[name] = np.exp(val_log_p)
-        held_out = len(val) and not (meta.selection_cv or {}).get("refit")
+        refit = bool((meta.selection_cv or {}).get("refit"))  # trained on train + val
+        held_out = len(val) and not refit  # (a refit model's validation scores are not)
         m["val_accuracy"] = float(val_correct[name].mean()) if held_out else nan
         m["val_loss"] = float(-val_log_p.mean()) if held_out else nan
-        if (meta.selection_cv or {}).get("refit"):
-            m["refit"] = True  # trained on train + val: its validation scores are not held out
+        if refit:
+            m["refit"] = True
         m["arch"] = meta.arch
         m["logme"] = meta.logme
         if meta.skipped:

@@ -211,12 +211,13 @@ def run(
     metrics = {"train_seconds": trained.seconds, "logme": score["logme"]}
     if not refit:  # (a refit model trained on target_val: it has no held-out accuracy)
         metrics["target_val_accuracy"] = result.best_val_accuracy
-    summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
     if refit:
         summary = (
             f"wrote {out_model}: trained on target train + val ({len(labelled[1])} images, "
             "the last epoch; finetune.selection.refit)"
         )
+    else:
+        summary = f"wrote {out_model}: target val accuracy {result.best_val_accuracy:.4f}"
     if cv is not None:
         metrics |= {"cv_accuracy": cv["accuracy"], "cv_extra_fits": float(cv["fits"])}
         summary += (
