@@ -125,6 +125,28 @@ class Split:
         return [str(k) for k in self.ids]
 
 
+@dataclass(frozen=True)
+class Labelled:
+    """The target's labelled images in memory, target_train then target_val (never test):
+    what cross-validation folds, LogME scores and a refit model trains on.
+
+    Attributes:
+        keys: Each image's key (`Split.keys`), which pairs per-image evidence across models.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    keys: list[str]
+
+    @classmethod
+    def of(cls, train: Split, val: Split) -> Labelled:
+        return cls(
+            x=np.concatenate([np.asarray(train.x), np.asarray(val.x)]),
+            y=np.concatenate([train.y, val.y]),
+            keys=[*train.keys("target_train"), *val.keys("target_val")],
+        )
+
+
 # ---------------------------------------------------------------------------- prepared splits
 #
 # A split is three uncompressed .npy files, ``<name>.x.npy`` (uint8 images), ``<name>.y.npy`` and

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tlpipe.data.manifest import Manifest
+from tlpipe.data.prepared import Labelled
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
 from tlpipe.params.learning import check_source_strategies
@@ -188,16 +189,17 @@ def run(
     train, val = load_split(prepared_dir, "target_train"), load_split(prepared_dir, "target_val")
     key = _resume_key(cfg, manifest, source_model, match_dir)
     data = Data(prepared_dir, source_model, match_dir, manifest)
-    labelled = (np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y]))
+    labelled = Labelled.of(train, val)
     score = transferability(cfg, data, labelled)
     if score.get("skip"):  # opt-in: the score rules this strategy out; nothing trains
         return _skipped(cfg, data, out_model, score)
     cross = 0 < len(val) < cfg.selection.min_val  # too few to choose by: k-fold, train + val
     refit = cross and cfg.selection.refit  # then the shipped model learns from all of them
-    fit_on, val_on = (labelled, None) if refit else ((train.x, train.y), (val.x, val.y))
+    fit_on = (labelled.x, labelled.y) if refit else (train.x, train.y)
+    val_on = None if refit else (val.x, val.y)
     trained = _train(cfg, data, fit_on, val_on, checkpoint_dir, key)
     model, result, start = trained.model, trained.result, trained.start
-    cv = cross_validate(cfg, data, train, val) | {"refit": refit} if cross else None
+    cv = cross_validate(cfg, data, labelled) | {"refit": refit} if cross else None
     meta = CheckpointMeta.for_data(
         manifest,
         start.arch,
@@ -213,7 +215,7 @@ def run(
         metrics["target_val_accuracy"] = result.best_val_accuracy
     if refit:
         summary = (
-            f"wrote {out_model}: trained on target train + val ({len(labelled[1])} images, "
+            f"wrote {out_model}: trained on target train + val ({len(labelled.y)} images, "
             "the last epoch; finetune.selection.refit)"
         )
     else:
@@ -232,7 +234,7 @@ def run(
     )
 
 
-def transferability(cfg: FinetuneConfig, data: Data, labelled: tuple) -> dict[str, Any]:
+def transferability(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[str, Any]:
     """LogME of the starting model's features on the labelled target images (train + val),
     before any fine-tuning (`tlpipe.train.logme`); scratch: of its random init.
 
@@ -245,7 +247,7 @@ def transferability(cfg: FinetuneConfig, data: Data, labelled: tuple) -> dict[st
 
     num_classes = len(data.manifest.target_classes)
     model, _, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
-    x, y = labelled
+    x, y = labelled.x, labelled.y
     out: dict[str, Any] = {"logme": logme(embed(model, x, start.mean, start.std), y)}
     if cfg.skip == "logme" and cfg.strategy != "scratch":
         scratch = dataclasses.replace(cfg, strategy="scratch", model=start.arch)
@@ -362,8 +364,8 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any]:
-    """(Repeated) k-fold CV of this strategy over target_train + target_val (never test).
+def cross_validate(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[str, Any]:
+    """(Repeated) k-fold CV of this strategy over the labelled target images (never test).
 
     Each fold trains from the same start (the source model, or a fresh init for scratch) on the
     other folds, for `selection.epoch_fraction` of the epochs, keeps the last epoch (no data is
@@ -375,9 +377,7 @@ def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any
     from tlpipe.train.loop import predict, true_class_log_probability
 
     sel = cfg.selection
-    x = np.concatenate([np.asarray(train.x), np.asarray(val.x)])
-    y = np.concatenate([np.asarray(train.y), np.asarray(val.y)])
-    ids = [*train.keys("target_train"), *val.keys("target_val")]
+    x, y = labelled.x, labelled.y
     correct, p_true = np.zeros(len(y)), np.zeros(len(y))
     for r in range(sel.repeats):
         fold = stratified_folds(y, sel.folds, sel.seed + r)
@@ -393,7 +393,7 @@ def cross_validate(cfg: FinetuneConfig, data: Data, train, val) -> dict[str, Any
             p_true[held] += np.exp(true_class_log_probability(logits, y[held])) / sel.repeats
     plain = sel.repeats == 1  # 0/1 per image, as before repeats existed
     return {
-        "ids": ids,
+        "ids": labelled.keys,
         "correct": correct.astype(int).tolist() if plain else correct.round(6).tolist(),
         "p_true": p_true.round(6).tolist(),
         "folds": sel.folds,
