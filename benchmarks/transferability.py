@@ -9,7 +9,10 @@ them. This asks that question on the selection benchmark's data: targets = the `
 (the same labelled draws as benchmarks/selection.py); starting points, all small_cnn at 28 px:
 the source models of the scenarios `default` (Fashion-MNIST 0-4, 4 epochs), `mixed-source`
 (0-4 with a shifted part) and `digits-to-fashion` (scikit-learn's digits), Fashion-MNIST 0-4
-pretrained for 1 epoch only, and random init. For each draw and start: LogME of the starting
+pretrained for 1 epoch only, and random init; and, for a zoo with a wider spread of quality,
+three weaker sources of the same dataset: Fashion-MNIST classes 0-1 only, classes 2-4 only,
+and 0-4 with 50 images a class (`--starts` picks a subset: the first five are the first zoo,
+measured alone before). For each draw and start: LogME of the starting
 features on the labelled images (what the finetune step logs), and the test accuracy after
 `linear_probe` and after `full` fine-tuning (the reduced budget of selection.py, trained on
 target train, no CV; random init's `full` is scratch; it has no probe). Prints τ(score, test
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.data.manifest import load_manifest
-from tlpipe.data.prepared import load_split
+from tlpipe.data.prepared import Labelled, load_split
 from tlpipe.fsio import read_json, write_json
 from tlpipe.params.fields import merge
 from tlpipe.params.resolver import resolve
@@ -61,6 +64,10 @@ STARTS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "mixed-source": ("mixed-source", {}),
     "digits": ("digits-to-fashion", {}),
     "random-init": None,
+    # a wider zoo: weaker sources of the same dataset (fewer classes, fewer images)
+    "fashion-0-1": ("default", {"prepare": {"source": {"classes": [0, 1]}}}),
+    "fashion-2-4": ("default", {"prepare": {"source": {"classes": [2, 3, 4]}}}),
+    "fashion-0-4-50-a-class": ("default", {"prepare": {"source": {"max_per_class": 50}}}),
 }
 STRATEGIES = ("linear_probe", "full")
 ARCH = "small_cnn"  # every start of the zoo
@@ -148,16 +155,11 @@ def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> 
     }
 
 
-def labelled(prepared: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The draw's labelled target images, train + val (what finetune's LogME scores)."""
-    train, val = load_split(prepared, "target_train"), load_split(prepared, "target_val")
-    return np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y])
-
-
 def start_estimates(prepared: Path, source: Path | None, arch: str, seed: int) -> dict:
     """Estimators of a start on a draw: the source checkpoint, or `arch` at random init as
     scratch starts (seed `seed`, the draw's normalisation)."""
-    x, y = labelled(prepared)
+    both = Labelled.of(load_split(prepared, "target_train"), load_split(prepared, "target_val"))
+    x, y = both.x, both.y
     if source is not None:
         model, meta = load_checkpoint(source)
         return estimates(model, meta.mean, meta.std, x, y)
@@ -178,10 +180,11 @@ def source_model(work: Path, start: str, budget: str) -> Path | None:
     out = sdir / ("source.pt" if not over else f"source-{start}.pt")
     if not raw.exists():
         fetch.run(resolve(params)["fetch"], raw)
+    prep = sdir / ("prep-source" if "prepare" not in over else f"prep-source-{start}")
     if not out.exists():
-        if not (sdir / "prep-source").exists():
-            prepare.run(raw, sdir / "prep-source", resolve(params)["prepare"])
-        pretrain.run(sdir / "prep-source", out, resolve(params)["pretrain"])
+        if not prep.exists():
+            prepare.run(raw, prep, resolve(params)["prepare"])
+        pretrain.run(prep, out, resolve(params)["pretrain"])
     return out
 
 
@@ -207,11 +210,15 @@ def test_accuracy(prepared: Path, model_path: Path) -> float:
     return accuracy(model, test.x, test.y, mean=meta.mean, std=meta.std)
 
 
-def run_draw(work: Path, target: str, seed: int, starts: list[str], budget: str) -> dict:
-    """{start: {"scores": {estimator: …}, strategy: test accuracy}} for one draw (cached)."""
+def run_draw(
+    work: Path, target: str, seed: int, starts: list[str], budget: str, reseed: int = 0
+) -> dict:
+    """{start: {"scores": {estimator: …}, strategy: test accuracy}} for one draw (cached).
+    `reseed` > 0: the fine-tunings again with every training seed moved by `reseed` (the same
+    images; own cache, no scores), to measure how well the accuracies rank themselves."""
     prep, cfg = target_draw(work, target, seed, budget)
     out_dir = work / "zoo" / f"{target}-s{seed}"
-    cache = out_dir / "results.json"
+    cache = out_dir / ("results.json" if not reseed else f"results-reseed{reseed}.json")
     results = read_json(cache) if cache.exists() else {}
     for start in starts:
         source = source_model(work, start, budget)
@@ -220,11 +227,11 @@ def run_draw(work: Path, target: str, seed: int, starts: list[str], budget: str)
             if strategy in row or (source is None and strategy == "linear_probe"):
                 continue
             name = "scratch" if source is None else strategy
-            out = out_dir / f"{start}-{strategy}.pt"
-            finetune.run(prep, source, out, cfg.for_strategy(name))
+            out = out_dir / f"{start}-{strategy}{f'-reseed{reseed}' if reseed else ''}.pt"
+            finetune.run(prep, source, out, finetune.reseeded(cfg.for_strategy(name), reseed))
             row[strategy] = test_accuracy(prep, out)
             write_json(cache, results)
-        if "scores" not in row:
+        if "scores" not in row and not reseed:
             row["scores"] = start_estimates(prep, source, ARCH, seed)
             write_json(cache, results)
     return results
@@ -256,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=list(BUDGETS), default="reduced")
     ap.add_argument("--work", type=Path, default=None, help="sources and draws (reused)")
     ap.add_argument("--quick", action="store_true", help="1 draw, 2 starts, budget quick")
+    ap.add_argument(
+        "--reseed",
+        type=int,
+        default=0,
+        help="fine-tune every start again with the training seeds moved by this much and print\n"
+        "τ(accuracy, accuracy again): how well the ranking reproduces itself, the ceiling of\n"
+        "any estimator's τ (twice the fine-tuning time)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.targets, args.seeds = ["default"], [0]
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"budget: {args.budget}; starts: {', '.join(args.starts)}")
     print("| target | seed | start | " + " | ".join((*ESTIMATORS, *STRATEGIES)) + " |")
     print("|---|---:|---|" + "---:|" * (len(ESTIMATORS) + len(STRATEGIES)))
-    taus: dict[tuple[str, str, str], list[float]] = {}
+    taus: dict[tuple[str, str, str], list[float]] = {}  # (target, strategy, estimator)
     for target in args.targets:
         for seed in args.seeds:
             rows = run_draw(work, target, seed, args.starts, args.budget)
@@ -279,12 +294,22 @@ def main(argv: list[str] | None = None) -> int:
                 for e in ESTIMATORS if len(have) > 1 else ():
                     tau = kendall_tau([r["scores"][e] for r in have], [r[strategy] for r in have])
                     taus.setdefault((target, strategy, e), []).append(tau)
-    print("\nKendall τ(estimator, test accuracy) across starting points, mean over draws:\n")
-    print("| target | strategy | " + " | ".join(ESTIMATORS) + " |")
-    print("|---|---|" + "---:|" * len(ESTIMATORS))
+            if args.reseed:
+                again = run_draw(work, target, seed, args.starts, args.budget, args.reseed)
+                for strategy in STRATEGIES:
+                    have = [s for s in args.starts if strategy in rows[s]]
+                    first = [rows[s][strategy] for s in have]
+                    tau = kendall_tau(first, [again[s][strategy] for s in have])
+                    taus.setdefault((target, strategy, "reseeded"), []).append(tau)
+    columns = (*ESTIMATORS, "reseeded") if args.reseed else ESTIMATORS
+    print("\nKendall τ(estimator, test accuracy) across starting points, mean over draws")
+    if args.reseed:
+        print("(reseeded: the accuracies of the same fine-tunings with other seeds, the ceiling)")
+    print("\n| target | strategy | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
     for target in args.targets:
         for strategy in STRATEGIES:
-            cells = [_mean(taus.get((target, strategy, e), [])) for e in ESTIMATORS]
+            cells = [_mean(taus.get((target, strategy, e), [])) for e in columns]
             print(f"| {target} | {strategy} | " + " | ".join(cells) + " |")
     runs = across_runs(work)
     if runs:

@@ -152,9 +152,10 @@ def test_selection_summaries_of_a_run() -> None:
     assert selection.skipped_by(m, "probe") == []
 
 
-def run_quick(script: str, work: Path) -> subprocess.CompletedProcess:
+def run_quick(script: str, work: Path, *more: str) -> subprocess.CompletedProcess:
     """`benchmarks/<script>.py --quick` in a subprocess, as a user runs it; it must succeed."""
     cmd = [sys.executable, str(REPO / f"benchmarks/{script}.py"), "--quick", "--work", str(work)]
+    cmd += more
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on two shared cores crawl
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -212,7 +213,7 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
     assert last.startswith("selection regret mean = ") and last.endswith(" of 1 runs"), last
 
 
-@pytest.mark.slow  # about 45 s of real training
+@pytest.mark.slow  # about a minute of real training
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     run_quick("selection", tmp_path)  # a selection run in the folder: the across-runs reading
@@ -229,3 +230,10 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     across = [line for line in lines if line.endswith(" of 1 |")]
     assert [row.split(" | ")[0] for row in across] == [f"| {e}" for e in transferability.ESTIMATORS]
     assert (tmp_path / "default/eval-s0/estimators.json").is_file()
+
+    again = run_quick("transferability", tmp_path, "--reseed", "1").stdout.splitlines()
+    assert [line for line in again if line.startswith("| default | 0 |")] == rows  # cached
+    taus = [line for line in again if line.startswith("| default | full | ")]
+    assert len(taus) == 1 and len(taus[0].split(" | ")) == 9  # … and the reseeded ceiling
+    assert (tmp_path / "zoo/default-s0/results-reseed1.json").is_file()
+    assert (tmp_path / "zoo/default-s0/fashion-0-4-full-reseed1.pt").is_file()
