@@ -1,7 +1,7 @@
 """Do LogME and five other transferability estimators rank starting points? Kendall τ.
 
     python benchmarks/transferability.py --work W     # W may be selection.py's work folder
-    python benchmarks/transferability.py --quick      # a smoke run: 1 draw, 2 starts, tiny
+    python benchmarks/transferability.py --quick      # a smoke run: 1 draw, 3 starts, tiny
 
 LogME (You et al., 2021) was made to rank *pretrained* models for a target before fine-tuning
 them. This asks that question on the selection benchmark's data: targets = the `default`
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
     ap.add_argument("--budget", choices=list(BUDGETS), default="reduced")
     ap.add_argument("--work", type=Path, default=None, help="sources and draws (reused)")
-    ap.add_argument("--quick", action="store_true", help="1 draw, 2 starts, budget quick")
+    ap.add_argument("--quick", action="store_true", help="1 draw, 3 starts, budget quick")
     ap.add_argument(
         "--reseed",
         type=int,
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.targets, args.seeds = ["default"], [0]
-        args.starts, args.budget = ["fashion-0-4", "random-init"], "quick"
+        args.starts, args.budget = ["fashion-0-4", "fashion-0-1", "random-init"], "quick"
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-transferability-"))
     t0 = time.perf_counter()
     print(f"budget: {args.budget}; starts: {', '.join(args.starts)}")

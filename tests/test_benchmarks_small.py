@@ -216,13 +216,15 @@ def test_selection_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.slow  # about a minute of real training
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_transferability_benchmark_quick(tmp_path: Path) -> None:
+    from tlpipe.data.manifest import load_manifest
+
     run_quick("selection", tmp_path)  # a selection run in the folder: the across-runs reading
     done = run_quick("transferability", tmp_path)
     lines = done.stdout.splitlines()
     assert "| target | seed | start | LogME | LEEP | NLEEP | H-score | kNN | NCM | " in lines[1]
     rows = [line for line in lines if line.startswith("| default | 0 |")]
-    assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "random-init"]
-    assert rows[1].endswith(" | – | " + rows[1].split(" | ")[-1])  # random init has no probe
+    assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "fashion-0-1", "random-init"]
+    assert rows[2].endswith(" | – | " + rows[2].split(" | ")[-1])  # random init has no probe
     assert all(len(row.split(" | ")) == 11 for row in rows)  # 6 scores + 2 accuracies
     taus = [line for line in lines if line.startswith("| default | full | ")]
     assert len(taus) == 1 and len(taus[0].split(" | ")) == 8  # one τ per estimator
@@ -230,6 +232,10 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     across = [line for line in lines if line.endswith(" of 1 |")]
     assert [row.split(" | ")[0] for row in across] == [f"| {e}" for e in transferability.ESTIMATORS]
     assert (tmp_path / "default/eval-s0/estimators.json").is_file()
+    # a start that changes the source classes pretrains on its own prepared source
+    own = load_manifest(tmp_path / "default/prep-source-fashion-0-1")
+    assert own.source_classes == ("T-shirt/top", "Trouser")
+    assert len(load_manifest(tmp_path / "default/prep-source").source_classes) == 5
 
     again = run_quick("transferability", tmp_path, "--reseed", "1").stdout.splitlines()
     assert [line for line in again if line.startswith("| default | 0 |")] == rows  # cached
