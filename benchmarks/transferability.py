@@ -218,7 +218,8 @@ def run_draw(
     images; own cache, no scores), to measure how well the accuracies rank themselves."""
     prep, cfg = target_draw(work, target, seed, budget)
     out_dir = work / "zoo" / f"{target}-s{seed}"
-    cache = out_dir / ("results.json" if not reseed else f"results-reseed{reseed}.json")
+    tag = f"-reseed{reseed}" if reseed else ""
+    cache = out_dir / f"results{tag}.json"
     results = read_json(cache) if cache.exists() else {}
     for start in starts:
         source = source_model(work, start, budget)
@@ -227,7 +228,7 @@ def run_draw(
             if strategy in row or (source is None and strategy == "linear_probe"):
                 continue
             name = "scratch" if source is None else strategy
-            out = out_dir / f"{start}-{strategy}{f'-reseed{reseed}' if reseed else ''}.pt"
+            out = out_dir / f"{start}-{strategy}{tag}.pt"
             finetune.run(prep, source, out, finetune.reseeded(cfg.for_strategy(name), reseed))
             row[strategy] = test_accuracy(prep, out)
             write_json(cache, results)

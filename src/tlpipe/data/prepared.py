@@ -141,7 +141,7 @@ class Labelled:
     @classmethod
     def of(cls, train: Split, val: Split) -> Labelled:
         return cls(
-            x=np.concatenate([np.asarray(train.x), np.asarray(val.x)]),
+            x=np.concatenate([train.x, val.x]),  # (reads memory-mapped images into memory)
             y=np.concatenate([train.y, val.y]),
             keys=[*train.keys("target_train"), *val.keys("target_val")],
         )
