@@ -19,11 +19,13 @@ target train, no CV; random init's `full` is scratch; it has no probe). Prints �
 accuracy) across the starts, per strategy, as the mean over draws. Sources are pretrained (or
 reused) under W as selection.py does.
 
-Besides LogME (what the pipeline logs), five other estimators score the same features, so the
+Besides LogME (what the pipeline logs), six other estimators score the same features, so the
 question is not LogME's alone: LEEP (Nguyen et al., 2020; the start's own head as the "source
 labels"), NLEEP (Li et al., 2021; a Gaussian mixture on PCA'd features instead of the head),
-H-score with shrinkage (Bao et al., 2019; Ibrahim et al., 2022), and two plain baselines:
-leave-one-out 1-nearest-neighbour and nearest-class-mean accuracy (cosine). Each gets its τ.
+H-score with shrinkage (Bao et al., 2019; Ibrahim et al., 2022), two plain baselines:
+leave-one-out 1-nearest-neighbour and nearest-class-mean accuracy (cosine), and a
+cross-validated linear probe (logistic regression on the fixed features, Kornblith et al.,
+2019). Each gets its τ.
 
 Across runs (the issue's reading): where W also holds benchmarks/selection.py's runs
 (`<scenario>/eval-s<seed>/metrics.json`), each estimator's Δ (source − the scratch model's
@@ -71,7 +73,7 @@ STARTS: dict[str, tuple[str, dict[str, Any]] | None] = {
 }
 STRATEGIES = ("linear_probe", "full")
 ARCH = "small_cnn"  # every start of the zoo
-ESTIMATORS = ("LogME", "LEEP", "NLEEP", "H-score", "kNN", "NCM")  # `estimates`' keys
+ESTIMATORS = ("LogME", "LEEP", "NLEEP", "H-score", "kNN", "NCM", "probe-CV")  # `estimates`' keys
 
 
 # ------------------------------------------------------------------ the estimators
@@ -139,6 +141,22 @@ def loo_ncm(f: np.ndarray, y: np.ndarray) -> float:
     return float((classes[scores.argmax(1)] == y).mean())
 
 
+def probe_cv(f: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Cross-validated linear-probe accuracy: L2 logistic regression (C = 1) on the
+    standardised features, stratified 5-fold (fewer where a class has fewer images) repeated
+    4 times, mean held-out accuracy. The proxy of Kornblith et al. (2019): logistic regression
+    on fixed features, which they found to track fine-tuned accuracy across backbones."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(5, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
+    cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=4, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    return float(cross_val_score(probe, f, y, cv=cv).mean())
+
+
 def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> dict:
     """Every estimator of `model` (the starting point, its own head kept) on images `x`."""
     from scipy.special import softmax
@@ -152,6 +170,7 @@ def estimates(model: Any, mean: Any, std: Any, x: np.ndarray, y: np.ndarray) -> 
         "H-score": h_score(f, y),
         "kNN": loo_knn(f, y),
         "NCM": loo_ncm(f, y),
+        "probe-CV": probe_cv(f, y),
     }
 
 
@@ -232,7 +251,7 @@ def run_draw(
             finetune.run(prep, source, out, finetune.reseeded(cfg.for_strategy(name), reseed))
             row[strategy] = test_accuracy(prep, out)
             write_json(cache, results)
-        if "scores" not in row and not reseed:
+        if not reseed and not set(ESTIMATORS) <= set(row.get("scores", {})):
             row["scores"] = start_estimates(prep, source, ARCH, seed)
             write_json(cache, results)
     return results
@@ -246,7 +265,7 @@ def across_runs(work: Path) -> list[tuple[str, int, dict[str, float], float]]:
         scenario, seed = metrics_path.parts[-3], int(metrics_path.parts[-2].removeprefix("eval-s"))
         cache = metrics_path.parent / "estimators.json"
         metrics = read_json(metrics_path)
-        if not cache.exists():
+        if not cache.exists() or not set(ESTIMATORS) <= set(read_json(cache)):
             prep = work / scenario / f"prep-s{seed}"
             arch = metrics["models"][metrics["baseline"]]["arch"]
             source = start_estimates(prep, work / scenario / "source.pt", arch, seed)
