@@ -1,6 +1,6 @@
 """benchmarks/digits_imagefolder.py (the digits ImageFolder: exact, deterministic, growing),
 benchmarks/selection.py's scenarios and summaries, benchmarks/transferability.py's estimators,
-and smoke runs of three benchmarks."""
+and smoke runs of the benchmarks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 from projects import benchmark
 
 from tlpipe.errors import TlpipeError
+from tlpipe.fsio import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -225,9 +226,9 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     rows = [line for line in lines if line.startswith("| default | 0 |")]
     assert [row.split(" | ")[2] for row in rows] == ["fashion-0-4", "fashion-0-1", "random-init"]
     assert rows[2].endswith(" | – | " + rows[2].split(" | ")[-1])  # random init has no probe
-    assert all(len(row.split(" | ")) == 11 for row in rows)  # 6 scores + 2 accuracies
+    assert all(len(row.split(" | ")) == 12 for row in rows)  # 7 scores + 2 accuracies
     taus = [line for line in lines if line.startswith("| default | full | ")]
-    assert len(taus) == 1 and len(taus[0].split(" | ")) == 8  # one τ per estimator
+    assert len(taus) == 1 and len(taus[0].split(" | ")) == 9  # one τ per estimator
     assert f"Across the 1 runs of benchmarks/selection.py under {tmp_path}:" in lines
     across = [line for line in lines if line.endswith(" of 1 |")]
     assert [row.split(" | ")[0] for row in across] == [f"| {e}" for e in transferability.ESTIMATORS]
@@ -240,6 +241,15 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     again = run_quick("transferability", tmp_path, "--reseed", "1").stdout.splitlines()
     assert [line for line in again if line.startswith("| default | 0 |")] == rows  # cached
     taus = [line for line in again if line.startswith("| default | full | ")]
-    assert len(taus) == 1 and len(taus[0].split(" | ")) == 9  # … and the reseeded ceiling
+    assert len(taus) == 1 and len(taus[0].split(" | ")) == 10  # … and the reseeded ceiling
     assert (tmp_path / "zoo/default-s0/results-reseed1.json").is_file()
     assert (tmp_path / "zoo/default-s0/fashion-0-4-full-reseed1.pt").is_file()
+
+    # the two probe solvers side by side, on the same sources and draw
+    solver = run_quick("probe_solver", tmp_path).stdout.splitlines()
+    assert [line.split(" | ")[:3] for line in solver[2:4]] == [
+        ["| default", "linear_probe", "2"],  # 1 draw × 2 starts
+        ["| default", "lp_ft", "2"],
+    ]
+    results = read_json(tmp_path / "probe-solver/results.json")
+    assert sorted({k.split("|")[-1] for k in results}) == ["lbfgs", "sgd"] and len(results) == 8

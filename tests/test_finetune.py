@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tlpipe.data.manifest import load_manifest
+from tlpipe.data.prepared import stratified_folds
 from tlpipe.errors import TlpipeError
 from tlpipe.params.fields import build
 from tlpipe.steps import evaluate, finetune, pretrain
@@ -122,6 +123,59 @@ def test_linear_probe_only_changes_the_head(tiny_prepared, source_model, tmp_pat
     assert meta.classes == load_manifest(tiny_prepared).target_classes and meta.classes
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_the_probe_is_logistic_regression_on_the_features_whatever_their_scale(
+    scale: float, tiny_prepared, source_model, tmp_path, capfd
+) -> None:
+    """The solved head predicts what scikit-learn's LogisticRegression (C = 1 / probe_l2) on the
+    centred features, scaled to a mean squared norm of 1, predicts; features a thousand times
+    smaller change nothing (the SGD head's failure on weak backbones)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tlpipe.data.prepared import load_split
+    from tlpipe.train.loop import embed, predict
+
+    src, meta = load_checkpoint(source_model)
+    with torch.no_grad():  # the last BatchNorm's output × scale, and so (ReLU, mean pool) every
+        last_bn = [m for m in src.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        last_bn.weight.mul_(scale)  # feature
+        last_bn.bias.mul_(scale)
+    scaled = tmp_path / "scaled-source.pt"
+    save_checkpoint(scaled, src, meta)
+    out = tmp_path / "lp.pt"
+    finetune.run(tiny_prepared, scaled, out, _cfg("linear_probe", probe_l2=2.0))
+    assert "logistic regression on" in capfd.readouterr().err
+
+    tuned, tmeta = load_checkpoint(out)
+    train = load_split(tiny_prepared, "target_train")
+    test = load_split(tiny_prepared, "target_test")
+    f_train = embed(tuned, train.x, tmeta.mean, tmeta.std).astype(np.float64)
+    f_test = embed(tuned, test.x, tmeta.mean, tmeta.std).astype(np.float64)
+    centre = f_train.mean(0)
+    scale = np.sqrt(((f_train - centre) ** 2).sum(1).mean())
+    reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000)
+    reference.fit((f_train - centre) / scale, train.y)
+    expected = reference.predict_proba((f_test - centre) / scale)
+    logits = predict(tuned, test.x, tmeta.mean, tmeta.std).astype(np.float64)
+    got = np.exp(logits - logits.max(1, keepdims=True))
+    got /= got.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_the_probes_l2_is_chosen_by_cv_strong_for_noise_weak_for_signal() -> None:
+    from tlpipe.train.probe import L2_GRID, choose_l2
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    noise = torch.from_numpy(rng.standard_normal((40, 16)))
+    signal = torch.from_numpy(np.eye(4)[y] @ rng.standard_normal((4, 16)) * 3) + 0.3 * noise
+    labels = torch.from_numpy(y)
+    assert choose_l2(noise, labels, 4, seed=0) == (max(L2_GRID), "5-fold CV over 6 values")
+    assert choose_l2(signal, labels, 4, seed=0)[0] <= 1.0
+    one_image = torch.from_numpy(y[:31])  # class 3: one image
+    assert choose_l2(noise[:31], one_image, 4, seed=0)[0] == 1.0
+
+
 def test_partial_trains_only_the_last_blocks(tiny_prepared, source_model, tmp_path) -> None:
     out = tmp_path / "partial.pt"
     finetune.run(tiny_prepared, source_model, out, _cfg("partial", partial_blocks=1))
@@ -149,6 +203,9 @@ def test_full_with_l2sp_stays_closer_to_source(tiny_prepared, source_model, tmp_
 
 def test_lp_ft_runs_two_phases_and_scratch_ignores_source(tiny_prepared, source_model, tmp_path):
     res = finetune.run(tiny_prepared, source_model, tmp_path / "lpft.pt", _cfg("lp_ft"))
+    assert [r["phase"] for r in res.history] == ["probe", "full", "full"]  # the probe: solved
+    sgd = _cfg("lp_ft", probe_solver="sgd")
+    res = finetune.run(tiny_prepared, source_model, tmp_path / "lpft-sgd.pt", sgd)
     assert [r["phase"] for r in res.history] == ["probe", "probe", "full", "full"]
     res = finetune.run(
         tiny_prepared, None, tmp_path / "scratch.pt", _cfg("scratch", model="small_cnn")
@@ -160,7 +217,8 @@ def test_lp_ft_probe_phase_leaves_the_backbone_and_its_batchnorm_alone(
     tiny_prepared, source_model, tmp_path
 ) -> None:
     """Phases are built up front; each must set its own trainable set when it runs."""
-    diverging = _cfg("lp_ft", train={**TINY_TRAIN, "lr": 1e38})  # the full phase blows up...
+    # the SGD probe's resume file; the full phase blows up...
+    diverging = _cfg("lp_ft", probe_solver="sgd", train={**TINY_TRAIN, "lr": 1e38})
     with pytest.raises(TlpipeError, match="NaN/inf"):
         finetune.run(
             tiny_prepared,
@@ -321,9 +379,9 @@ def test_scratch_is_the_source_architecture_unless_set(tiny_prepared, tmp_path) 
 
 def test_stratified_folds_are_balanced_and_the_same_for_the_same_labels() -> None:
     y = np.repeat(np.arange(5), 10)
-    fold = finetune.stratified_folds(y, 3, seed=0)
-    assert np.array_equal(fold, finetune.stratified_folds(y, 3, seed=0))
-    assert not np.array_equal(fold, finetune.stratified_folds(y, 3, seed=1))
+    fold = stratified_folds(y, 3, seed=0)
+    assert np.array_equal(fold, stratified_folds(y, 3, seed=0))
+    assert not np.array_equal(fold, stratified_folds(y, 3, seed=1))
     assert sorted(np.bincount(fold).tolist()) == [16, 17, 17]
     for c in range(5):  # each class spread over every fold (10 images: 3/3/4)
         assert sorted(np.bincount(fold[y == c], minlength=3).tolist()) == [3, 3, 4]

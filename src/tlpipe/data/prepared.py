@@ -372,3 +372,17 @@ def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
                 "short read from a prepared split (file truncated?); run `tlpipe prepare` again"
             )
         done += got
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per image: each class's images shuffled (seeded) and dealt round-robin, so
+    every fold holds each class in proportion. The same labels give the same folds, whichever
+    strategy asks: the comparisons between strategies are paired, image by image."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        fold[rng.permutation(rows)] = (offset + np.arange(len(rows))) % folds
+        offset += len(rows)  # the next class starts where this one ended: balanced fold sizes
+    return fold

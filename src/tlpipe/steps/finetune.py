@@ -2,7 +2,8 @@
 
 A strategy is a function `(model, source_state, cfg) -> list[Phase]`: which parameters train,
 at which learning-rate scale, for how long, with which penalty. They all run through the one
-loop in `tlpipe.train.loop`; `lp_ft` is simply two phases. `joint` is `full` plus a stream of
+loop in `tlpipe.train.loop`, but for the linear probe's head, solved on the fixed features by
+default (`tlpipe.train.probe`); `lp_ft` is simply two phases. `joint` is `full` plus a stream of
 match-weighted source batches through a second head (`tlpipe.train.joint`); `specialist` first
 continues training on the matched source alone, then runs `full`. Model selection uses the
 target *validation* split only.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from tlpipe.data.manifest import Manifest
-from tlpipe.data.prepared import Labelled
+from tlpipe.data.prepared import Labelled, stratified_folds
 from tlpipe.errors import TlpipeError
 from tlpipe.params import FinetuneConfig
 from tlpipe.params.learning import check_source_strategies
@@ -43,6 +44,7 @@ class Phase:
     # (batches, loss)
     source_stream: Callable[..., tuple[Any, Callable]] | None = None
     validate: bool = True  # False: target-val accuracy means nothing yet (a source-only phase)
+    solved: bool = False  # the head is solved on fixed features (`tlpipe.train.probe`), not trained
 
 
 def _trainable(groups: list[dict[str, Any]], model: nn.Module) -> list[dict[str, Any]]:
@@ -56,8 +58,9 @@ def _trainable(groups: list[dict[str, Any]], model: nn.Module) -> list[dict[str,
 
 
 def head_phase(model, cfg: FinetuneConfig, name: str = "probe") -> Phase:
-    """Fixed feature extractor: only the new head trains."""
-    return Phase(name, _trainable([{"params": list(model.head.parameters())}], model), cfg.probe)
+    """Fixed feature extractor: only the new head learns (solved, or trained: `probe_solver`)."""
+    groups = _trainable([{"params": list(model.head.parameters())}], model)
+    return Phase(name, groups, cfg.probe, solved=cfg.probe_solver == "lbfgs")
 
 
 def blocks_phase(model, cfg: FinetuneConfig, n_blocks: int | None, name: str, source_state=None):
@@ -278,9 +281,10 @@ def _skipped(cfg: FinetuneConfig, data: Data, out_model: Path, score: dict) -> T
         pretrained=start.pretrained,
     ).replace(logme=score["logme"], skipped=score["skip"])
     save_checkpoint(out_model, model, meta)
+    probe = [cfg.probe] if cfg.probe_solver == "sgd" else []  # lbfgs: no epochs
     phases = {
-        "linear_probe": [cfg.probe],
-        "lp_ft": [cfg.probe, cfg.train],
+        "linear_probe": probe,
+        "lp_ft": [*probe, cfg.train],
         "specialist": [cfg.specialist, cfg.train],
     }.get(cfg.strategy, [cfg.train])
     epochs = sum(t.epochs for t in phases)
@@ -312,56 +316,51 @@ class Trained:
 
 def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, key) -> Trained:
     """Run the strategy's phases on (train x, y), selecting epochs on val (None: the last)."""
-    from tlpipe.train.loop import fit
+    from tlpipe.train.loop import cap_validation, fit
+    from tlpipe.train.probe import solve_head
 
     num_classes = len(data.manifest.target_classes)
     model, source_state, start = _start_model(cfg, data.source_model, data.manifest, num_classes)
     history, result, seconds, resume_files = [], None, 0.0, []
     for phase in STRATEGIES[cfg.strategy](model, source_state, cfg):
         t = phase.train
-        batches = ArrayBatches(
-            *train_xy, t.batch_size, seed=t.seed, steps_per_epoch=t.steps_per_epoch
-        )
-        loss_fn = None
-        if phase.source_stream is not None:
-            batches, loss_fn = phase.source_stream(batches, data.prepared_dir, data.match_dir)
-        resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
-        resume_files.append(resume)
         _trainable(phase.groups, model)  # phases are built up front: each sets its own again
         validate = val_xy is not None and len(val_xy[1]) and phase.validate
-        result = fit(
-            model,
-            batches,
-            t,
-            mean=start.mean,
-            std=start.std,
-            val=val_xy if validate else None,
-            param_groups=phase.groups,
-            loss_fn=loss_fn,
-            penalty=phase.penalty,
-            checkpoint=resume,
-            resume_key=key,
-            desc=f"{cfg.strategy}:{phase.name}",
-        )
+        val = val_xy if validate else None
+        desc = f"{cfg.strategy}:{phase.name}"
+        if phase.solved:  # seconds, not epochs: nothing to resume
+            val = cap_validation(val, t.val_max_images, t.seed)
+            norm = {"mean": start.mean, "std": start.std}
+            l2, seed = cfg.probe_l2, t.seed
+            result = solve_head(model, *train_xy, **norm, l2=l2, val=val, seed=seed, desc=desc)
+        else:
+            batches = ArrayBatches(
+                *train_xy, t.batch_size, seed=t.seed, steps_per_epoch=t.steps_per_epoch
+            )
+            loss_fn = None
+            if phase.source_stream is not None:
+                batches, loss_fn = phase.source_stream(batches, data.prepared_dir, data.match_dir)
+            resume = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{phase.name}.pt"
+            resume_files.append(resume)
+            result = fit(
+                model,
+                batches,
+                t,
+                mean=start.mean,
+                std=start.std,
+                val=val,
+                param_groups=phase.groups,
+                loss_fn=loss_fn,
+                penalty=phase.penalty,
+                checkpoint=resume,
+                resume_key=key,
+                desc=desc,
+            )
         history += [{**row, "phase": phase.name} for row in result.history]
         seconds += result.seconds
     joint.detach_extra_heads(model)
     files = tuple(f for f in resume_files if f)
     return Trained(model, result, history, seconds, start, files)
-
-
-def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per image: each class's images shuffled (seeded) and dealt round-robin, so
-    every fold holds each class in proportion. The same labels give the same folds, whichever
-    strategy asks: the comparisons between strategies are paired, image by image."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(y), dtype=np.int64)
-    offset = 0
-    for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        fold[rng.permutation(rows)] = (offset + np.arange(len(rows))) % folds
-        offset += len(rows)  # the next class starts where this one ended: balanced fold sizes
-    return fold
 
 
 def cross_validate(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[str, Any]:
