@@ -200,3 +200,18 @@ def test_torchrun_pretrain_and_finetune_match_one_process_and_resume_after_a_kil
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_name for r in runs] == ["finetune:lp_ft"]
+
+    # the solved linear probe: every rank solves the same regression, rank 0 writes it
+    lp = [
+        "finetune",
+        *prep,
+        "--strategy",
+        "linear_probe",
+        "--source",
+        "one/source.pt",
+        "--no-track",
+    ]
+    _ok(_torchrun(tmp_path, *lp, "--out", "lp1.pt", procs=1))
+    out = _ok(_torchrun(tmp_path, *lp, "--out", "lp2.pt"))
+    _same(tmp_path / "lp1.pt", tmp_path / "lp2.pt")
+    assert out.count("logistic regression on") == 1 + 3, out[-2000:]  # refit + CV, rank 0 says

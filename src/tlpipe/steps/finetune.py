@@ -331,8 +331,8 @@ def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, ke
         if phase.solved:  # seconds, not epochs: nothing to resume
             val = cap_validation(val, t.val_max_images, t.seed)
             norm = {"mean": start.mean, "std": start.std}
-            l2, seed = cfg.probe_l2, t.seed
-            result = solve_head(model, *train_xy, **norm, l2=l2, val=val, seed=seed, desc=desc)
+            how = {"l2": cfg.probe_l2, "seed": t.seed, "device": t.device, "desc": desc}
+            result = solve_head(model, *train_xy, **norm, val=val, **how)
         else:
             batches = ArrayBatches(
                 *train_xy, t.batch_size, seed=t.seed, steps_per_epoch=t.steps_per_epoch

@@ -32,7 +32,7 @@ from torch import nn
 from tlpipe.data.prepared import stratified_folds
 from tlpipe.errors import TlpipeError
 from tlpipe.train import distributed
-from tlpipe.train.loop import FitResult, accuracy, embed
+from tlpipe.train.loop import FitResult, accuracy, embed, resolve_device
 
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the candidates of `probe_l2: auto`
 CV_FOLDS = 5  # at most; fewer where a class has fewer training images
@@ -48,16 +48,19 @@ def solve_head(
     l2: float | str = "auto",
     val: tuple[np.ndarray, np.ndarray] | None = None,
     seed: int = 0,
+    device: str = "auto",
     desc: str = "probe",
 ) -> FitResult:
     """Set `model.head` to the L2 logistic regression of labels `y` on the backbone's features
     of images `x` (`l2` "auto": chosen by CV, folds seeded by `seed`); the backbone is left as
     it is. One history row (epoch 1): the final mean cross-entropy, l2 and, with `val`, its
-    accuracy."""
+    accuracy. The images are embedded on `device` (the GPU where there is one, as `fit` trains);
+    the regression is solved on the CPU."""
     head = model.head
     if not isinstance(head, nn.Linear):
         raise TlpipeError(f"finetune.probe_solver lbfgs needs a linear head, not {head!r}")
     t0 = time.perf_counter()
+    model.to(distributed.setup(resolve_device(device)))
     f = torch.from_numpy(embed(model, x, mean, std)).double()
     mu = f.mean(0)
     scale = float((f - mu).pow(2).sum(1).mean().sqrt()) or 1.0  # mean squared norm → 1
