@@ -15,7 +15,8 @@ and 0-4 with 50 images a class (`--starts` picks a subset: the first five are th
 measured alone before). For each draw and start: LogME of the starting
 features on the labelled images (what the finetune step logs), and the test accuracy after
 `linear_probe` and after `full` fine-tuning (the reduced budget of selection.py, trained on
-target train, no CV; random init's `full` is scratch; it has no probe). Prints τ(score, test
+target train, no CV; random init's `full` is scratch; it has no probe; the probe is solved,
+`finetune.probe_solver`, as the pipeline's default). Prints τ(score, test
 accuracy) across the starts, per strategy, as the mean over draws. Sources are pretrained (or
 reused) under W as selection.py does.
 
