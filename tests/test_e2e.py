@@ -65,9 +65,13 @@ def test_dvc_pipeline_on_real_fashion_mnist(tmp_path: Path) -> None:
     metrics = json.loads((work / "eval/metrics.json").read_text())
     accuracy = {name: m["accuracy"] for name, m in metrics["models"].items()}
     assert set(accuracy) == {"scratch", "lp_ft"} and min(accuracy.values()) > 0.5, accuracy
-    # the higher CV estimate ships; "transfer helped" only when its interval excludes 0
+    # a transfer model ships only when its interval over scratch excludes 0, and then the one
+    # with the higher CV estimate; otherwise (a tie, or no transfer ahead) scratch ships
     cv = {name: m["cv_accuracy"] for name, m in metrics["models"].items()}
-    assert cv[metrics["selected"]] == max(cv.values()), metrics["verdict"]
+    if metrics["transfer_helped"]:
+        assert cv[metrics["selected"]] == max(cv.values()), metrics["verdict"]
+    else:
+        assert metrics["selected"] == "scratch", metrics["verdict"]
     assert metrics["transfer_helped"] == metrics["verdict"].startswith("transfer helped")
     assert not metrics["transfer_helped"] or metrics["selected"] != "scratch"
     assert (work / "eval/plots/confusion_scratch.png").exists()

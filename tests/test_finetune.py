@@ -239,6 +239,12 @@ def test_per_strategy_overrides_and_bad_strategy(tiny_prepared, source_model, tm
     assert cfg.for_strategy("scratch").train.lr == 0.5
     assert cfg.for_strategy("scratch").train.epochs == TINY_TRAIN["epochs"]
     assert cfg.for_strategy("full").train.lr == TINY_TRAIN["lr"]
+    # a user's per_strategy lies over the defaults (scratch's lr, lp_ft's SGD probe), not instead
+    mine = build(finetune.FinetuneConfig, {"per_strategy": {"scratch": {"train": {"epochs": 3}}}})
+    assert mine.for_strategy("scratch").train.lr == 0.05
+    assert mine.for_strategy("scratch").train.epochs == 3
+    assert mine.for_strategy("lp_ft").probe_solver == "sgd"
+    assert mine.for_strategy("linear_probe").probe_solver == "lbfgs"
     with pytest.raises(TlpipeError, match="unknown strategy 'magic'"):
         finetune.run(tiny_prepared, source_model, tmp_path / "x.pt", _cfg("magic"))
     with pytest.raises(TlpipeError, match="needs a source model"):

@@ -78,6 +78,8 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
         default = _field_default(fields[name])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             values[name] = {**dataclasses.asdict(default), **value}
+        elif isinstance(value, dict) and isinstance(default, dict):  # per_strategy: the user's
+            values[name] = merge(default, value)  # entries over the defaults, not instead
     kwargs = {k: _coerce(v, hints[k], where + k) for k, v in values.items()}
     try:
         return cls(**kwargs)

@@ -425,7 +425,8 @@ class FinetuneConfig:
             features on the labelled target is no higher than that of the same network at
             random init (`tlpipe.steps.finetune.transferability`). Opt-in: it saves the
             strategy's whole training budget when pretraining evidently does not transfer.
-        per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``.
+        per_strategy: Overrides per strategy, e.g. ``{scratch: {train: {lr: 0.05}}}``; yours are
+            laid over these defaults (scratch's lr, lp_ft's SGD probe), entry by entry.
         workers: Where the Kubeflow DAG trains each strategy (`Workers`).
     """
 
