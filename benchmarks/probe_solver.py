@@ -13,7 +13,6 @@ better / worse on val. Results: benchmarks/README.md, "The linear probe, solved"
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -24,8 +23,13 @@ from tlpipe.fsio import read_json, write_json
 from tlpipe.steps import finetune
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection import BUDGETS  # noqa: E402
-from transferability import STARTS, TARGETS, source_model, target_draw, test_accuracy  # noqa: E402
+from transferability import (  # noqa: E402
+    STARTS,
+    source_model,
+    target_draw,
+    test_accuracy,
+    zoo_arguments,
+)
 
 SOLVERS = ("sgd", "lbfgs")
 STRATEGIES = ("linear_probe", "lp_ft")
@@ -90,13 +94,7 @@ def table(results: dict[str, dict[str, float]], targets) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
-    ap.add_argument("--budget", choices=list(BUDGETS), default="reduced")
-    ap.add_argument("--work", type=Path, default=None, help="sources and draws (reused)")
-    ap.add_argument("--quick", action="store_true", help="1 draw, 2 starts, budget quick")
+    ap = zoo_arguments(__doc__, "1 draw, 2 starts, budget quick")
     args = ap.parse_args(argv)
     if args.quick:
         args.targets, args.seeds = ["default"], [0]

@@ -276,14 +276,21 @@ def across_runs(work: Path) -> list[tuple[str, int, dict[str, float], float]]:
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def zoo_arguments(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The options of the scripts that fine-tune the zoo's starts on target draws (this one and
+    probe_solver.py, which reuses its work folder); `quick` says what --quick runs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
     ap.add_argument("--budget", choices=list(BUDGETS), default="reduced")
     ap.add_argument("--work", type=Path, default=None, help="sources and draws (reused)")
-    ap.add_argument("--quick", action="store_true", help="1 draw, 3 starts, budget quick")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = zoo_arguments(__doc__, "1 draw, 3 starts, budget quick")
     ap.add_argument(
         "--reseed",
         type=int,
