@@ -18,8 +18,8 @@ selection: k-fold cross-validation over target train + val when validation is sm
 each model refit on all of them), and evaluate, which picks the model to ship without looking
 at test. The source model is pretrained once per scenario (its source split does not depend
 on the target draw). The same models and the same per-image evidence (evidence.json) are then
-chosen from under every rule, `evaluate.on_tie` × `evaluate.select_by`, and each rule's
-regret is printed next to the params' own.
+chosen from under every rule, `evaluate.on_tie` × `evaluate.select_by` (and one
+`evaluate.guard`), and each rule's regret is printed next to the params' own.
 
 Prints, per run, the shipped model's test accuracy against the hindsight-best model's (the
 best on test, which no pipeline can know) and against scratch, and the Kendall τ (tau-b)
@@ -155,12 +155,30 @@ SCENARIOS: dict[str, Scenario] = {
     ),
 }
 # evaluate.on_tie (what ships when the interval includes 0) × evaluate.select_by (the per-image
-# score it chooses by): every rule is applied to the same models and the same evidence
-RULES = tuple(
-    f"{tie}/{by}"
-    for by in ("accuracy", "probability", "log_likelihood")
-    for tie in ("best", "baseline")
+# score it chooses by), and one evaluate.guard: every rule is applied to the same models and
+# the same evidence. A rule reads on_tie/select_by[/guard].
+RULES = (
+    *(
+        f"{tie}/{by}"
+        for by in ("accuracy", "probability", "log_likelihood")
+        for tie in ("best", "baseline")
+    ),
+    "baseline/probability/accuracy",
 )
+
+
+def rule_args(rule: str) -> tuple[str, str, str | None]:
+    """A rule's (on_tie, select_by, guard)."""
+    on_tie, by, *guard = rule.split("/")
+    return on_tie, by, guard[0] if guard else None
+
+
+def rule_words(rule: str) -> str:
+    """A rule as the params that choose it."""
+    on_tie, by, guard = rule_args(rule)
+    return f"evaluate.on_tie: {on_tie}, select_by: {by}" + (f", guard: {guard}" if guard else "")
+
+
 BUDGETS: dict[str, dict[str, Any]] = {
     "full": {},
     "reduced": {
@@ -188,7 +206,7 @@ def scenario_params(name: str, budget: str, sdir: Path) -> dict[str, Any]:
 
 def run_once(params: dict, raw: Path, source: Path, work: Path, seed: int) -> dict[str, dict]:
     """Prepare with `seed`, fine-tune scratch and every strategy, evaluate, and choose again
-    from the same evidence under every rule (`on_tie/select_by`): rule → metrics.json with
+    from the same evidence under every rule (`on_tie/select_by[/guard]`): rule → metrics.json with
     that rule's choice, and each model's fine-tuning wall time (CV fits included) under
     "seconds"."""
     seeded = {"train": {"seed": seed}, "probe": {"seed": seed}}
@@ -212,8 +230,7 @@ def run_once(params: dict, raw: Path, source: Path, work: Path, seed: int) -> di
     metrics, evidence = read_json(out / "metrics.json"), read_json(out / "evidence.json")
     results = {}
     for rule in RULES:
-        on_tie, by = rule.split("/")
-        choice = evaluate.select(metrics["models"], metrics["baseline"], evidence, on_tie, by)
+        choice = evaluate.select(metrics["models"], metrics["baseline"], evidence, *rule_args(rule))
         results[rule] = metrics | {
             "selected": choice.selected,
             "transfer_helped": choice.helped,
@@ -231,7 +248,7 @@ def outcome(m: dict[str, Any]) -> tuple[float, float]:
 
 
 def last_line(rows: list[dict[str, Any]], rule: str) -> str:
-    """The summary line of the issue, for the runs chosen under `rule` (on_tie/select_by)."""
+    """The summary line of the issue, for the runs chosen under `rule` (RULES)."""
     below = sum(r[rule][1] < -1 for r in rows)
     regret = statistics.mean(r[rule][0] for r in rows)
     return (
@@ -340,10 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             prepare.run(raw, sdir / "prep-source", resolve(params)["prepare"])
             pretrain.run(sdir / "prep-source", source, resolve(params)["pretrain"])
+        ev = resolve(params)["evaluate"]
+        rule = f"{ev.on_tie}/{ev.select_by}" + (f"/{ev.guard}" if ev.guard else "")
+        if rule not in RULES:  # what this scenario's params ship by
+            raise SystemExit(f"{scenario}: its rule {rule_words(rule)} is not one of RULES")
         for seed in args.seeds:
             runs = run_once(params, raw, source, sdir, seed)
-            ev = resolve(params)["evaluate"]
-            rule = f"{ev.on_tie}/{ev.select_by}"  # what this scenario's params ship by
             m = runs[rule]
             acc = {n: v["accuracy"] for n, v in m["models"].items()}
             best = max(acc, key=acc.get)
@@ -370,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s; files in {work}")
     for r in RULES:
         if r != rule:
-            tie, by = r.split("/")
-            print(f"with evaluate.on_tie: {tie}, select_by: {by}: {last_line(rows, r)}")
+            print(f"with {rule_words(r)}: {last_line(rows, r)}")
     print(last_line(rows, rule))
     return 0
 

@@ -627,6 +627,36 @@ def test_select_by_says_which_per_image_score_chooses(
     assert evidence["correct"]["full"] == full and evidence["p_true"]["scratch"][-1] == 0.01
 
 
+@pytest.mark.parametrize("full_right", [28, 30])
+def test_a_guard_keeps_a_transfer_that_loses_accuracy_from_shipping(
+    full_right, tiny_prepared, source_model, tmp_path
+) -> None:
+    from tlpipe.fsio import read_json
+
+    plain = tmp_path / "plain.pt"
+    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", model="small_cnn"))
+    # full gives the true class far more probability than scratch (its interval excludes 0)
+    # and is right on 28 (below scratch's 30: the guard stops it) or 30 of 50 (not below)
+    scratch = [1] * 30 + [0] * 20
+    full = [1] * full_right + [0] * (50 - full_right)
+    models = {
+        "scratch": _with_cv(
+            plain, tmp_path / "scratch.pt", scratch, [0.4 if c else 0.01 for c in scratch]
+        ),
+        "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
+    }
+    cfg = evaluate.EvaluateConfig(plots=False, select_by="probability", guard="accuracy")
+    report = read_json(evaluate.run(tiny_prepared, models, tmp_path / "e", cfg).metrics_path)
+    assert report["paired"]["model"] == "full" and report["paired"]["ci95"][0] > 0
+    if full_right < 30:
+        assert report["selected"] == "scratch" and report["transfer_helped"] is False
+        assert "below it in accuracy (-4.0 pt)" in report["verdict"]
+        assert "evaluate.guard: accuracy" in report["verdict"]
+    else:
+        assert report["selected"] == "full" and report["transfer_helped"] is True
+        assert report["verdict"].startswith("transfer helped: full beats scratch")
+
+
 def test_paired_interval_of_identical_models_is_zero() -> None:
     assert evaluate.paired_interval(np.zeros(30)) == (0.0, 0.0, 0.0)
     mean, lo, hi = evaluate.paired_interval(np.r_[np.ones(10), np.zeros(40)])

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from tlpipe.params.fields import above, at_least, between
 
+Score = Literal["accuracy", "probability", "log_likelihood"]  # evaluate's per-image scores
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -27,12 +29,19 @@ class EvaluateConfig:
             less noisy estimate on few images) or ``log_likelihood`` (its log, a proper scoring
             rule that punishes confident mistakes). Measured side by side: benchmarks/README.md,
             "Selection regret".
+        guard: A second per-image score a transfer must not lose in: the model that would ship
+            must also score, on the same images, a mean no lower than the baseline's in
+            ``guard``, or the baseline ships (the verdict says why). ``null``: no guard. With
+            ``select_by: probability``, ``guard: accuracy`` ships a transfer when the
+            probability of the true class shows it helps and it loses no accuracy on the
+            evidence.
     """
 
     baseline: str = "scratch"
     plots: bool = True
     on_tie: Literal["best", "baseline"] = "baseline"
-    select_by: Literal["accuracy", "probability", "log_likelihood"] = "accuracy"
+    select_by: Score = "accuracy"
+    guard: Score | None = None
 
 
 Calibration = Literal["minmax", "entropy", "percentile"]

@@ -64,7 +64,7 @@ def run(
     test, val = load_split(prepared_dir, "target_test"), load_split(prepared_dir, "target_val")
     classes = list(manifest.target_classes)
     report, preds, histories, evidence = _score(models, test, val, classes)
-    choice = select(report, cfg.baseline, evidence, cfg.on_tie, cfg.select_by)
+    choice = select(report, cfg.baseline, evidence, cfg.on_tie, cfg.select_by, cfg.guard)
     selected, verdict = choice.selected, choice.verdict
     base = report[cfg.baseline]["accuracy"]
     gain = {
@@ -151,6 +151,7 @@ def select(
     evidence: dict[str, Any],
     on_tie: str,
     by: str,
+    guard: str | None = None,
 ) -> Choice:
     """The model to ship, and a sentence saying whether transfer helped.
 
@@ -163,8 +164,10 @@ def select(
     The baseline is a candidate like any strategy. "Transfer helped" is said only when the
     paired 95 % bootstrap interval of (best strategy − baseline) in that score excludes 0; when
     it includes 0 the verdict is "tie", and `on_tie` says what ships: the higher estimate
-    (`best`), or the baseline (a transfer ships only when it demonstrably helps). What each
-    rule costs: benchmarks/README.md, "Selection regret".
+    (`best`), or the baseline (a transfer ships only when it demonstrably helps). `guard`
+    (a score of SCORES, or None): a transfer about to ship whose mean `guard` score is below
+    the baseline's on the same images does not ship; the baseline does. What each rule costs:
+    benchmarks/README.md, "Selection regret".
     """
     values = per_image(evidence, by)
     nan = float("nan")
@@ -201,7 +204,15 @@ def select(
     tie = selected != baseline and not helped
     if tie and on_tie == "baseline":
         selected = baseline
-    if helped:
+    loss = _guard_loss(evidence, selected, baseline, guard)
+    if loss is not None:
+        verdict = (
+            f"transfer did NOT help: {selected} {'beats' if helped else 'ties with'} {baseline} "
+            f"({ci}) on {on} but is below it in {guard.replace('_', ' ')} ({loss}), so "
+            f"{baseline} ships (evaluate.guard: {guard})"
+        )
+        selected, helped, tie = baseline, False, False
+    elif helped:
         verdict = f"transfer helped: {best} beats {baseline} ({ci}) on {on}"
     elif tie and on_tie == "baseline":
         verdict = (
@@ -221,6 +232,19 @@ def select(
     return Choice(
         selected, verdict, evidence["selected_by"], helped, tie, paired, evidence["extra_fits"]
     )
+
+
+def _guard_loss(
+    evidence: dict[str, Any], model: str, baseline: str, guard: str | None
+) -> str | None:
+    """How far `model` is below `baseline` in the mean `guard` score ("-2.0 pt"), or None when
+    it is not below (or there is no guard, or the baseline ships anyway)."""
+    if guard is None or model == baseline:
+        return None
+    values = per_image(evidence, guard)
+    _, unit, scale = SCORES[guard]
+    diff = scale * float(np.mean(values[model]) - np.mean(values[baseline]))
+    return f"{diff:+.{1 if unit == 'pt' else 3}f} {unit}" if diff < 0 else None
 
 
 def paired_interval(d: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, ...]:
