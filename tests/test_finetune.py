@@ -270,7 +270,8 @@ def test_evaluate_selects_by_validation_and_writes_plots(tiny_prepared, source_m
     for s in ("scratch", "linear_probe", "full"):
         models[s] = tmp_path / f"{s}.pt"
         finetune.run(tiny_prepared, source_model, models[s], _cfg(s))
-    cfg = evaluate.EvaluateConfig(on_tie="best")  # the highest estimate ships, tie or not
+    # the highest validation accuracy ships, tie or not
+    cfg = evaluate.EvaluateConfig(on_tie="best", select_by="accuracy", guard=None)
     res = evaluate.run(tiny_prepared, models, tmp_path / "eval", cfg)
     from tlpipe.fsio import read_json
 
@@ -316,8 +317,8 @@ def test_a_validation_tie_is_broken_by_validation_loss_not_by_name(
         model.head.weight.mul_(3.0)
         model.head.bias.mul_(3.0)
     models[names[1]] = save_checkpoint(tmp_path / "b.pt", model, meta)
-    result = evaluate.run(tiny_prepared, models, tmp_path / "e", evaluate.EvaluateConfig())
-    report = read_json(result.metrics_path)
+    cfg = evaluate.EvaluateConfig(select_by="accuracy", guard=None)
+    report = read_json(evaluate.run(tiny_prepared, models, tmp_path / "e", cfg).metrics_path)
     a, b = (report["models"][n] for n in names)
     assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] != b["val_loss"]
     # the better of the two is the one compared with scratch (and ships if it helps)
@@ -555,8 +556,10 @@ def test_cross_validated_selection_says_helped_only_when_the_interval_excludes_0
     assert report["tie"] is verdict.startswith("tie")
     paired = report["paired"]
     lo, hi = paired["ci95"]
-    assert lo <= paired["diff"] == 2 * (full_right - scratch_right) <= hi
-    assert paired["unit"] == "pt" and paired["score"] == "accuracy"
+    # the default score: the probability of the true class (0.8 right, 0.2 wrong: _with_cv)
+    assert lo <= paired["diff"] <= hi
+    assert paired["diff"] == pytest.approx(0.6 * 2 * (full_right - scratch_right))
+    assert paired["unit"] == "pt" and paired["score"] == "probability"
     assert (
         report["extra_fits"] == 6 and "3-fold stratified cross-validation" in report["selected_by"]
     )
@@ -604,7 +607,7 @@ def test_select_by_says_which_per_image_score_chooses(
         ),
         "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
     }
-    cfg = evaluate.EvaluateConfig(plots=False, select_by=select_by)
+    cfg = evaluate.EvaluateConfig(plots=False, select_by=select_by, guard=None)
     out = tmp_path / "e"
     report = read_json(evaluate.run(tiny_prepared, models, out, cfg).metrics_path)
     assert report["selected"] == ("scratch" if select_by == "accuracy" else "full")
