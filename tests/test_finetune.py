@@ -589,24 +589,32 @@ def test_on_a_tie_the_rule_in_params_says_what_ships(
         assert "NOT shown to beat scratch" in report["verdict"]
 
 
+def _unsure_scratch_confident_full(
+    prepared: Path, source: Path, tmp_path: Path, full_right: int
+) -> dict[str, Path]:
+    """scratch: 30 of 50 right, barely (0.4 on the true class of 5), and confidently wrong
+    (0.01) where wrong; full: `full_right` right, confidently (0.95), unsure (0.3) where
+    wrong."""
+    plain = tmp_path / "plain.pt"
+    finetune.run(prepared, source, plain, _cfg("scratch", model="small_cnn"))
+    scratch = [1] * 30 + [0] * 20
+    full = [1] * full_right + [0] * (50 - full_right)
+    return {
+        "scratch": _with_cv(
+            plain, tmp_path / "scratch.pt", scratch, [0.4 if c else 0.01 for c in scratch]
+        ),
+        "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
+    }
+
+
 @pytest.mark.parametrize("select_by", ["accuracy", "probability", "log_likelihood"])
 def test_select_by_says_which_per_image_score_chooses(
     select_by, tiny_prepared, source_model, tmp_path
 ) -> None:
     from tlpipe.fsio import read_json
 
-    plain = tmp_path / "plain.pt"
-    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", model="small_cnn"))
-    # scratch: 30 of 50 right, barely (0.4 on the true class of 5), and confidently wrong
-    # (0.01) where wrong; full: 28 right, confidently (0.95), unsure (0.3) where wrong
-    scratch = [1] * 30 + [0] * 20
+    models = _unsure_scratch_confident_full(tiny_prepared, source_model, tmp_path, 28)
     full = [1] * 28 + [0] * 22
-    models = {
-        "scratch": _with_cv(
-            plain, tmp_path / "scratch.pt", scratch, [0.4 if c else 0.01 for c in scratch]
-        ),
-        "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
-    }
     cfg = evaluate.EvaluateConfig(plots=False, select_by=select_by, guard=None)
     out = tmp_path / "e"
     report = read_json(evaluate.run(tiny_prepared, models, out, cfg).metrics_path)
@@ -636,18 +644,9 @@ def test_a_guard_keeps_a_transfer_that_loses_accuracy_from_shipping(
 ) -> None:
     from tlpipe.fsio import read_json
 
-    plain = tmp_path / "plain.pt"
-    finetune.run(tiny_prepared, source_model, plain, _cfg("scratch", model="small_cnn"))
     # full gives the true class far more probability than scratch (its interval excludes 0)
     # and is right on 28 (below scratch's 30: the guard stops it) or 30 of 50 (not below)
-    scratch = [1] * 30 + [0] * 20
-    full = [1] * full_right + [0] * (50 - full_right)
-    models = {
-        "scratch": _with_cv(
-            plain, tmp_path / "scratch.pt", scratch, [0.4 if c else 0.01 for c in scratch]
-        ),
-        "full": _with_cv(plain, tmp_path / "full.pt", full, [0.95 if c else 0.3 for c in full]),
-    }
+    models = _unsure_scratch_confident_full(tiny_prepared, source_model, tmp_path, full_right)
     cfg = evaluate.EvaluateConfig(plots=False, select_by="probability", guard="accuracy")
     report = read_json(evaluate.run(tiny_prepared, models, tmp_path / "e", cfg).metrics_path)
     assert report["paired"]["model"] == "full" and report["paired"]["ci95"][0] > 0
