@@ -332,13 +332,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="R",
         help="finetune.selection.repeats for every scenario (repeated k-fold CV)",
     )
+    ap.add_argument(
+        "--cv-folds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="finetune.selection.folds for every scenario (k of the k-fold CV)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.budget, args.scenarios, args.seeds = "quick", ["default"], [0]
     work = args.work or Path(tempfile.mkdtemp(prefix="tlpipe-selection-"))
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    print(f"budget: {args.budget} {BUDGETS[args.budget]}; CV repeats {args.cv_repeats or 1}")
+    cv = {"repeats": args.cv_repeats, "folds": args.cv_folds}
+    cv = {k: v for k, v in cv.items() if v}
+    print(f"budget: {args.budget} {BUDGETS[args.budget]}; CV {cv or 'as the scenario says'}")
     print(
         "| scenario | seed | shipped | shipped acc | best (hindsight) | best acc | scratch acc "
         "| regret pt | vs scratch pt | verdict | regret per rule pt (" + ", ".join(RULES) + ") "
@@ -349,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         sdir = work / scenario
         sdir.mkdir(parents=True, exist_ok=True)
         params = scenario_params(scenario, args.budget, sdir)
-        if args.cv_repeats:
-            params = merge(params, {"finetune": {"selection": {"repeats": args.cv_repeats}}})
+        if cv:
+            params = merge(params, {"finetune": {"selection": cv}})
         raw, source = sdir / "raw", sdir / "source.pt"
         if not raw.exists():
             fetch.run(resolve(params)["fetch"], raw)
