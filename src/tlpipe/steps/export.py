@@ -338,7 +338,7 @@ def normalise(x: np.ndarray, mean, std) -> np.ndarray:
 
     from tlpipe.train.loop import to_input
 
-    return to_input(torch.from_numpy(np.ascontiguousarray(x)), mean, std).numpy()
+    return to_input(torch.tensor(x), mean, std).numpy()  # a copy: x may be a read-only mmap
 
 
 def ort_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
