@@ -57,6 +57,36 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message) -> 
     assert res.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evalute"], "No such command 'evalute'. Did you mean 'evaluate'?"),
+        (["pipeline", "compile"], "No such command 'compile'"),
+        (["finetune", "--bogus"], "No such option: --bogus"),
+        (["finetune", "--strategy"], "Option '--strategy' requires an argument"),
+        ([], "Usage:"),  # no command: the help
+    ],
+)
+def test_mistyped_commands_get_the_usage_not_a_traceback(tmp_path, args, message) -> None:
+    res = tlpipe(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_help_shows_bracketed_and_angled_text(tmp_path: Path) -> None:
+    """Help is reflowed markdown: `[...]` and `<...>` in it must survive the rendering."""
+    res = subprocess.run(
+        [sys.executable, "-m", "tlpipe.cli", "finetune", "--help"],
+        env={**os.environ, "COLUMNS": "300"},  # one line an option: nothing wrapped
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--set 'strategies=[full,lp_ft]'." in res.stdout
+    assert "Default: models/finetuned/<strategy>.pt." in res.stdout
+
+
 def test_bad_params_file_is_reported(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("pretrain: [unclosed\n")
     res = tlpipe("pretrain", cwd=tmp_path)

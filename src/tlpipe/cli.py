@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings reflow to the terminal (rich mode kept each break)
 )
 
 app.add_typer(pipeline_cli.app, name="pipeline")
@@ -151,8 +152,8 @@ def finetune(
     prepared: Path = PREPARED,
     source: Path = typer.Option(Path("models/source.pt"), help="Pretrained source model."),
     match: Path = typer.Option(None, help="Output of `match` (for strategies that use it)."),
-    out: Path = typer.Option(None, help="Default: models/finetuned/<strategy>.pt"),
-    checkpoints: Path = typer.Option(None, help="Default: checkpoints/<strategy>"),
+    out: Path = typer.Option(None, help="Default: `models/finetuned/<strategy>.pt`."),
+    checkpoints: Path = typer.Option(None, help="Default: `checkpoints/<strategy>`."),
     params: Path = PARAMS,
     set_: list[str] = SET,
     track: bool = TRACK,
@@ -182,8 +183,11 @@ def evaluate(
     set_: list[str] = SET,
     track: bool = TRACK,
 ) -> None:
-    """Score the baseline and the `strategies` models (in --finetuned) on the target test
-    split; select the one to ship by validation, the baseline included."""
+    """Score every model on the target test split; choose the one to ship, scratch included.
+
+    The choice is made on target validation, or by k-fold CV over train + val when validation
+    is small (finetune.selection): the test split only scores. Reads the baseline and the
+    `strategies` models from --finetuned."""
     resolved = _resolve(params, set_)
     names = [resolved["evaluate"].baseline, *resolved.strategies]
     models = {name: finetuned / f"{name}.pt" for name in names}
@@ -221,8 +225,10 @@ def register(
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
-    """Register the model in MLflow; alias `champion` only if it beats the champion, which is
-    re-scored on this run's test split (--prepared) for a paired comparison."""
+    """Register the model in MLflow; alias `champion` only if it beats the current champion.
+
+    The champion is scored again on this run's test split (--prepared), so the comparison is
+    paired, on the same images."""
     from tlpipe.steps.evaluate import selected_model
 
     _step(
@@ -289,27 +295,30 @@ def _resolve(params: Path, set_: list[str] | None) -> Any:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 1."""
-    import click
-
+    """Entry point: user errors become one line on stderr and exit status 1; a mistyped command
+    or option gets the usage message and status 2, never a traceback."""
     from tlpipe.tracking import TrackingLost, disable_mlflow_telemetry
 
     disable_mlflow_telemetry()  # for this process and its DVC stages (tlpipe.tracking: why)
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer.Exit(n) comes back as n
     except (TlpipeError, TrackingLost) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
     except Stopped as e:
         typer.echo(str(e), err=True)
         sys.exit(e.code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except typer.TyperException as e:  # typer's own click (not the click package) raises these
+        if hasattr(e, "show"):  # click's usage errors: the usage line, then the error
+            e.show()
+        else:
+            typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

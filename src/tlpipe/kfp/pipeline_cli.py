@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # as tlpipe's own help (cli.py)
 )
 
 PACKAGE = typer.Option(
@@ -89,7 +90,7 @@ def submit(
     params: Path = PARAMS,
     set_: list[str] = SET,
     experiment: str = EXPERIMENT,
-    run_name: str = typer.Option(None, help="Default: tlpipe-<date>-<time>."),
+    run_name: str = typer.Option(None, help="Default: `tlpipe-<date>-<time>`."),
     namespace: str = NAMESPACE,
     service_account: str = ACCOUNT,
     cache: bool = typer.Option(
