@@ -182,10 +182,8 @@ def submit(
     `cache=False` turns caching off for every step of this run; `True` keeps the compiled
     per-step settings (fetch stays uncached).
     """
-    import kfp
-
     check_arguments(read_package(package), arguments)
-    client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+    client = _client(host, namespace)
     result = client.create_run_from_pipeline_package(
         str(package),
         arguments=arguments,
@@ -213,12 +211,10 @@ def schedule(
     max_concurrency=1 (a slow run is never overlapped by the next one) and no_catchup=True
     (after a pause only the latest missed run starts, not one per missed slot).
     """
-    import kfp
-
     kfp_cron = to_kfp_cron(cron)
     spec = read_package(package)
     check_arguments(spec, arguments)
-    client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+    client = _client(host, namespace)
     pipeline_id, version_id = _upload(client, package, spec["pipelineInfo"]["name"], namespace)
     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
     job = client.create_recurring_run(
@@ -234,6 +230,19 @@ def schedule(
         service_account=service_account,
     )
     return job.recurring_run_id
+
+
+def _client(host: str, namespace: str | None) -> Any:
+    """A `kfp.Client` for `host`, without the warning every kfp 2 client prints on creation.
+
+    ("This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later versions": the
+    compiled spec is KFP v2 IR, and docs/kubeflow.md asks for Kubeflow Pipelines ≥ 2.5.)
+    """
+    import kfp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
+        return kfp.Client(host=host, namespace=namespace or "kubeflow")
 
 
 def to_kfp_cron(expr: str) -> str:
