@@ -66,7 +66,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     --mount=type=secret,id=ca.crt \
     mkdir -p src/tlpipe && touch src/tlpipe/__init__.py \
-    && pip install ".[pipeline,trainer]" "boto3==${BOTO3_VERSION}" \
+    && pip install ".[pipeline,trainer]" "boto3==${BOTO3_VERSION}" "setuptools>=77" \
     && if [ "${VARIANT}" = "cuda" ]; then \
          ort_version="$(pip show onnxruntime | sed -n 's/^Version: //p')" \
          && pip uninstall -y onnxruntime \
@@ -76,6 +76,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && rm -rf src build ./*.egg-info
 
 # 3) tlpipe itself: seconds, and the only step a source change re-runs.
+#    Built without isolation by the venv's setuptools, which step 2 brought to pyproject's
+#    build-system minimum (the base image's ensurepip one is older).
 COPY src ./src
 # hadolint ignore=DL3013
 RUN pip install --no-deps --no-cache-dir --no-build-isolation . \
