@@ -318,7 +318,8 @@ def main() -> None:
         else:
             typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:  # a command's typer.Exit(n); success returns normally
+        sys.exit(code)
 
 
 if __name__ == "__main__":
