@@ -423,7 +423,7 @@ def test_small_validation_cross_validates_over_train_and_val(tiny_prepared, sour
 
 
 def test_after_cv_the_shipped_model_is_refit_on_train_and_val(
-    tiny_prepared, source_model, tmp_path
+    tiny_prepared, source_model, tmp_path, capsys
 ) -> None:
     from tlpipe.fsio import read_json
 
@@ -441,6 +441,10 @@ def test_after_cv_the_shipped_model_is_refit_on_train_and_val(
         )
         for name, path in paths.items()
     }
+    # the log says which fit is which: the shipped model's lines, then each CV fit's
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("full:full")]
+    fits = [ln.split(" epoch")[0] for ln in lines if " epoch 1/" in ln]
+    assert fits[:3] == ["full:full", "full:full (CV fit 1/2)", "full:full (CV fit 2/2)"], fits
     # refit: all 50 labelled images, the last epoch, no held-out validation to report
     assert "trained on target train + val (50 images, the last epoch" in res["full"].summary
     assert "target_val_accuracy" not in res["full"].metrics

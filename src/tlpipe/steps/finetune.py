@@ -314,8 +314,13 @@ class Trained:
     resume_files: tuple[Path, ...]
 
 
-def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, key) -> Trained:
-    """Run the strategy's phases on (train x, y), selecting epochs on val (None: the last)."""
+def _train(
+    cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, key, label: str = ""
+) -> Trained:
+    """Run the strategy's phases on (train x, y), selecting epochs on val (None: the last).
+
+    `label` follows the phase in the progress lines (a CV fit says which one it is).
+    """
     from tlpipe.train.loop import cap_validation, fit
     from tlpipe.train.probe import solve_head
 
@@ -327,7 +332,7 @@ def _train(cfg: FinetuneConfig, data: Data, train_xy, val_xy, checkpoint_dir, ke
         _trainable(phase.groups, model)  # phases are built up front: each sets its own again
         validate = val_xy is not None and len(val_xy[1]) and phase.validate
         val = val_xy if validate else None
-        desc = f"{cfg.strategy}:{phase.name}"
+        desc = f"{cfg.strategy}:{phase.name}{label}"
         if phase.solved:  # seconds, not epochs: nothing to resume
             val = cap_validation(val, t.val_max_images, t.seed)
             norm = {"mean": start.mean, "std": start.std}
@@ -378,6 +383,7 @@ def cross_validate(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[
     sel = cfg.selection
     x, y = labelled.x, labelled.y
     correct, p_true = np.zeros(len(y)), np.zeros(len(y))
+    fits = sel.folds * sel.repeats
     for r in range(sel.repeats):
         fold = stratified_folds(y, sel.folds, sel.seed + r)
         short = reseeded(shorter(cfg, sel.epoch_fraction), r)
@@ -385,7 +391,8 @@ def cross_validate(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[
             held = fold == k
             if not held.any() or held.all():
                 continue
-            trained = _train(short, data, (x[~held], y[~held]), None, None, "")
+            label = f" (CV fit {r * sel.folds + k + 1}/{fits})"
+            trained = _train(short, data, (x[~held], y[~held]), None, None, "", label)
             s = trained.start
             logits = predict(trained.model, x[held], s.mean, s.std)
             correct[held] += (logits.argmax(1) == y[held]) / sel.repeats
@@ -397,7 +404,7 @@ def cross_validate(cfg: FinetuneConfig, data: Data, labelled: Labelled) -> dict[
         "p_true": p_true.round(6).tolist(),
         "folds": sel.folds,
         "repeats": sel.repeats,
-        "fits": sel.folds * sel.repeats,
+        "fits": fits,
         "epoch_fraction": sel.epoch_fraction,
         "seed": sel.seed,
         "accuracy": float(correct.mean()),
