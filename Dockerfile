@@ -76,8 +76,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && rm -rf src build ./*.egg-info
 
 # 3) tlpipe itself: seconds, and the only step a source change re-runs.
-#    Built without isolation by the venv's setuptools, which step 2 brought to pyproject's
-#    build-system minimum (the base image's ensurepip one is older).
+#    Built without isolation by the venv's setuptools: step 2 requires pyproject's
+#    build-system minimum (torch happens to pull in a newer one; the venv's own is older).
 COPY src ./src
 # hadolint ignore=DL3013
 RUN pip install --no-deps --no-cache-dir --no-build-isolation . \
