@@ -174,6 +174,7 @@ def _compiled_docs(compiled: dict) -> dict:
     }
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # kfp's one on every Client
 def test_submit_creates_a_run_with_spec_and_parameters(
     kfp_host, package, compiled, tmp_path
 ) -> None:
@@ -193,6 +194,7 @@ def test_submit_creates_a_run_with_spec_and_parameters(
     assert params["strategies"] == ["full", "joint"]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # kfp's one on every Client
 def test_schedule_uploads_and_creates_a_recurring_run(
     kfp_host, package, compiled, tmp_path
 ) -> None:
