@@ -374,10 +374,11 @@ def _pread_into(fd: int, offset: int, buffer: memoryview) -> None:
         done += got
 
 
-def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def stratified_folds(y: np.ndarray, folds: int, seed: int | np.random.Generator) -> np.ndarray:
     """Fold index per image: each class's images shuffled (seeded) and dealt round-robin, so
     every fold holds each class in proportion. The same labels give the same folds, whichever
-    strategy asks: the comparisons between strategies are paired, image by image."""
+    strategy asks: the comparisons between strategies are paired, image by image. `seed` may
+    be a Generator, whose stream the shuffles then draw from."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=np.int64)
     offset = 0

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tlpipe.data.prepared import stratified_folds
 from tlpipe.errors import TlpipeError
 from tlpipe.match import ratio
 from tlpipe.params import DiscriminatorSettings, KnnSettings
@@ -153,7 +154,7 @@ class DiscriminatorMatcher:
             self.slope, self.bias, oof = 1.0, 0.0, None
             self.C = settings.C or 0.1
         else:
-            self.C, oof = ratio.choose_c(x, d, ratio.stratified_folds(d, folds, rng), settings.C)
+            self.C, oof = ratio.choose_c(x, d, stratified_folds(d, folds, rng), settings.C)
             self.slope, self.bias = ratio.platt(oof, d)
         self.beta = ratio.logistic(x, d, self.C)
         rounds, share, axis = 0, 0.0, None

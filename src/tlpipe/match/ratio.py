@@ -168,18 +168,10 @@ def logistic(x, d, C: float, beta: np.ndarray | None = None, iters: int = 50) ->
     return beta
 
 
-def stratified_folds(
-    d: np.ndarray, k: int, rng: np.random.Generator
-) -> list[tuple[np.ndarray, ...]]:
-    fold = np.empty(len(d), np.int64)
-    for c in (0, 1):
-        idx = rng.permutation(np.flatnonzero(d == c))
-        fold[idx] = np.arange(len(idx)) % k
-    return [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(k)]
-
-
-def choose_c(x, d, folds, fixed: float | None) -> tuple[float, np.ndarray]:
-    """Pick C by out-of-fold balanced log-loss; returns C and its out-of-fold logits."""
+def choose_c(x, d, fold: np.ndarray, fixed: float | None) -> tuple[float, np.ndarray]:
+    """Pick C by out-of-fold balanced log-loss (`fold`: each row's fold index); returns C and
+    its out-of-fold logits."""
+    folds = [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in np.unique(fold)]
     x1 = np.c_[x, np.ones(len(x))]
     betas: list[np.ndarray | None] = [None] * len(folds)  # warm starts along the C path
     best: tuple[float, float, np.ndarray] = (math.inf, 0.0, np.zeros(len(d)))
