@@ -184,6 +184,54 @@ def test_rgb_model_converts_grey_images(tmp_path, images):
     ]
 
 
+def test_16_bit_and_rotated_photos_give_the_pixels_a_viewer_shows_in_training_and_on_the_edge(
+    tmp_path, model_file
+):
+    """16-bit PNGs are scaled to 8 bits (PIL alone clips them to white), a JPEG stored
+    sideways with an EXIF Orientation tag is turned upright, and prepare's reader and the edge
+    runtime give the same pixels for both; a float image with no 8-bit scale is refused."""
+    from tlpipe.data.image_files import load_image, read_imagefolder
+
+    ramp = np.linspace(0, 65535, 8 * 8).reshape(8, 8).astype(np.uint16)
+    deep = tmp_path / "data" / "deep" / "ramp16.png"
+    deep.parent.mkdir(parents=True)
+    Image.fromarray(ramp).save(deep)
+    assert Image.open(deep).mode.startswith("I;16")
+    want = np.rint(ramp / 257).astype(np.uint8)
+    pixels, _ = load_image(deep, 1, 8)
+    np.testing.assert_array_equal(pixels[0], want)  # was 255 in 63 of 64 pixels
+
+    upright = np.zeros((16, 24), np.uint8)
+    upright[:8] = 255  # top half white: the photo as taken
+    turned = tmp_path / "data" / "turned" / "phone.jpg"
+    turned.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    Image.fromarray(np.rot90(upright, 1)).save(turned, exif=exif, quality=95)  # stored sideways
+    pixels, _ = load_image(turned, 1, 8)
+    assert pixels[0, :4].mean() > 200 and pixels[0, 4:].mean() < 50, pixels[0]
+
+    raw = read_imagefolder(tmp_path / "data", channels=1, input_size=8)
+    m = edge.EdgeModel(model_file)
+    for path in (deep, turned):
+        (row,) = [i for i, c in enumerate(raw.classes) if c == path.parent.name]
+        got = np.asarray(raw.x[raw.y == row][0])
+        np.testing.assert_array_equal(got, load_image(path, 1, 8)[0])
+        np.testing.assert_array_equal(m.to_uint8(path)[0], got)  # the edge sees the same
+        with Image.open(path) as img:
+            np.testing.assert_array_equal(m.to_uint8(img)[0], got)
+
+    far = tmp_path / "far.tiff"
+    Image.fromarray(np.full((4, 4), 300.0, np.float32)).save(far)
+    with pytest.raises(TlpipeError, match=r"far.tiff: not a readable image .*outside 0 … 1\.0"):
+        load_image(far, 1, 8)
+    with pytest.raises(TlpipeError, match=r"far.tiff: not a readable image .*outside 0 … 1\.0"):
+        m.to_uint8(far)
+    unit = tmp_path / "unit.tiff"
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(unit)
+    assert load_image(unit, 1, 8)[0].min() == 128 == m.to_uint8(unit).max()
+
+
 def test_providers():
     import onnxruntime as ort
 

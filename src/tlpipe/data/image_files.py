@@ -34,6 +34,7 @@ import numpy as np
 
 from tlpipe.data.prepared import KEY_DTYPE, RawDataset
 from tlpipe.errors import TlpipeError
+from tlpipe.pixels import to_chw
 
 
 def content_key(data: bytes | memoryview) -> bytes:
@@ -231,7 +232,8 @@ def load_image(
     max_pixels: int | None = None,
     name: Path | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Load one image as uint8 (C, size, size), converted to L (1 channel) or RGB (3).
+    """Load one image as uint8 (C, size, size), converted to L (1 channel) or RGB (3) by
+    `tlpipe.pixels.to_chw` (upright by its EXIF orientation, 16-bit scaled to 8), as the edge does.
 
     Returns the pixels and the image's stored (width, height). The pixel count is read from the
     header and checked against `max_pixels` before anything is decoded: a small file can
@@ -249,16 +251,13 @@ def load_image(
         with img:
             stored = img.size
             _check_pixels(name, img.size, max_pixels)
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, np.uint8)
+            arr = to_chw(img, channels, size, size)
     except Image.DecompressionBombError as e:
         raise TlpipeError(f"{name}: refused, too many pixels to decode safely ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:
         why = _FILE_OBJECT.sub("", " ".join(str(e).split())) or type(e).__name__
         raise TlpipeError(f"{name}: not a readable image ({why}); remove or replace it") from e
-    return (arr[None] if channels == 1 else arr.transpose(2, 0, 1)), stored
+    return arr, stored
 
 
 _FILE_OBJECT = re.compile(r" ?<_io\.\w+ [^>]*>")  # PIL names the file object in its errors

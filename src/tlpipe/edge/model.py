@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.errors import TlpipeError
+from tlpipe.pixels import to_chw
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 REQUIRED_METADATA = ("classes", "input_shape", "mean", "std")
@@ -202,7 +203,10 @@ class EdgeModel:
             return load_file(Path(img), c, h, w, self.max_pixels)
         elif not hasattr(img, "convert"):
             raise TlpipeError(f"cannot read an image from a {type(img).__name__}")
-        return _to_chw(img, c, h, w)
+        try:
+            return to_chw(img, c, w, h)
+        except ValueError as e:
+            raise TlpipeError(f"cannot read the image: {e}") from e
 
 
 def load_file(
@@ -222,21 +226,10 @@ def load_file(
                     f"{path}: {width}×{height} = {width * height} pixels is over the "
                     f"limit of {max_pixels} (--max-pixels); not decoded"
                 )
-            return _to_chw(img, c, h, w)
+            return to_chw(img, c, w, h)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise TlpipeError(f"{path}: not a readable image ({msg})") from e
-
-
-def _to_chw(img: Any, c: int, h: int, w: int) -> np.ndarray:
-    """PIL image → uint8 (C, H, W); the same conversion as `tlpipe.data.image_files.load_image`."""
-    from PIL import Image
-
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, np.uint8)
-    return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -1,0 +1,54 @@
+"""One decoded image → the model's uint8 pixels: the conversion prepare and the edge share.
+
+Training (`tlpipe.data.image_files`) and the edge runtime (`tlpipe.edge`) must turn a file into
+the same pixels, or the edge sees images unlike the ones the model learned on; this module is
+that one conversion (numpy and PIL only, so the torch-free edge can import it). In order:
+
+1. the EXIF orientation is applied: a phone photo stored sideways with an Orientation tag is
+   turned upright, as every viewer shows it;
+2. samples of more than 8 bits are scaled to 8 (16-bit PNG or TIFF: value / 257; 32-bit float
+   in [0, 1]: value × 255), where PIL's own conversion would clip everything above 255 to
+   white; an integer image outside 0–65535 or a float image outside [0, 1] has no agreed
+   scale and is refused (ValueError, which callers report as an unreadable image, by name);
+3. grey (PIL mode L) or RGB, then a bilinear resize to the model's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_ORIENTATION = 0x0112  # the EXIF tag
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_chw(img: Any, channels: int, width: int, height: int) -> np.ndarray:
+    """PIL image → uint8 (C, H, W), C = 1 (L) or 3 (RGB); see the module docstring."""
+    from PIL import Image, ImageOps
+
+    if img.getexif().get(_ORIENTATION, 1) != 1:  # else no copy: most files have no rotation
+        img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        img = Image.fromarray(_eight_bit(np.asarray(img), img.mode), "L")
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _eight_bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey samples of a 16-bit integer or 32-bit float image → uint8 on a fixed scale."""
+    if mode == "F":
+        top, scale = 1.0, 255.0
+    else:
+        top, scale = 65535, 1 / 257
+    lo, hi = (a.min(), a.max()) if a.size else (0, 0)
+    if lo < 0 or hi > top:
+        kind = "float" if mode == "F" else "integer"
+        raise ValueError(
+            f"a {kind} image (PIL mode {mode}) with values {lo} … {hi}, outside 0 … {top}: "
+            "no scale to 8 bits is implied; convert it to an 8- or 16-bit PNG"
+        )
+    return np.rint(a.astype(np.float64) * scale).astype(np.uint8)
