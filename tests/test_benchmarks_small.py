@@ -253,3 +253,10 @@ def test_transferability_benchmark_quick(tmp_path: Path) -> None:
     ]
     results = read_json(tmp_path / "probe-solver/results.json")
     assert sorted({k.split("|")[-1] for k in results}) == ["lbfgs", "sgd"] and len(results) == 8
+
+
+def test_decode_benchmark_runs_and_prints_its_ratio(tmp_path: Path) -> None:
+    """benchmarks/decode.py --quick: the table and its last line (the ratio, no timing assert)."""
+    out = run_quick("decode", tmp_path).stdout.splitlines()
+    assert out[0].startswith("| photo | output px |") and len(out) == 5, out
+    assert out[-1].startswith("JPEG decode speed-up, 0.3 MP photo to 224 px (--quick): ")

@@ -184,6 +184,31 @@ def test_rgb_model_converts_grey_images(tmp_path, images):
     ]
 
 
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_stays_close_to_a_full_decode(
+    tmp_path, model_file
+):
+    """libjpeg decodes a photo of 8× the output size at 1/8 scale (the opened image shrinks
+    to 250×188 before the resize); the pixels stay within a few levels of a full decode, and
+    prepare's reader and the edge give the same ones."""
+    from tlpipe.data.image_files import load_image
+    from tlpipe.pixels import to_chw
+
+    y, x = np.mgrid[0:1500, 0:2000]
+    field = 128 + 100 * np.sin(x / 90) * np.cos(y / 70)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.stack([field] * 3, -1).astype(np.uint8)).save(path, quality=90)
+    with Image.open(path) as img:
+        ours = to_chw(img, 3, 64, 64)
+        assert img.size == (250, 188)  # drafted: 2000×1500 / 8
+    with Image.open(path) as img:
+        full = np.asarray(img.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    diff = np.abs(ours.transpose(1, 2, 0).astype(int) - full.astype(int))
+    assert diff.mean() < 2 and diff.max() <= 12, (diff.mean(), diff.max())
+    np.testing.assert_array_equal(load_image(path, 3, 64)[0], ours)
+    grey = load_image(path, 1, 8)[0]
+    np.testing.assert_array_equal(edge.EdgeModel(model_file).to_uint8(path), grey[None])
+
+
 def test_16_bit_and_rotated_photos_give_the_pixels_a_viewer_shows_in_training_and_on_the_edge(
     tmp_path, model_file
 ):

@@ -11,6 +11,12 @@ that one conversion (numpy and PIL only, so the torch-free edge can import it). 
    white; an integer image outside 0–65535 or a float image outside [0, 1] has no agreed
    scale and is refused (ValueError, which callers report as an unreadable image, by name);
 3. grey (PIL mode L) or RGB, then a bilinear resize to the model's size.
+
+A JPEG that is not decoded yet (a file just opened) and at least twice the output size is
+decoded by libjpeg at 1/2, 1/4 or 1/8 of its size first (`Image.draft`): a 12-megapixel photo
+then costs a fraction of a full decode (benchmarks/decode.py), and the pixels differ from a
+full decode by about one level in 255. An image already decoded in memory is resized from full
+size, so it can differ from its file by that much.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ def to_chw(img: Any, channels: int, width: int, height: int) -> np.ndarray:
     """PIL image → uint8 (C, H, W), C = 1 (L) or 3 (RGB); see the module docstring."""
     from PIL import Image, ImageOps
 
-    if img.getexif().get(_ORIENTATION, 1) != 1:  # else no copy: most files have no rotation
+    orientation = img.getexif().get(_ORIENTATION, 1)
+    # a JPEG not yet decoded is decoded at 1/2, 1/4 or 1/8 scale by libjpeg when it stays at
+    # least the output size (a no-op for other formats and for decoded images)
+    img.draft(None, (height, width) if orientation in (5, 6, 7, 8) else (width, height))
+    if orientation != 1:  # else no copy: most files have no rotation
         img = ImageOps.exif_transpose(img)
     if img.mode in _SIXTEEN_BIT or img.mode == "F":
         img = Image.fromarray(_eight_bit(np.asarray(img), img.mode), "L")
