@@ -206,7 +206,12 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_stays_close_to_a_full_deco
     assert diff.mean() < 2 and diff.max() <= 12, (diff.mean(), diff.max())
     np.testing.assert_array_equal(load_image(path, 3, 64)[0], ours)
     grey = load_image(path, 1, 8)[0]
-    np.testing.assert_array_equal(edge.EdgeModel(model_file).to_uint8(path), grey[None])
+    m = edge.EdgeModel(model_file)
+    np.testing.assert_array_equal(m.to_uint8(path), grey[None])
+    with Image.open(path) as img:  # a caller's own image is left as it was: not drafted
+        near = m.to_uint8(img)[0]
+        assert img.size == (2000, 1500)
+    assert np.abs(near.astype(int) - grey.astype(int)).max() <= 12
 
 
 def test_16_bit_and_rotated_photos_give_the_pixels_a_viewer_shows_in_training_and_on_the_edge(
@@ -243,8 +248,12 @@ def test_16_bit_and_rotated_photos_give_the_pixels_a_viewer_shows_in_training_an
         got = np.asarray(raw.x[raw.y == row][0])
         np.testing.assert_array_equal(got, load_image(path, 1, 8)[0])
         np.testing.assert_array_equal(m.to_uint8(path)[0], got)  # the edge sees the same
-        with Image.open(path) as img:
-            np.testing.assert_array_equal(m.to_uint8(img)[0], got)
+        with Image.open(path) as img:  # a caller's image: upright and scaled too (not drafted)
+            mine = m.to_uint8(img)[0]
+        if path == deep:  # a PNG has no draft: the same pixels
+            np.testing.assert_array_equal(mine, got)
+        else:
+            assert mine[0, :4].mean() > 200 and mine[0, 4:].mean() < 50, mine
 
     far = tmp_path / "far.tiff"
     Image.fromarray(np.full((4, 4), 300.0, np.float32)).save(far)

@@ -1,4 +1,4 @@
-"""One decoded image → the model's uint8 pixels: the conversion prepare and the edge share.
+"""One opened image → the model's uint8 pixels: the conversion prepare and the edge share.
 
 Training (`tlpipe.data.image_files`) and the edge runtime (`tlpipe.edge`) must turn a file into
 the same pixels, or the edge sees images unlike the ones the model learned on; this module is
@@ -15,8 +15,8 @@ that one conversion (numpy and PIL only, so the torch-free edge can import it). 
 A JPEG that is not decoded yet (a file just opened) and at least twice the output size is
 decoded by libjpeg at 1/2, 1/4 or 1/8 of its size first (`Image.draft`): a 12-megapixel photo
 then costs a fraction of a full decode (benchmarks/decode.py), and the pixels differ from a
-full decode by about one level in 255. An image already decoded in memory is resized from full
-size, so it can differ from its file by that much.
+full decode by about one level in 255 on average (more along sharp edges). An image handed in by a caller (the edge's Python API)
+is resized from full size, so it can differ from its file by that much.
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ _ORIENTATION = 0x0112  # the EXIF tag
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def to_chw(img: Any, channels: int, width: int, height: int) -> np.ndarray:
-    """PIL image → uint8 (C, H, W), C = 1 (L) or 3 (RGB); see the module docstring."""
+def to_chw(img: Any, channels: int, width: int, height: int, draft: bool = True) -> np.ndarray:
+    """PIL image → uint8 (C, H, W), C = 1 (L) or 3 (RGB); see the module docstring.
+
+    `draft=False` for an image the caller still holds: drafting shrinks the image object itself.
+    """
     from PIL import Image, ImageOps
 
     orientation = img.getexif().get(_ORIENTATION, 1)
-    # a JPEG not yet decoded is decoded at 1/2, 1/4 or 1/8 scale by libjpeg when it stays at
-    # least the output size (a no-op for other formats and for decoded images)
-    img.draft(None, (height, width) if orientation in (5, 6, 7, 8) else (width, height))
+    if draft:  # a JPEG not yet decoded is decoded at 1/2, 1/4 or 1/8 scale by libjpeg when it
+        # stays at least the output size (a no-op for other formats and for decoded images)
+        img.draft(None, (height, width) if orientation in (5, 6, 7, 8) else (width, height))
     if orientation != 1:  # else no copy: most files have no rotation
         img = ImageOps.exif_transpose(img)
     if img.mode in _SIXTEEN_BIT or img.mode == "F":

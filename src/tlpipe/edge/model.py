@@ -204,7 +204,7 @@ class EdgeModel:
         elif not hasattr(img, "convert"):
             raise TlpipeError(f"cannot read an image from a {type(img).__name__}")
         try:
-            return to_chw(img, c, w, h)
+            return to_chw(img, c, w, h, draft=False)  # the caller's image: not shrunk
         except ValueError as e:
             raise TlpipeError(f"cannot read the image: {e}") from e
 
