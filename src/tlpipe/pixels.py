@@ -15,7 +15,8 @@ that one conversion (numpy and PIL only, so the torch-free edge can import it). 
 A JPEG that is not decoded yet (a file just opened) and at least twice the output size is
 decoded by libjpeg at 1/2, 1/4 or 1/8 of its size first (`Image.draft`): a 12-megapixel photo
 then costs a fraction of a full decode (benchmarks/decode.py), and the pixels differ from a
-full decode by about one level in 255 on average (more along sharp edges). An image handed in by a caller (the edge's Python API)
+full decode by about one level in 255 on average (more along sharp edges). An image object a
+caller still holds (the edge's Python API) is not drafted, as drafting shrinks the object: it
 is resized from full size, so it can differ from its file by that much.
 """
 
