@@ -384,3 +384,29 @@ def test_reading_images_reports_progress(imagefolder_dir: Path, capsys, monkeypa
     read_raw(imagefolder_dir, "imagefolder", size=16)
     bar = sys.stderr.getvalue()
     assert "18/18" in bar and " images/s" in bar and "read 18 images" not in bar
+
+
+def test_threaded_decoding_keeps_the_files_order_across_buffers(tmp_path):
+    """prepare decodes on several threads, a 16 MB buffer at a time: at 512 px RGB that is 21
+    images, so 50 files span three buffers; every image lands in its own row, as read one by
+    one, and a bad file in the last buffer is still refused by name."""
+    from PIL import Image
+
+    from tlpipe.data.image_files import content_key, decode_threads, load_image, read_imagefolder
+
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        folder = tmp_path / "data" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (6, 5, 3), np.uint8)).save(folder / f"{i:02d}.png")
+    raw = read_imagefolder(tmp_path / "data", channels=3, input_size=512)
+    files = sorted((tmp_path / "data").glob("c*/*.png"))
+    rows = {raw.keys[i]: i for i in range(len(raw.y))}
+    assert len(rows) == 50 and decode_threads() >= 1
+    for path in files:  # pixels, key and label of one row belong to one file
+        row = rows[content_key(path.read_bytes())]
+        np.testing.assert_array_equal(raw.x[row], load_image(path, 3, 512)[0])
+        assert raw.classes[raw.y[row]] == path.parent.name
+    (tmp_path / "data" / "c1" / "99.png").write_bytes(b"\x89PNG cut off")
+    with pytest.raises(TlpipeError, match=r"99.png: not a readable image"):
+        read_imagefolder(tmp_path / "data", channels=3, input_size=512)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,8 @@ def _load_images(
     name is removed as soon as it is mapped (the mapping keeps the data until the array is
     freed, and a killed prepare leaves nothing behind), so reading a folder larger than RAM
     keeps memory flat. A progress bar on a terminal, else one summary line on stdout (stderr
-    is for errors: a refused file is its one line there).
+    is for errors: a refused file is its one line there). Files are decoded on
+    `decode_threads()` threads, a buffer's worth at a time, and stored in their order.
     """
     from tqdm import tqdm
 
@@ -159,14 +161,22 @@ def _load_images(
         path = tmp / "x.npy"
         rows = max(1, (16 << 20) // (channels * size * size))  # a 16 MB buffer of images
         buf = np.empty((rows, channels, size, size), np.uint8)
-        with ArrayWriter(path, (len(paths), channels, size, size), np.uint8) as out:
-            bar = tqdm(paths, desc=f"reading {raw_dir}", unit=" images", disable=not tty)
-            for i, image in enumerate(bar):
-                buf[i % rows], keys[i], sizes[i] = _decode(
-                    image, channels, size, max_pixels, max_bytes
-                )
-                if i % rows == rows - 1 or i == len(paths) - 1:
-                    out.write(buf[: i % rows + 1])
+        bar = tqdm(total=len(paths), desc=f"reading {raw_dir}", unit=" images", disable=not tty)
+        pool = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
+        try:
+            with ArrayWriter(path, (len(paths), channels, size, size), np.uint8) as out:
+                for first in range(0, len(paths), rows):  # a buffer's worth at a time
+                    chunk = paths[first : first + rows]
+                    decoded = pool.map(
+                        lambda p: _decode(p, channels, size, max_pixels, max_bytes), chunk
+                    )
+                    for j, (pixels, key, stored) in enumerate(decoded):  # in order
+                        buf[j], keys[first + j], sizes[first + j] = pixels, key, stored
+                        bar.update()
+                    out.write(buf[: len(chunk)])
+        finally:  # a refused file or Ctrl-C: the queued files are dropped, not decoded
+            pool.shutdown(cancel_futures=True)
+            bar.close()
         x = open_array(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +188,13 @@ def _load_images(
             flush=True,
         )
     return x, keys, sizes
+
+
+def decode_threads() -> int:
+    """Threads that decode image files: PIL's decoders and resize and hashlib release the GIL,
+    so threads scale over the cores this process may use (at most 8) without pickling pixels."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
 
 
 def _decode(
