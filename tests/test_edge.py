@@ -264,6 +264,14 @@ def test_16_bit_and_rotated_photos_give_the_pixels_a_viewer_shows_in_training_an
     unit = tmp_path / "unit.tiff"
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(unit)
     assert load_image(unit, 1, 8)[0].min() == 128 == m.to_uint8(unit).max()
+    with Image.open(far) as img, pytest.raises(TlpipeError, match="outside 0 … 1.0"):
+        m.to_uint8(img)  # the caller's own image object: the same one-line refusal
+    cut = tmp_path / "cut.jpg"
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)
+    Image.fromarray(noise).save(cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # header whole, data cut off
+    with Image.open(cut) as img, pytest.raises(TlpipeError, match="cannot read the image"):
+        m.to_uint8(img)  # decoded only now: PIL's OSError is one line, not a traceback
 
 
 def test_providers():

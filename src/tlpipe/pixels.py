@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 _ORIENTATION = 0x0112  # the EXIF tag
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # > 8 bits: scaled, not clipped
 
 
 def to_chw(img: Any, channels: int, width: int, height: int, draft: bool = True) -> np.ndarray:
@@ -43,7 +43,7 @@ def to_chw(img: Any, channels: int, width: int, height: int, draft: bool = True)
         img.draft(None, (height, width) if orientation in (5, 6, 7, 8) else (width, height))
     if orientation != 1:  # else no copy: most files have no rotation
         img = ImageOps.exif_transpose(img)
-    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+    if img.mode in _WIDE_GREY:
         img = Image.fromarray(_eight_bit(np.asarray(img), img.mode), "L")
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (width, height):

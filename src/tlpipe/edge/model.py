@@ -205,8 +205,8 @@ class EdgeModel:
             raise TlpipeError(f"cannot read an image from a {type(img).__name__}")
         try:
             return to_chw(img, c, w, h, draft=False)  # the caller's image: not shrunk
-        except ValueError as e:
-            raise TlpipeError(f"cannot read the image: {e}") from e
+        except (OSError, ValueError, SyntaxError) as e:  # as load_file: one line, no traceback
+            raise TlpipeError(f"cannot read the image: {' '.join(str(e).split())}") from e
 
 
 def load_file(
